@@ -1,0 +1,68 @@
+"""Parameter and FLOP accounting from a ModelConfig alone (no model is built).
+
+Per-layer inference FLOPs per token follow the paper's accounting (BAM_SPEC.md): QKV projections,
+attention scores 2*E_attn*n_ctx*d, output projection, FFN 6*k*d*d_ff, and 2*N*d per router;
+generalised to grouped-query and shared K/V. Training costs three forward passes (forward +
+backward), the usual 6N rule's convention.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from bam_lightning.config import ModelConfig
+
+
+@dataclass(frozen=True)
+class LayerFlops:
+    qkv: int
+    scores: int
+    out: int
+    ffn: int
+    routers: int
+
+    @property
+    def total(self) -> int:
+        return self.qkv + self.scores + self.out + self.ffn + self.routers
+
+
+def layer_flops_per_token(config: ModelConfig, n_ctx: int) -> LayerFlops:
+    d, hd = config.d_model, config.head_dim
+    q_width = config.n_attn_banks * config.n_head * hd
+    kv_width = config.n_kv_banks * config.n_kv_head * hd
+    ffn_experts_per_token = config.ffn_top_k if config.n_experts else 1
+    return LayerFlops(
+        qkv=2 * d * (q_width + 2 * kv_width),
+        scores=2 * config.n_attn_banks * n_ctx * d,
+        out=2 * q_width * d,
+        ffn=6 * ffn_experts_per_token * d * config.d_ff,
+        routers=2 * d * (config.attn_experts + config.n_experts),
+    )
+
+
+def forward_flops_per_token(config: ModelConfig, n_ctx: int) -> int:
+    """All layers plus the LM head (the embedding lookup costs no FLOPs)."""
+    return config.n_layer * layer_flops_per_token(config, n_ctx).total + 2 * config.d_model * config.vocab_size
+
+
+def training_flops_per_token(config: ModelConfig, n_ctx: int) -> int:
+    return 3 * forward_flops_per_token(config, n_ctx)
+
+
+def parameter_counts(config: ModelConfig) -> tuple[int, int]:
+    """(total, active per token) parameters, matching `GPT(config).num_parameters()` for total.
+
+    Soft-routed attention experts are all active; of the FFN experts only the top-k are.
+    """
+    d, hd, f = config.d_model, config.head_dim, config.d_ff
+    attn = (config.n_attn_banks * 2 * config.n_head * hd * d
+            + config.n_kv_banks * 2 * config.n_kv_head * hd * d
+            + config.attn_experts * d)
+    one_ffn = 3 * d * f
+    norms = d * (1 if config.block_layout == "parallel" else 2)
+    ffn_total = config.n_ffn_banks * one_ffn + config.n_experts * d
+    ffn_active = (config.ffn_top_k if config.n_experts else 1) * one_ffn + config.n_experts * d
+    embeddings = config.vocab_size * d * (1 if config.tie_embeddings else 2) + d  # + final norm
+    total = embeddings + config.n_layer * (attn + ffn_total + norms)
+    active = embeddings + config.n_layer * (attn + ffn_active + norms)
+    return total, active

@@ -1,0 +1,80 @@
+"""The GPT: one class for the dense seed and every mixture built from it.
+
+Parallel block (GPT-J / PaLM, the paper's seeds): h = Norm(x); y = x + Attn(h) + FFN(h).
+Sequential block (Llama family, for imported seeds): y = x + Attn(N1(x)); y = y + FFN(N2(y)).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bam_lightning.config import ModelConfig
+from bam_lightning.model.attention import MixtureOfAttention
+from bam_lightning.model.ffn import MixtureOfFFN
+from bam_lightning.model.layers import RouterStats, make_norm, rope_tables
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.parallel = config.block_layout == "parallel"
+        self.norm = make_norm(config)
+        self.norm_ffn = None if self.parallel else make_norm(config)
+        self.attn = MixtureOfAttention(config)
+        self.ffn = MixtureOfFFN(config)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, RouterStats]:
+        h = self.norm(x)
+        attn_out, attn_stats = self.attn(h, cos, sin)
+        if self.parallel:
+            ffn_out, stats = self.ffn(h)
+            y = x + attn_out + ffn_out
+        else:
+            x = x + attn_out
+            ffn_out, stats = self.ffn(self.norm_ffn(x))
+            y = x + ffn_out
+        stats.attn_gate_mean = attn_stats.attn_gate_mean
+        return y, stats
+
+
+class GPT(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.tok_emb = nn.Embedding(config.vocab_size, config.d_model)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.norm_f = make_norm(config)
+        self.lm_head = None if config.tie_embeddings else nn.Linear(config.d_model, config.vocab_size, bias=False)
+        if not any(p.is_meta for p in self.parameters()):
+            self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Fresh initialisation (upcycling overwrites it from the dense checkpoints)."""
+        nn.init.normal_(self.tok_emb.weight, std=self.config.init_std)
+        if self.lm_head is not None:
+            nn.init.normal_(self.lm_head.weight, std=self.config.init_std)
+        for module in self.modules():
+            if isinstance(module, (MixtureOfAttention, MixtureOfFFN)):
+                module.reset_parameters()
+            elif isinstance(module, (nn.RMSNorm, nn.LayerNorm)):
+                module.reset_parameters()
+
+    def forward(self, idx: torch.Tensor) -> tuple[torch.Tensor, list[RouterStats]]:
+        """Logits [B, T, V] and each layer's router statistics (empty stats for dense layers)."""
+        B, T = idx.shape
+        if T > self.config.max_seq_len:
+            raise ValueError(f"sequence length {T} exceeds max_seq_len {self.config.max_seq_len}")
+        x = self.tok_emb(idx)
+        cos, sin = rope_tables(T, self.config.head_dim, self.config.rope_base, x.device, x.dtype)
+        layer_stats = []
+        for block in self.blocks:
+            x, stats = block(x, cos, sin)
+            layer_stats.append(stats)
+        x = self.norm_f(x)
+        head = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(x, head), layer_stats
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
