@@ -226,7 +226,9 @@ class BaseLM(L.LightningModule):
 
         stored = checkpoint.get("hyper_parameters", {}).get("config")
         if stored is not None:
-            problem = describe_config_mismatch(ModelConfig.from_dict(stored, "checkpoint"), self.config)
+            if not isinstance(stored, ModelConfig):
+                stored = ModelConfig.from_dict(dict(stored), "checkpoint hyper_parameters.config")
+            problem = describe_config_mismatch(stored, self.config)
             if problem:
                 raise ValueError(f"checkpoint does not match model.config: {problem}")
         meta = checkpoint.get(CHECKPOINT_KEY, {})

@@ -57,7 +57,8 @@ class RouterStats:
 
 
 def router_probs(router: nn.Linear, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits and softmax over all experts, in float32 whatever the autocast dtype."""
+    """Logits and softmax over all experts, in float32 (or wider) whatever the autocast dtype."""
+    dtype = torch.promote_types(h.dtype, torch.float32)
     with torch.autocast(device_type=h.device.type, enabled=False):
-        logits = F.linear(h.float(), router.weight.float())
+        logits = F.linear(h.to(dtype), router.weight.to(dtype))
     return logits, logits.softmax(dim=-1)

@@ -1,0 +1,78 @@
+"""Monitoring callbacks: token throughput with MFU, and a stop on non-finite losses."""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import ThroughputMonitor
+
+
+def _samples_in(batch: torch.Tensor) -> int:
+    return batch.shape[0]
+
+
+def _tokens_in(batch: torch.Tensor) -> int:
+    return batch.shape[0] * (batch.shape[1] - 1)  # [B, T+1] blocks predict T tokens each
+
+
+def measure_matmul_flops(dtype: torch.dtype = torch.float32, size: int = 1024, repeats: int = 8) -> float:
+    """A measured matmul ceiling (FLOP/s) for MFU where no datasheet number exists (CPUs)."""
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    a @ b  # warm-up: the first product of a shape pays for kernel selection
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2 * size**3 * repeats / (time.perf_counter() - start)
+
+
+class TokenThroughput(ThroughputMonitor):
+    """Lightning's ThroughputMonitor for [B, T+1] token blocks: logs tokens/s (`items_per_sec`),
+    FLOP/s and MFU, using the module's `flops_per_batch`.
+
+    On CPUs Lightning knows no peak FLOP/s, so MFU is taken against a measured matmul ceiling
+    in the trainer's compute dtype (or `peak_flops` when given).
+    """
+
+    def __init__(self, peak_flops: float | None = None, window_size: int = 20):
+        super().__init__(batch_size_fn=_samples_in, length_fn=_tokens_in, window_size=window_size)
+        self.peak_flops = peak_flops
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if self.available_flops is None:
+            peak = self.peak_flops
+            if peak is None and trainer.strategy.root_device.type == "cpu":
+                dtype = torch.bfloat16 if "bf16" in str(trainer.precision) else torch.float32
+                peak = measure_matmul_flops(dtype)
+            if peak is not None:
+                self.available_flops = int(peak)
+                for throughput in self._throughputs.values():
+                    throughput.available_flops = self.available_flops
+
+
+class NonFiniteLossGuard(L.Callback):
+    """Stop a run on the first NaN/Inf loss instead of training on garbage.
+
+    The error names the step and the last checkpoint saved, so the user knows where to resume.
+    """
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any,
+                           batch: Any, batch_idx: int) -> None:
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        if loss is not None and not math.isfinite(float(loss)):
+            self._stop(trainer, f"non-finite loss ({float(loss)})")
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer) -> None:
+        norms = [p.grad.norm() for p in pl_module.parameters() if p.grad is not None]
+        if norms and not torch.isfinite(torch.stack(norms)).all():
+            self._stop(trainer, "non-finite gradient")
+
+    @staticmethod
+    def _stop(trainer: L.Trainer, what: str) -> None:
+        last = trainer.checkpoint_callback.last_model_path if trainer.checkpoint_callback else ""
+        where = f"last good checkpoint: {last}" if last else "no checkpoint has been saved yet"
+        raise FloatingPointError(f"{what} at global step {trainer.global_step}; {where}")
