@@ -14,7 +14,8 @@ class BAMCLI(LightningCLI):
     """Recipes name the module class (`DenseLM` or `MoELM`); the data module is always ours."""
 
 
-def run_lightning_cli(args: list[str] | None = None) -> BAMCLI:
+def run_lightning_cli(args: list[str] | None = None, run: bool = True) -> BAMCLI:
+    """`run=False` builds model, data and trainer without running a subcommand (pipeline stages)."""
     return BAMCLI(
         BaseLM,
         BAMDataModule,
@@ -22,6 +23,7 @@ def run_lightning_cli(args: list[str] | None = None) -> BAMCLI:
         parser_kwargs={"parser_mode": "omegaconf"},  # ${...} interpolation inside recipes
         save_config_kwargs={"overwrite": True},
         args=args,
+        run=run,
     )
 
 

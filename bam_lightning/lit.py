@@ -232,6 +232,7 @@ class BaseLM(L.LightningModule):
             if problem:
                 raise ValueError(f"checkpoint does not match model.config: {problem}")
         meta = checkpoint.get(CHECKPOINT_KEY, {})
+        self.initial_val_metrics = dict(meta.get("initial_val_metrics", {}))
         ours, theirs = self.tokenizer_fingerprint, meta.get("tokenizer")
         if ours and theirs and ours != theirs:
             raise ValueError(f"checkpoint was trained with tokenizer {theirs!r} but the data uses {ours!r}")

@@ -1,0 +1,280 @@
+"""`bam pipeline RECIPE`: the whole BAM study, stage by stage, then the report.
+
+seed -> one continued-pre-training branch per domain -> the mixtures (upcycled from the seed
+plus the branches) and a dense baseline -> report. Each stage is an ordinary `bam fit` recipe,
+composed with the stage's paths (checkpoints, TensorBoard, sources) and written to
+`<run_dir>/stages/<name>/config.yaml`; it runs in its own process, so a killed pipeline loses at
+most the steps since a stage's last checkpoint.
+
+Stages are idempotent: a stage whose fingerprint (its composed config plus its upstream stages'
+fingerprints) matches a finished `stage.json` is skipped; an unfinished one resumes from its
+`last.ckpt`; a changed config moves the old stage aside (`<name>.stale`) and reruns it and every
+stage after it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from bam_lightning.config import ModelConfig
+from bam_lightning.flops import parameter_counts, training_flops_per_token
+
+PIPELINE_KEYS = {"run_dir", "seeds", "seed", "experts", "mixtures", "compute_matched", "dense_baseline",
+                 "checkpoint_every_n_steps"}
+MIXTURE_METHODS = {"bam", "bam_shared_kv", "btx", "sparse", "btx_param_matched"}
+
+
+@dataclass
+class Stage:
+    name: str  # directory name and TensorBoard run name
+    row: str  # the report's row key
+    role: str  # seed | expert | mixture | dense_baseline
+    recipe: str
+    depends: list[str] = field(default_factory=list)
+    seed: int = 0  # mixture-phase seed (data order + router init)
+    max_steps: int | None = None  # set for compute-matched rows
+    budget: str = ""  # "DM" or "CM" for mixtures
+
+
+# ----- loading and planning -----
+def load_pipeline_config(path: str) -> dict[str, Any]:
+    """Read and check a pipeline recipe before any stage runs; errors name the key or file."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: pipeline recipe not found")
+    config = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: a pipeline recipe is a mapping of {sorted(PIPELINE_KEYS)}")
+    unknown = sorted(set(config) - PIPELINE_KEYS)
+    if unknown:
+        raise ValueError(f"{path}: unknown keys {unknown}; known: {sorted(PIPELINE_KEYS)}")
+    for key in ("run_dir", "seed", "experts", "mixtures"):
+        if key not in config:
+            raise ValueError(f"{path}: missing key {key!r}")
+    unknown_methods = sorted(set(config["mixtures"]) - MIXTURE_METHODS)
+    if unknown_methods:
+        raise ValueError(f"{path}: mixtures: unknown {unknown_methods}; known: {sorted(MIXTURE_METHODS)}")
+    config.setdefault("seeds", [0])
+    config.setdefault("compute_matched", {})
+    config.setdefault("checkpoint_every_n_steps", 50)
+    recipes = [config["seed"], *config["experts"].values(), *config["mixtures"].values()]
+    if config.get("dense_baseline"):
+        recipes.append(config["dense_baseline"])
+    for recipe in recipes:
+        if not Path(recipe).is_file():
+            raise FileNotFoundError(f"{path}: recipe {recipe} not found")
+    matched = config["compute_matched"]
+    if matched:
+        if matched.get("reference") not in config["mixtures"]:
+            raise ValueError(f"{path}: compute_matched.reference must be one of mixtures {sorted(config['mixtures'])}")
+        for method in matched.get("methods", []):
+            if method not in config["mixtures"]:
+                raise ValueError(f"{path}: compute_matched.methods: {method!r} is not in mixtures")
+    return config
+
+
+def read_recipe(path: str) -> dict[str, Any]:
+    return OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+
+
+def recipe_model_config(recipe: dict[str, Any]) -> ModelConfig:
+    return ModelConfig(**recipe["model"]["init_args"]["config"])
+
+
+def recipe_tokens_per_step(recipe: dict[str, Any]) -> int:
+    data = recipe["data"]
+    return int(data.get("batch_size", 32)) * int(data.get("seq_len", 128))
+
+
+def plan(config: dict[str, Any]) -> list[Stage]:
+    stages = [Stage("seed", "seed", "seed", config["seed"])]
+    for domain, recipe in config["experts"].items():
+        stages.append(Stage(f"expert_{domain}", f"expert_{domain}", "expert", recipe, depends=["seed"]))
+    experts = [s.name for s in stages]
+    matched = config["compute_matched"]
+    for seed in config["seeds"]:
+        suffix = f"_s{seed}" if len(config["seeds"]) > 1 else ""
+        for method, recipe in config["mixtures"].items():
+            stages.append(Stage(f"{method}{suffix}", method, "mixture", recipe, experts, seed, budget="DM"))
+        for method in matched.get("methods", []):
+            steps = compute_matched_steps(config["mixtures"][matched["reference"]], config["mixtures"][method])
+            stages.append(Stage(f"{method}_cm{suffix}", f"{method}_cm", "mixture", config["mixtures"][method],
+                                experts, seed, max_steps=steps, budget="CM"))
+    if config.get("dense_baseline"):
+        stages.append(Stage("dense_baseline", "dense_baseline", "dense_baseline", config["dense_baseline"], ["seed"]))
+    return stages
+
+
+def compute_matched_steps(reference_recipe: str, recipe: str) -> int:
+    """Steps that give `recipe` the training FLOPs `reference_recipe` spends (fewer tokens)."""
+    ref, this = read_recipe(reference_recipe), read_recipe(recipe)
+    ref_flops = training_flops_per_token(recipe_model_config(ref), ref["data"].get("seq_len", 128))
+    this_flops = training_flops_per_token(recipe_model_config(this), this["data"].get("seq_len", 128))
+    ref_total = ref_flops * recipe_tokens_per_step(ref) * ref["trainer"]["max_steps"]
+    return max(1, math.floor(ref_total / (this_flops * recipe_tokens_per_step(this))))
+
+
+# ----- composing one stage's config -----
+def compose_stage(stage: Stage, config: dict[str, Any], run_dir: Path) -> dict[str, Any]:
+    """The stage's recipe with this run's paths, sources and seed filled in."""
+    recipe = copy.deepcopy(read_recipe(stage.recipe))
+    stage_dir = run_dir / "stages" / stage.name
+    ckpt = lambda name: str(run_dir / "stages" / name / "checkpoints" / "last.ckpt")  # noqa: E731
+    trainer = recipe.setdefault("trainer", {})
+    if stage.max_steps is not None:
+        trainer["max_steps"] = stage.max_steps
+    trainer["default_root_dir"] = str(stage_dir)
+    trainer["logger"] = {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                         "init_args": {"save_dir": str(run_dir / "tensorboard"), "name": stage.name,
+                                       "version": "", "default_hp_metric": False}}
+    callbacks = [c for c in trainer.get("callbacks") or []
+                 if not c["class_path"].endswith(("ModelCheckpoint", "MetricsFile"))]
+    callbacks.append({"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                      "init_args": {"dirpath": str(stage_dir / "checkpoints"), "save_last": True,
+                                    "save_top_k": 0, "every_n_train_steps": config["checkpoint_every_n_steps"]}})
+    callbacks.append({"class_path": "bam_lightning.callbacks.MetricsFile",
+                      "init_args": {"path": str(stage_dir / "metrics.jsonl")}})
+    for callback in callbacks:
+        if callback["class_path"].endswith("UpcyclingCallback"):
+            callback.setdefault("init_args", {})["sources"] = [ckpt(name) for name in stage.depends]
+            callback["init_args"]["router_seed"] = stage.seed
+    trainer["callbacks"] = callbacks
+    if stage.role in ("expert", "dense_baseline"):
+        recipe["model"].setdefault("init_args", {})["init_from"] = ckpt("seed")
+    if stage.role == "mixture":
+        recipe["seed_everything"] = int(recipe.get("seed_everything", 0)) + stage.seed
+        recipe["data"]["seed"] = int(recipe["data"].get("seed", 1234)) + stage.seed
+    return recipe
+
+
+def fingerprint(composed: dict[str, Any], upstream: list[str]) -> str:
+    text = json.dumps({"config": composed, "upstream": upstream}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+# ----- running -----
+def _die_with_parent() -> None:
+    """Child stages stop when the pipeline process is killed (no orphan keeps training)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def write_json_atomic(path: Path, payload: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def run_pipeline(path: str, force: bool = False) -> Path:
+    config = load_pipeline_config(path)
+    run_dir = Path(config["run_dir"]).resolve()
+    stages = plan(config)
+    prints = {}
+    started = time.perf_counter()
+    for number, stage in enumerate(stages, 1):
+        composed = compose_stage(stage, config, run_dir)
+        prints[stage.name] = fingerprint(composed, [prints[d] for d in stage.depends])
+        label = f"[{number}/{len(stages)}] {stage.name}"
+        stage_dir = run_dir / "stages" / stage.name
+        done = stage_dir / "stage.json"
+        if done.exists() and not force and json.loads(done.read_text()).get("fingerprint") == prints[stage.name]:
+            print(f"{label}: done earlier, skipped", flush=True)
+            continue
+        if stage_dir.exists() and (force or _stored_fingerprint(stage_dir) != prints[stage.name]):
+            stale = stage_dir.with_name(stage.name + ".stale")
+            shutil.rmtree(stale, ignore_errors=True)
+            stage_dir.rename(stale)
+            print(f"{label}: config changed, previous outputs moved to {stale}", flush=True)
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        (stage_dir / "fingerprint").write_text(prints[stage.name])
+        config_path = stage_dir / "config.yaml"
+        OmegaConf.save(OmegaConf.create(composed), config_path)
+        resume = (stage_dir / "checkpoints" / "last.ckpt").exists()
+        print(f"{label}: {'resuming' if resume else 'training'} ({stage.role}, "
+              f"{composed['trainer']['max_steps']} steps)", flush=True)
+        result = subprocess.run([sys.executable, "-m", "bam_lightning.pipeline", "--stage", str(config_path)],
+                                preexec_fn=_die_with_parent)
+        if result.returncode != 0:
+            raise SystemExit(f"{label} failed (exit {result.returncode}); its config: {config_path}. "
+                             "Re-run the same command to resume from its last checkpoint.")
+        record = json.loads((stage_dir / "result.json").read_text())
+        record.update(fingerprint=prints[stage.name], name=stage.name, row=stage.row, role=stage.role,
+                      seed=stage.seed, budget=stage.budget)
+        write_json_atomic(done, record)
+        print(f"{label}: val/avg/ppl {record['final'].get('val/avg/ppl', float('nan')):.3f} "
+              f"in {record['wall_time_s']:.0f} s", flush=True)
+    from bam_lightning.report import write_report
+
+    report = write_report(run_dir, [json.loads((run_dir / "stages" / s.name / "stage.json").read_text())
+                                    for s in stages])
+    print(f"pipeline finished in {time.perf_counter() - started:.0f} s; report: {report}", flush=True)
+    return report
+
+
+def _stored_fingerprint(stage_dir: Path) -> str | None:
+    path = stage_dir / "fingerprint"
+    return path.read_text().strip() if path.exists() else None
+
+
+def run_stage(config_path: str) -> None:
+    """Inside the stage's process: fit (resuming if a last checkpoint exists), validate, record."""
+    from bam_lightning.cli import run_lightning_cli
+
+    cli = run_lightning_cli(["--config", config_path], run=False)
+    stage_dir = Path(config_path).parent
+    last = stage_dir / "checkpoints" / "last.ckpt"
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=str(last) if last.exists() else None)
+    final = cli.trainer.validate(cli.model, datamodule=cli.datamodule, verbose=False)[0]
+    metrics_file = next(c for c in cli.trainer.callbacks if type(c).__name__ == "MetricsFile")
+    model_config = cli.model.config
+    seq_len, batch = cli.datamodule.seq_len, cli.datamodule.batch_size
+    steps = cli.trainer.global_step
+    total, active = parameter_counts(model_config)
+    write_json_atomic(stage_dir / "result.json", {
+        "final": {k: float(v) for k, v in final.items()},
+        "initial": cli.model.initial_val_metrics,
+        "steps": steps,
+        "tokens": steps * seq_len * batch * cli.trainer.world_size,
+        "training_flops": training_flops_per_token(model_config, seq_len) * steps * seq_len * batch
+        * cli.trainer.world_size,
+        "params_total": total,
+        "params_active": active,
+        "wall_time_s": metrics_file.wall_time(),
+        "config": model_config.to_dict(),
+    })
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="bam pipeline", description=__doc__.split("\n\n")[0])
+    parser.add_argument("recipe", nargs="?", help="pipeline YAML, e.g. recipes/tiny/pipeline.yaml")
+    parser.add_argument("--force", action="store_true", help="rerun every stage, even finished ones")
+    parser.add_argument("--stage", help=argparse.SUPPRESS)  # internal: run one composed stage
+    args = parser.parse_args(argv)
+    if args.stage:
+        run_stage(args.stage)
+    elif args.recipe:
+        run_pipeline(args.recipe, force=args.force)
+    else:
+        parser.error("give a pipeline recipe, e.g. `bam pipeline recipes/tiny/pipeline.yaml`")
+
+
+if __name__ == "__main__":
+    main()
