@@ -38,6 +38,7 @@ class BaseLM(L.LightningModule):
         weight_decay: float = 0.1,
         betas: tuple[float, float] = (0.9, 0.95),
         init_from: str | None = None,
+        activation_checkpointing: bool = False,
     ):
         """
         Args:
@@ -49,6 +50,8 @@ class BaseLM(L.LightningModule):
             betas: AdamW betas.
             init_from: a checkpoint of the same kind and shape to start from (continued
                 pre-training of a branch); applied once at the start of a fresh fit, never on resume.
+            activation_checkpointing: recompute each block's activations in the backward pass
+                (large models on GPUs); changes memory and speed, never the result.
         """
         super().__init__()
         if isinstance(config, dict):
@@ -58,6 +61,7 @@ class BaseLM(L.LightningModule):
         self.save_hyperparameters(ignore=["config"])
         self.hparams["config"] = config.to_dict()  # plain dict: checkpoints load without pickles
         self.model = GPT(config)
+        self.model.activation_checkpointing = activation_checkpointing
         self.val_domain_names: list[str] = []
         self.bytes_per_token: dict[str, float] = {}
         self.tokenizer_fingerprint: str | None = None

@@ -145,3 +145,18 @@ def test_config_rejects_nonsense_naming_the_field(field, value, message):
 def test_config_from_dict_names_unknown_keys():
     with pytest.raises(ValueError, match=r"ckpt.*unknown ModelConfig keys \['n_expert'\]"):
         ModelConfig.from_dict({"n_expert": 4}, source="ckpt")
+
+
+def test_activation_checkpointing_changes_nothing_but_memory():
+    torch.manual_seed(5)
+    model = GPT(ModelConfig(**TINY, n_experts=3, attn_experts=3))
+    idx = torch.randint(0, TINY["vocab_size"], (2, 10))
+    grads = []
+    for flag in (False, True):
+        model.zero_grad()
+        model.activation_checkpointing = flag
+        logits, stats = model(idx)
+        (logits.square().mean() + sum(s.lb_loss for s in stats)).backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for plain, recomputed in zip(*grads):
+        torch.testing.assert_close(plain, recomputed)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from bam_lightning.config import ModelConfig
 from bam_lightning.model.attention import MixtureOfAttention
@@ -47,6 +48,7 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.norm_f = make_norm(config)
         self.lm_head = None if config.tie_embeddings else nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.activation_checkpointing = False  # recompute each block in backward: memory for time
         if not any(p.is_meta for p in self.parameters()):
             self.reset_parameters()
 
@@ -70,7 +72,10 @@ class GPT(nn.Module):
         cos, sin = rope_tables(T, self.config.head_dim, self.config.rope_base, x.device, x.dtype)
         layer_stats = []
         for block in self.blocks:
-            x, stats = block(x, cos, sin)
+            if self.activation_checkpointing and self.training:
+                x, stats = checkpoint(block, x, cos, sin, use_reentrant=False)
+            else:
+                x, stats = block(x, cos, sin)
             layer_stats.append(stats)
         x = self.norm_f(x)
         head = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
