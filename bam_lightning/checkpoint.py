@@ -54,6 +54,10 @@ def describe_config_mismatch(stored: ModelConfig, expected: ModelConfig) -> str:
 def read_checkpoint(path: str | os.PathLike) -> SourceCheckpoint:
     """Load a model checkpoint's config and weights, memory-mapped where the format allows."""
     path = str(path)
+    if Path(path).is_dir():
+        raise ValueError(f"{path}: is a sharded (distributed) checkpoint directory; save the source with "
+                         "ModelParallelStrategy(save_distributed_checkpoint=False) or convert it with "
+                         "torch.distributed.checkpoint.format_utils.dcp_to_torch_save")
     if not Path(path).is_file():
         raise FileNotFoundError(f"{path}: checkpoint file not found")
     if path.endswith(".safetensors"):

@@ -121,7 +121,10 @@ class ModelConfig:
 
     def dense(self) -> ModelConfig:
         """The dense configuration with the same shapes (what each expert was branched from)."""
+        mixture_fields = ("n_experts", "ffn_top_k", "ffn_renormalize", "ffn_gate_scale", "attn_experts",
+                          "attn_shared_kv", "attn_routing", "attn_top_k", "router_init", "router_init_std",
+                          "lb_loss_coef", "z_loss_coef")
+        defaults = ModelConfig()
         values = self.to_dict()
-        values.update(n_experts=0, attn_experts=0, attn_shared_kv=False, ffn_top_k=1,
-                      ffn_renormalize=False, ffn_gate_scale=1.0)
+        values.update({name: getattr(defaults, name) for name in mixture_fields})
         return ModelConfig(**values)

@@ -67,6 +67,7 @@ class BaseLM(L.LightningModule):
         self.tokenizer_fingerprint: str | None = None
         self.val_loss = nn.ModuleDict()
         self.initial_val_metrics: dict[str, float] = {}
+        self._init_from_done = False
 
     # ----- kind checks -----
     def _check_kind(self, config: ModelConfig, source: str) -> None:
@@ -209,21 +210,33 @@ class BaseLM(L.LightningModule):
         return training_flops_per_token(self.config, seq_len) * seq_len * batch_size
 
     # ----- checkpoints -----
-    def on_fit_start(self) -> None:
-        if self.hparams.init_from and self.trainer.ckpt_path is None:
-            from bam_lightning.checkpoint import load_model_weights, read_checkpoint
+    def on_validation_start(self) -> None:
+        self._maybe_init_from()  # the step-0 validation must already see the source's weights
 
-            source = read_checkpoint(self.hparams.init_from)
-            source.check_compatible(self.config, "model.config", self.tokenizer_fingerprint)
-            load_model_weights(self.model, source.state_dict)
+    def on_train_start(self) -> None:
+        self._maybe_init_from()
+
+    def _maybe_init_from(self) -> None:
+        """Load `init_from` once, at the start of a fresh fit. Not in `on_fit_start`: under
+        ModelParallelStrategy the resume checkpoint is restored after that hook, so only here
+        does `trainer.ckpt_path` tell a fresh fit from a resume."""
+        if (not self.hparams.init_from or self._init_from_done or self.trainer.ckpt_path is not None
+                or self.trainer.state.fn != "fit"):
+            return
+        from bam_lightning.checkpoint import load_model_weights, read_checkpoint
+
+        source = read_checkpoint(self.hparams.init_from)
+        source.check_compatible(self.config, "model.config", self.tokenizer_fingerprint)
+        load_model_weights(self.model, source.state_dict)
+        self._init_from_done = True
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint[CHECKPOINT_KEY] = {
+        checkpoint.setdefault(CHECKPOINT_KEY, {}).update({
             "kind": "moe" if self.config.is_moe else "dense",
             "tokenizer": self.tokenizer_fingerprint,
             "val_domains": self.val_domain_names,
             "initial_val_metrics": self.initial_val_metrics,
-        }
+        })
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         from bam_lightning.checkpoint import describe_config_mismatch

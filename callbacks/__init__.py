@@ -1,0 +1,7 @@
+"""Lightning callbacks, installed as `bam_lightning.callbacks` (YAML: `class_path: bam_lightning.callbacks.X`)."""
+
+from bam_lightning.callbacks.metrics_file import MetricsFile
+from bam_lightning.callbacks.monitoring import NonFiniteLossGuard, TokenThroughput
+from bam_lightning.callbacks.upcycling import UpcyclingCallback
+
+__all__ = ["MetricsFile", "NonFiniteLossGuard", "TokenThroughput", "UpcyclingCallback"]

@@ -1,0 +1,81 @@
+"""UpcyclingCallback: build the mixture from dense checkpoints at the start of the first fit.
+
+A thin adapter around `bam_lightning.upcycle`: read and validate the dense sources, build the
+mixture, load it into `pl_module.model` once, and never on resume (the checkpoint already holds
+the trained mixture, and the sources need not exist any more). Every rank reads the sources itself
+and `load_model_weights` scatters the full tensors, so a module sharded by FSDP2 under
+`ModelParallelStrategy` gets the same weights as one on a single process.
+
+When: Lightning tells a resume apart (`trainer.ckpt_path`) only once it restores the checkpoint,
+and under `ModelParallelStrategy` that happens *after* `on_fit_start`. So the mixture is built at
+the first hook after every restore point and before any forward: `on_sanity_check_start` (the
+step-0 validation already sees the mixture), else `on_train_start`. A bad source still fails
+before the first training step, with the file and key in the message.
+
+Provenance (which source became which expert) is the callback's state, saved in
+`checkpoint["callbacks"]["UpcyclingCallback"]["upcycled_from"]` and restored on resume.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+
+from bam_lightning.checkpoint import load_model_weights
+from bam_lightning.lit import BaseLM
+from bam_lightning.upcycle import METHODS, upcycle_from_checkpoints
+
+
+class UpcyclingCallback(L.Callback):
+    def __init__(self, sources: list[str], method: str = "bam", seed_index: int = 0, router_seed: int = 0):
+        """
+        Args:
+            sources: dense checkpoint paths (`.ckpt` or `.safetensors`) in expert order; expert j
+                comes from sources[j]. The seed is one of them.
+            method: bam (Expert-KV), bam_shared_kv, btx or sparse.
+            seed_index: which source is the seed (sparse copies it; parameter-matched BTX copies
+                its FFN into the extra experts).
+            router_seed: seeds the routers' random initialisation.
+        """
+        if method not in METHODS:  # fail when the recipe is parsed, not at the first step
+            raise ValueError(f"unknown upcycling method {method!r}; choose one of {list(METHODS)}")
+        self.sources = [str(s) for s in sources]
+        self.method = method
+        self.seed_index = seed_index
+        self.router_seed = router_seed
+        self.provenance: dict[str, Any] | None = None
+        self._pending = False  # True from setup until this fit has decided whether to upcycle
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        if not isinstance(pl_module, BaseLM) or not pl_module.config.is_moe:
+            raise ValueError(f"UpcyclingCallback needs a mixture module (MoELM), got {type(pl_module).__name__}")
+        if pl_module.hparams.get("init_from"):
+            raise ValueError(f"UpcyclingCallback and init_from={pl_module.hparams.init_from!r} would both "
+                             "initialise the model; use one")
+        self._pending = self.provenance is None  # once per callback: a second fit() continues training
+
+    def on_sanity_check_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._upcycle_unless_resumed(trainer, pl_module)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._upcycle_unless_resumed(trainer, pl_module)
+
+    def _upcycle_unless_resumed(self, trainer: L.Trainer, pl_module: BaseLM) -> None:
+        if not self._pending:
+            return
+        self._pending = False
+        if trainer.ckpt_path is not None:
+            return
+        state, self.provenance = upcycle_from_checkpoints(
+            self.sources, pl_module.config, self.method, seed_index=self.seed_index,
+            router_seed=self.router_seed, tokenizer=pl_module.tokenizer_fingerprint)
+        load_model_weights(pl_module.model, state)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"upcycled_from": self.provenance}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.provenance = state_dict.get("upcycled_from")

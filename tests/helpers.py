@@ -1,0 +1,48 @@
+"""Tiny fixtures shared by tests: configs, random dense weights and dense checkpoint files."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+
+from bam_lightning.config import ModelConfig
+from bam_lightning.model import GPT
+
+
+def tiny_config(**overrides) -> ModelConfig:
+    """A dense config small enough for many CPU tests a second; override any field."""
+    values = dict(vocab_size=50, n_layer=2, d_model=32, n_head=2, d_ff=64, max_seq_len=16)
+    values.update(overrides)
+    return ModelConfig(**values)
+
+
+def moe_config(dense: ModelConfig, **mixture) -> ModelConfig:
+    """The mixture of `dense` with the given mixture fields (n_experts, attn_experts, ...)."""
+    return dataclasses.replace(dense, **mixture)
+
+
+def random_dense_state_dict(config: ModelConfig, seed: int) -> dict[str, torch.Tensor]:
+    """Every tensor random (norms too), so sources built from different seeds differ everywhere."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.device("meta"):
+        shapes = {key: value.shape for key, value in GPT(config).state_dict().items()}
+    return {key: torch.randn(shape, generator=generator) * 0.2 + (1.0 if "norm" in key else 0.0)
+            for key, shape in shapes.items()}
+
+
+def save_lightning_checkpoint(path: Path, config: ModelConfig, state_dict: dict[str, torch.Tensor],
+                              tokenizer: str | None = None) -> Path:
+    """Write the layout DenseLM/MoELM checkpoints have (what `read_checkpoint` reads)."""
+    torch.save({"state_dict": {f"model.{k}": v for k, v in state_dict.items()},
+                "hyper_parameters": {"config": config.to_dict()},
+                "bam_lightning": {"tokenizer": tokenizer}}, path)
+    return path
+
+
+def dense_sources(directory: Path, config: ModelConfig, n: int, first_seed: int = 0) -> list[Path]:
+    """`n` different dense checkpoints of `config` in `directory`."""
+    return [save_lightning_checkpoint(directory / f"dense{j}.ckpt", config,
+                                      random_dense_state_dict(config, first_seed + j))
+            for j in range(n)]

@@ -1,0 +1,159 @@
+"""`bam pipeline` end to end on tiny data: stages, report, skip, invalidation, kill and re-run."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from bam_lightning.pipeline import compute_matched_steps, load_pipeline_config, plan
+
+MODEL = {"vocab_size": 257, "n_layer": 1, "d_model": 16, "n_head": 2, "d_ff": 32, "max_seq_len": 16}
+MIXTURE = {"n_experts": 3, "ffn_top_k": 1}
+
+
+def write_domains(root: Path) -> dict[str, str]:
+    """Three small, distinct text domains."""
+    texts = {
+        "alpha": ["the cat sat on the mat. " * 20 + f"story {i}." for i in range(12)],
+        "digits": [" ".join(str((i * 7 + j) % 97) for j in range(200)) for i in range(12)],
+        "code": [f"def f{i}(x):\n    return x * {i} + {i}\n" * 15 for i in range(12)],
+    }
+    domains = {}
+    for name, docs in texts.items():
+        folder = root / name
+        folder.mkdir(parents=True)
+        for i, doc in enumerate(docs):
+            (folder / f"{i}.txt").write_text(doc)
+        domains[name] = str(folder / "*.txt")
+    return domains
+
+
+def recipe(domains, weights, model_class, config, steps, callbacks=(), **model_args):
+    return {
+        "seed_everything": 1,
+        "trainer": {"accelerator": "cpu", "devices": 1, "max_steps": steps, "val_check_interval": 4,
+                    "check_val_every_n_epoch": None, "num_sanity_val_steps": -1,
+                    "enable_progress_bar": False, "enable_model_summary": False,
+                    "callbacks": list(callbacks)},
+        "model": {"class_path": f"bam_lightning.lit.{model_class}",
+                  "init_args": {"config": config, "lr": 0.003, "warmup_steps": 1, **model_args}},
+        "data": {"domains": domains, "train_weights": weights, "seq_len": 16, "batch_size": 4,
+                 "val_tokens_per_domain": 256, "val_fraction": 0.2},
+    }
+
+
+@pytest.fixture
+def study(tmp_path, monkeypatch):
+    monkeypatch.setenv("BAM_CACHE_DIR", str(tmp_path / "cache"))
+    domains = write_domains(tmp_path / "corpora")
+    even = {name: 1.0 for name in domains}
+    recipes = {
+        "seed": recipe(domains, {"alpha": 0.8, "digits": 0.1, "code": 0.1}, "DenseLM", MODEL, 6),
+        "expert_digits": recipe(domains, {"digits": 0.9, "alpha": 0.1}, "DenseLM", MODEL, 12),
+        "expert_code": recipe(domains, {"code": 0.9, "alpha": 0.1}, "DenseLM", MODEL, 4),
+    }
+    for method, attn in (("btx", 0), ("bam", 3)):
+        upcycling = {"class_path": "bam_lightning.callbacks.UpcyclingCallback",
+                     "init_args": {"method": method, "sources": ["filled-in-by-the-pipeline"]}}
+        recipes[method] = recipe(domains, even, "MoELM", {**MODEL, **MIXTURE, "attn_experts": attn}, 4,
+                                 callbacks=[upcycling])
+    paths = {}
+    for name, content in recipes.items():
+        paths[name] = tmp_path / f"{name}.yaml"
+        paths[name].write_text(yaml.safe_dump(content))
+    pipeline = {
+        "run_dir": str(tmp_path / "run"),
+        "checkpoint_every_n_steps": 1,
+        "seed": str(paths["seed"]),
+        "experts": {"digits": str(paths["expert_digits"]), "code": str(paths["expert_code"])},
+        "mixtures": {"btx": str(paths["btx"]), "bam": str(paths["bam"])},
+        "compute_matched": {"reference": "btx", "methods": ["bam"]},
+    }
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(pipeline))
+    return path, paths, tmp_path / "run"
+
+
+def bam(*args, **kwargs):
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.run([sys.executable, "-m", "bam_lightning.cli", *args], capture_output=True, text=True,
+                          env=env, **kwargs)
+
+
+def test_pipeline_runs_every_stage_writes_the_report_and_skips_finished_stages(study):
+    path, recipes, run_dir = study
+    first = bam("pipeline", str(path))
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    stages = [s.name for s in plan(load_pipeline_config(str(path)))]
+    assert stages == ["seed", "expert_digits", "expert_code", "btx", "bam", "bam_cm"]
+    records = {name: json.loads((run_dir / "stages" / name / "stage.json").read_text()) for name in stages}
+    # the experts start where the seed ended
+    for expert in ("expert_digits", "expert_code"):
+        for key, value in records["seed"]["final"].items():
+            assert records[expert]["initial"][key] == pytest.approx(value, rel=1e-5), key
+    # compute matching: BAM's steps are cut so its training FLOPs do not exceed BTX's
+    assert records["bam_cm"]["steps"] == compute_matched_steps(str(recipes["btx"]), str(recipes["bam"]))
+    assert records["bam_cm"]["training_flops"] <= records["btx"]["training_flops"]
+    assert records["bam"]["tokens"] == records["btx"]["tokens"]
+    report = (run_dir / "report.md").read_text()
+    for label in ("seed", "digits expert (dense)", "BTX", "BAM DM Expert-KV", "BAM CM Expert-KV"):
+        assert f"| {label} |" in report
+    results = json.loads((run_dir / "results.json").read_text())
+    assert {row["row"] for row in results["rows"]} == set(stages)
+    assert (run_dir / "perplexity_by_domain.png").stat().st_size > 0
+    assert any((run_dir / "tensorboard" / "bam").glob("events.out.tfevents.*"))
+
+    second = bam("pipeline", str(path))
+    assert second.returncode == 0
+    assert second.stdout.count("done earlier, skipped") == len(stages)
+
+    # changing one mixture's recipe reruns that stage only (and what depends on it)
+    changed = yaml.safe_load(recipes["btx"].read_text())
+    changed["model"]["init_args"]["lr"] = 0.002
+    recipes["btx"].write_text(yaml.safe_dump(changed))
+    third = bam("pipeline", str(path))
+    assert third.returncode == 0, third.stdout[-3000:]
+    assert third.stdout.count("done earlier, skipped") == len(stages) - 2  # btx and bam_cm (its budget)
+    assert "btx: config changed" in third.stdout
+
+
+def test_killed_pipeline_resumes_without_redoing_finished_stages(study):
+    path, _, run_dir = study
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    process = subprocess.Popen([sys.executable, "-m", "bam_lightning.cli", "pipeline", str(path)],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    expert_ckpt = run_dir / "stages" / "expert_digits" / "checkpoints" / "last.ckpt"
+    deadline = time.time() + 240
+    while not expert_ckpt.exists() and time.time() < deadline and process.poll() is None:
+        time.sleep(0.05)
+    assert expert_ckpt.exists(), "the first expert never checkpointed"
+    os.killpg(process.pid, signal.SIGKILL)  # the pipeline and its stage process, mid-stage
+    process.wait()
+    finished = {p.parent.name for p in (run_dir / "stages").glob("*/stage.json")}
+    assert "seed" in finished and "bam" not in finished
+
+    rerun = bam("pipeline", str(path))
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    for name in finished:
+        assert f"{name}: done earlier, skipped" in rerun.stdout
+    if "expert_digits" not in finished:  # killed mid-stage: it continues from its checkpoint
+        assert "expert_digits: resuming" in rerun.stdout
+    record = json.loads((run_dir / "stages" / "expert_digits" / "stage.json").read_text())
+    assert record["steps"] == 12
+
+
+def test_pipeline_recipe_errors_name_the_key(tmp_path):
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump({"run_dir": "x", "seed": "s.yaml", "experts": {}, "mixtures": {}, "sedes": [1]}))
+    with pytest.raises(ValueError, match=r"unknown keys \['sedes'\]"):
+        load_pipeline_config(str(path))
+    path.write_text(yaml.safe_dump({"run_dir": "x", "seed": str(tmp_path / "missing.yaml"), "experts": {},
+                                    "mixtures": {}}))
+    with pytest.raises(FileNotFoundError, match="missing.yaml not found"):
+        load_pipeline_config(str(path))
