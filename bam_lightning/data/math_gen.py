@@ -86,6 +86,14 @@ def _fixed_point(scaled: int, places: int) -> str:
     return f"{sign}{digits[:-places]}.{digits[-places:]}" if places else f"{sign}{digits}"
 
 
+def _decimal(scaled: int, places: int) -> str:
+    """The shortest exact text of `scaled / 10**places` ("1.5", not "1.50"); integer maths only."""
+    while places and scaled % 10 == 0:
+        scaled //= 10
+        places -= 1
+    return _fixed_point(scaled, places)
+
+
 def _operand(text: str) -> str:
     """Parenthesise negatives and fractions so the expression reads (and evaluates) unambiguously."""
     return f"({text})" if text.startswith("-") or "/" in text else text
@@ -106,7 +114,9 @@ def format_terms(terms: Iterable[tuple[int, str]]) -> str:
         if coefficient == 0:
             continue
         magnitude = abs(coefficient)
-        body = str(magnitude) if not symbol else symbol if magnitude == 1 else f"{magnitude}*{symbol}"
+        body = (
+            str(magnitude) if not symbol else symbol if magnitude == 1 else f"{magnitude}*{symbol}"
+        )
         if not text:
             text = f"-{body}" if coefficient < 0 else body
         else:
@@ -143,32 +153,35 @@ def integer_arithmetic(rng: random.Random) -> Problem:
     operators = [rng.choice("+-*") for _ in values[1:]]
     expression = str(values[0])
     terms, signs = [values[0]], [1]  # multiplication binds first: collapse it into terms
-    for operator, value in zip(operators, values[1:]):
+    for operator, value in zip(operators, values[1:], strict=True):
         expression += f" {operator} {_operand(str(value))}"
         if operator == "*":
             terms[-1] *= value
         else:
             terms.append(value)
             signs.append(1 if operator == "+" else -1)
-    answer = sum(sign * term for sign, term in zip(signs, terms))
+    answer = sum(sign * term for sign, term in zip(signs, terms, strict=True))
     template = rng.choice(("What is {}?", "Calculate {}.", "Evaluate {}."))
     return template.format(expression), str(answer)
 
 
 def decimal_arithmetic(rng: random.Random) -> Problem:
-    def decimal(max_places: int) -> Fraction:
-        return Fraction(rng.randint(-9999, 9999), 10 ** rng.randint(1, max_places))
-
+    # Decimals are (scaled integer, places) pairs: exact, and much faster than Fraction/Decimal.
     operator = rng.choice("+-*/")
     if operator == "/":  # build the dividend from the quotient so the answer is a finite decimal
-        divisor = Fraction(_nonzero(rng, -99, 99), 10)
-        answer = decimal(2)
-        left, right = answer * divisor, divisor
+        divisor, quotient = _nonzero(rng, -99, 99), rng.randint(-9999, 9999)
+        left, right, answer = (divisor * quotient, 3), (divisor, 1), (quotient, 2)
     else:
-        left, right = decimal(3), decimal(3)
-        answer = left + right if operator == "+" else left - right if operator == "-" else left * right
-    expression = f"{format_number(left)} {operator} {_operand(format_number(right))}"
-    return f"Calculate {expression}.", format_number(answer)
+        left = (rng.randint(-9999, 9999), rng.randint(1, 3))
+        right = (rng.randint(-9999, 9999), rng.randint(1, 3))
+        if operator == "*":
+            answer = (left[0] * right[0], left[1] + right[1])
+        else:
+            places = max(left[1], right[1])
+            a, b = left[0] * 10 ** (places - left[1]), right[0] * 10 ** (places - right[1])
+            answer = (a + b if operator == "+" else a - b, places)
+    expression = f"{_decimal(*left)} {operator} {_operand(_decimal(*right))}"
+    return f"Calculate {expression}.", _decimal(*answer)
 
 
 def fraction_arithmetic(rng: random.Random) -> Problem:
@@ -265,7 +278,9 @@ def prime_factorisation(rng: random.Random) -> Problem:
     primes = sorted(rng.choice(_SMALL_PRIMES) for _ in range(rng.randint(2, 6)))
     number = math.prod(primes)
     if rng.random() < 0.5:
-        return f"List the prime factors of {number}.", ", ".join(str(p) for p in sorted(set(primes)))
+        return f"List the prime factors of {number}.", ", ".join(
+            str(p) for p in sorted(set(primes))
+        )
     powers = [p if primes.count(p) == 1 else f"{p}**{primes.count(p)}" for p in sorted(set(primes))]
     return f"Write {number} as a product of primes.", " * ".join(str(p) for p in powers)
 
@@ -282,14 +297,15 @@ UNITS = {
 def unit_conversion(rng: random.Random) -> Problem:
     units = UNITS[rng.choice(tuple(UNITS))]
     source, target = rng.sample(tuple(units), 2)
-    decimal = Fraction(rng.randint(1, 9999), 10 ** rng.randint(0, 2))
+    scaled, places = rng.randint(1, 9999), rng.randint(0, 2)
     # Draw the number on the larger unit's side, so the other side is an exact integer multiple.
     if units[source] >= units[target]:
-        amount, answer = decimal, decimal * units[source] / units[target]
+        amount, answer = scaled, scaled * (units[source] // units[target])
     else:
-        answer, amount = decimal, decimal * units[target] / units[source]
+        answer, amount = scaled, scaled * (units[target] // units[source])
     template = rng.choice(("How many {t} are there in {a} {s}?", "Convert {a} {s} to {t}."))
-    return template.format(t=target, a=format_number(amount), s=source), format_number(answer)
+    question = template.format(t=target, a=_decimal(amount, places), s=source)
+    return question, _decimal(answer, places)
 
 
 def next_term(rng: random.Random) -> Problem:
@@ -341,16 +357,19 @@ def comparison(rng: random.Random) -> Problem:
 def remainder(rng: random.Random) -> Problem:
     divisor = rng.randint(2, 40)
     dividend = rng.randint(divisor, 5000)
-    return f"What is the remainder when {dividend} is divided by {divisor}?", str(dividend % divisor)
+    return f"What is the remainder when {dividend} is divided by {divisor}?", str(
+        dividend % divisor
+    )
 
 
 def rounding(rng: random.Random) -> Problem:
-    value = Fraction(rng.randint(-999999, 999999), 10 ** rng.randint(3, 5))
+    scaled, digits = rng.randint(-999999, 999999), rng.randint(3, 5)
     places = rng.randint(0, 2)
-    rounded = math.floor(abs(value) * 10**places + Fraction(1, 2))  # half away from zero
-    answer = _fixed_point(rounded if value >= 0 else -rounded, places)
+    step = 10 ** (digits - places)
+    rounded = (2 * abs(scaled) + step) // (2 * step)  # half away from zero
+    answer = _fixed_point(rounded if scaled >= 0 else -rounded, places)
     unit = "decimal place" if places == 1 else "decimal places"
-    return f"Round {format_number(value)} to {places} {unit}.", answer
+    return f"Round {_decimal(scaled, digits)} to {places} {unit}.", answer
 
 
 PROBLEM_TYPES: tuple[Callable[[random.Random], Problem], ...] = (

