@@ -238,6 +238,7 @@ def run_stage(config_path: str) -> None:
     """Inside the stage's process: fit (resuming if a last checkpoint exists), validate, record."""
     from bam_lightning.cli import run_lightning_cli
 
+    sys.argv = sys.argv[:1]  # the stage's arguments are the config below, not this process's
     cli = run_lightning_cli(["--config", config_path], run=False)
     stage_dir = Path(config_path).parent
     last = stage_dir / "checkpoints" / "last.ckpt"
