@@ -1,18 +1,27 @@
-"""Reading model checkpoints (Lightning `.ckpt` or `.safetensors`) and loading weights.
+"""Reading and writing model checkpoints (Lightning `.ckpt` or `.safetensors`), loading weights.
 
-Every error names the file and, where there is one, the key; nothing here touches Lightning's
-training state. Weights load into a plain module or an FSDP2-sharded one alike.
+Every error names the file and, where there is one, the key. Weights load into a plain module or
+an FSDP2-sharded one alike. Every file is written under a temporary name and renamed into place,
+so a run killed mid-write keeps its previous checkpoint (`AtomicCheckpointIO`, the `bam` CLI's
+default checkpoint plugin).
 """
 
 from __future__ import annotations
 
+import glob
 import json
 import os
-import tempfile
+import secrets
+import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Any
 
 import torch
+from fsspec.core import url_to_fs
+from fsspec.implementations.local import LocalFileSystem
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch import nn
 
 from bam_lightning.config import ModelConfig
@@ -55,9 +64,9 @@ def read_checkpoint(path: str | os.PathLike) -> SourceCheckpoint:
     """Load a model checkpoint's config and weights, memory-mapped where the format allows."""
     path = str(path)
     if Path(path).is_dir():
-        raise ValueError(f"{path}: is a sharded (distributed) checkpoint directory; save the source with "
-                         "ModelParallelStrategy(save_distributed_checkpoint=False) or convert it with "
-                         "torch.distributed.checkpoint.format_utils.dcp_to_torch_save")
+        # (dcp_to_torch_save would give the weights without the config, which stays in meta.pt)
+        raise ValueError(f"{path}: is a sharded (distributed) checkpoint directory; save the source as one "
+                         "file with ModelParallelStrategy(save_distributed_checkpoint=False)")
     if not Path(path).is_file():
         raise FileNotFoundError(f"{path}: checkpoint file not found")
     if path.endswith(".safetensors"):
@@ -94,21 +103,80 @@ def _read_safetensors(path: str) -> SourceCheckpoint:
 
 def save_safetensors(state_dict: dict[str, torch.Tensor], config: ModelConfig, path: str | os.PathLike,
                      tokenizer: str | None = None) -> None:
-    """Write weights + config atomically (temporary name, then rename)."""
+    """Write weights + config atomically."""
     from safetensors.torch import save_file
 
-    path = Path(path)
     metadata = {SAFETENSORS_CONFIG_KEY: json.dumps(config.to_dict())}
     if tokenizer:
         metadata["bam_lightning.tokenizer"] = tokenizer
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    tensors = {k: v.contiguous() for k, v in state_dict.items()}
+    write_atomically(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+def write_atomically(path: str | os.PathLike, write: Callable[[str], Any]) -> None:
+    """`write(tmp)` a temporary file beside `path`, flush it to disk, then rename it over `path`.
+
+    A rename within one directory is atomic, so readers see the old file or the new one, never
+    a torn one. The temporary file is removed when `write` fails; a process killed outright
+    leaves it behind (hidden, ending in `.tmp`, so no `*.ckpt` glob picks it up), and the next
+    write of the same path removes it.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        stale.unlink(missing_ok=True)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    # O_EXCL: never clobber another writer's file; mode 0o666 leaves permissions to the umask.
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     try:
-        save_file({k: v.contiguous() for k, v in state_dict.items()}, tmp, metadata=metadata)
+        write(str(tmp))
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)  # the bytes reach the disk before the name does
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        tmp.unlink(missing_ok=True)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's `TorchCheckpointIO`, but a local checkpoint is written beside its target and
+    renamed into place, so a kill or a full disk mid-write keeps the previous `last.ckpt`; and a
+    checkpoint that cannot be read is named in the error.
+
+    (Lightning's own writer stages the bytes in memory and in the system temp folder, and
+    *copies* them into place when that folder is on another filesystem: a kill during the copy
+    tears the file.) Remote paths (`s3://`, ...) keep Lightning's behaviour.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | os.PathLike,
+                        storage_options: Any | None = None) -> None:
+        local_path = _local_path(path)
+        if storage_options is not None or local_path is None:
+            super().save_checkpoint(checkpoint, path, storage_options)
+            return
+        write_atomically(local_path, lambda tmp: torch.save(checkpoint, tmp))
+
+    def load_checkpoint(self, path: str | os.PathLike, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        try:
+            return super().load_checkpoint(path, *args, **kwargs)
+        except FileNotFoundError:
+            raise
+        except Exception as error:
+            # torch says "Invalid argument", "EOFError" or "weights only load failed" for a torn
+            # file; a complete file (a zip archive) that fails keeps torch's own explanation.
+            local_path = _local_path(path)
+            if local_path is None or zipfile.is_zipfile(local_path):
+                raise
+            raise ValueError(f"{path}: not a readable checkpoint, the file is truncated or corrupt "
+                             f"({type(error).__name__}: {error})") from error
+
+
+def _local_path(path: str | os.PathLike) -> str | None:
+    """The path on this machine's filesystem, or None for a remote URL."""
+    filesystem, local_path = url_to_fs(str(path))
+    return local_path if isinstance(filesystem, LocalFileSystem) else None
 
 
 def load_model_weights(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:

@@ -31,6 +31,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from bam_lightning.callbacks.metrics_file import read_metrics
 from bam_lightning.config import ModelConfig
 from bam_lightning.flops import parameter_counts, training_flops_per_token
 
@@ -243,11 +244,15 @@ def run_stage(config_path: str) -> None:
     stage_dir = Path(config_path).parent
     last = stage_dir / "checkpoints" / "last.ckpt"
     cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=str(last) if last.exists() else None)
-    final = cli.trainer.validate(cli.model, datamodule=cli.datamodule, verbose=False)[0]
     metrics_file = next(c for c in cli.trainer.callbacks if type(c).__name__ == "MetricsFile")
+    steps = cli.trainer.global_step
+    records = read_metrics(metrics_file.path) if metrics_file.path.exists() else []
+    final = {k: v for k, v in records[-1].items() if k.startswith("val/")} if records else {}
+    if not records or records[-1]["step"] != steps or records[-1]["stage"] != "fit" or not final:
+        # the fit's last validation was before its last step: score the final weights once more
+        final = cli.trainer.validate(cli.model, datamodule=cli.datamodule, verbose=False)[0]
     model_config = cli.model.config
     seq_len, batch = cli.datamodule.seq_len, cli.datamodule.batch_size
-    steps = cli.trainer.global_step
     total, active = parameter_counts(model_config)
     write_json_atomic(stage_dir / "result.json", {
         "final": {k: float(v) for k, v in final.items()},
