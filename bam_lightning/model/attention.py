@@ -57,30 +57,33 @@ class MixtureOfAttention(nn.Module):
         cfg = self.config
         B, T, d = h.shape
         E, E_kv, H, H_kv, hd = self.wq.shape[0], self.wk.shape[0], cfg.n_head, cfg.n_kv_head, cfg.head_dim
-        # One GEMM per projection for the whole bank: [B, T, E*H*hd] -> [B, E, H, T, hd].
-        q = (h @ self.wq.flatten(0, 1).T).view(B, T, E, H, hd).permute(0, 2, 3, 1, 4)
-        k = (h @ self.wk.flatten(0, 1).T).view(B, T, E_kv, H_kv, hd).permute(0, 2, 3, 1, 4)
-        v = (h @ self.wv.flatten(0, 1).T).view(B, T, E_kv, H_kv, hd).permute(0, 2, 3, 1, 4)
+        shared_kv = E_kv < E
+        # The bank is one wide multi-head attention with E * H query heads, laid out exactly like
+        # a dense one: every projection is one GEMM and [B, T, heads, hd] -> [B, heads, T, hd] is
+        # a free transpose. Expert-KV orders the heads (expert, head), so expert e's query heads
+        # meet its own K/V heads. Shared-KV orders them (head, expert), so that grouped-query
+        # attention maps every expert's head h onto the shared K/V head of h; reordering the
+        # (small) weights costs less than reordering the activations.
+        wq, wo = self.wq, self.wo.view(E, d, H, hd)
+        if shared_kv:
+            wq, wo = wq.view(E, H, hd, d).transpose(0, 1), wo.permute(1, 2, 0, 3)  # (head, expert)
+        else:
+            wo = wo.permute(1, 0, 2, 3)  # (expert, head)
+        q = (h @ wq.reshape(E * H * hd, d).T).view(B, T, E * H, hd).transpose(1, 2)
+        k = (h @ self.wk.reshape(E_kv * H_kv * hd, d).T).view(B, T, E_kv * H_kv, hd).transpose(1, 2)
+        v = (h @ self.wv.reshape(E_kv * H_kv * hd, d).T).view(B, T, E_kv * H_kv, hd).transpose(1, 2)
         cos, sin = cos.to(q.dtype), sin.to(q.dtype)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if E_kv == E:
-            # Expert-KV (and dense): experts are extra batch entries, each with its own K/V.
-            o = F.scaled_dot_product_attention(
-                q.reshape(B * E, H, T, hd), k.reshape(B * E, H_kv, T, hd), v.reshape(B * E, H_kv, T, hd),
-                is_causal=True, enable_gqa=H != H_kv)
-            o = o.view(B, E, H, T, hd)
-        else:
-            # Shared-KV: fold the experts into the query heads, ordered (head, expert), so that
-            # grouped-query attention maps every expert's head h onto the shared KV head of h.
-            q = q.transpose(1, 2).reshape(B, H * E, T, hd)
-            o = F.scaled_dot_product_attention(q, k[:, 0], v[:, 0], is_causal=True, enable_gqa=True)
-            o = o.view(B, H, E, T, hd).transpose(1, 2)
-        o = o.permute(0, 3, 1, 2, 4)  # [B, T, E, H, hd]
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=E * H != E_kv * H_kv)
+        o = o.transpose(1, 2)  # [B, T, heads, hd]
         gates = self.gates(h)
         stats = RouterStats()
         if gates is not None:
-            o = o * gates.to(o.dtype)[..., None, None]
+            g = gates.to(o.dtype)
+            if shared_kv:
+                o = o.reshape(B, T, H, E, hd) * g[:, :, None, :, None]
+            else:
+                o = o.reshape(B, T, E, H * hd) * g[..., None]
             stats.attn_gate_mean = gates.detach().mean(dim=(0, 1))
         # sum_e W_o,e (g_e o_e) as one GEMM over the concatenated expert outputs.
-        w_out = self.wo.permute(1, 0, 2).reshape(d, E * H * hd)
-        return o.reshape(B, T, E * H * hd) @ w_out.T, stats
+        return o.reshape(B, T, E * H * hd) @ wo.reshape(d, E * H * hd).T, stats

@@ -2,8 +2,12 @@
 
 Routing follows BAM_SPEC.md: softmax over *all* experts before top-k and no renormalisation (the
 paper's choice; with k = 1 the LM loss still reaches the router through p_top), or renormalised
-top-k (original BTX). Dropless: every token reaches its k experts. Tokens are sorted by expert so
-each expert runs one contiguous matrix product; there is no Python loop over tokens.
+top-k (original BTX). Dropless: every token reaches its k experts.
+
+Speed (benchmarks/bench_ffn.py): the (token, slot) pairs are gathered in expert order so that
+each expert reads one contiguous block of rows, the whole bank runs as one grouped matrix product
+(`torch.nn.functional.grouped_mm`) per projection, and the outputs are gathered back. The dense
+FFN is the one-group case of the same code, so dense and one-expert mixtures agree bit for bit.
 """
 
 from __future__ import annotations
@@ -17,10 +21,93 @@ from torch import nn
 from bam_lightning.config import ModelConfig
 from bam_lightning.model.layers import RouterStats, init_router, router_probs
 
+HAS_GROUPED_MM = hasattr(F, "grouped_mm")
+
 
 def swiglu(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
     """One expert: x [N, d], w_gate/w_up [d_ff, d], w_down [d, d_ff]."""
     return (F.silu(x @ w_gate.T) * (x @ w_up.T)) @ w_down.T
+
+
+def row_alignment(dtype: torch.dtype) -> int:
+    """Rows per expert are padded to a multiple of this. bf16 matmuls on AMX CPUs (oneDNN) were
+    measured to pay a large one-off cost for every new row count, and routed row counts change
+    every step; multiples of 64 keep the set of shapes small. fp32 padding only costs time."""
+    return 64 if dtype.itemsize < 4 else 1
+
+
+def _matmul_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a matmul would run in: autocast does not convert grouped_mm, so we do."""
+    device = x.device.type
+    if torch.is_autocast_enabled(device) and x.dtype == torch.float32:
+        return torch.get_autocast_dtype(device)
+    return x.dtype
+
+
+def grouped_swiglu(rows: torch.Tensor, group_end: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
+                   w_down: torch.Tensor) -> torch.Tensor:
+    """Expert e's SwiGLU on rows[group_end[e-1]:group_end[e]]; rows [N, d], weights [E, ...].
+
+    Rows after group_end[-1] are not computed (the caller never reads them). `group_end` stays on
+    the device: where grouped_mm exists nothing waits for the host.
+    """
+    dtype = _matmul_dtype(rows)
+    rows = rows.to(dtype)
+    w_gate, w_up, w_down = w_gate.to(dtype), w_up.to(dtype), w_down.to(dtype)
+    if not HAS_GROUPED_MM:
+        return _looped_swiglu(rows, group_end, w_gate, w_up, w_down)
+    offs = group_end.to(torch.int32)
+    hidden = F.silu(F.grouped_mm(rows, w_gate.transpose(1, 2), offs=offs))
+    hidden = hidden * F.grouped_mm(rows, w_up.transpose(1, 2), offs=offs)
+    return _ContiguousGrad.apply(F.grouped_mm(hidden, w_down.transpose(1, 2), offs=offs))
+
+
+def _looped_swiglu(rows: torch.Tensor, group_end: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
+                   w_down: torch.Tensor) -> torch.Tensor:
+    """The same without grouped_mm (older torch): one product per expert.
+
+    `unbind` rather than `w[e]`: each `w[e]` would build a full [E, ...] zero gradient in backward.
+    Empty experts still run (on zero rows), so every parameter joins the graph (DDP).
+    """
+    ends = group_end.tolist()
+    sizes = [end - start for start, end in zip([0, *ends[:-1]], ends, strict=True)] + [rows.shape[0] - ends[-1]]
+    *blocks, padding = rows.split(sizes)
+    outputs = [swiglu(block, g, u, d)
+               for block, g, u, d in zip(blocks, w_gate.unbind(), w_up.unbind(), w_down.unbind(), strict=True)]
+    return torch.cat(outputs + [padding.new_zeros(padding.shape[0], w_down.shape[1])])
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward hands on a contiguous gradient: grouped_mm's backward rejects
+    broadcast ones, such as the gradient of `out.sum()`."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad.contiguous()
+
+
+class _GatherRows(torch.autograd.Function):
+    """`x[index]` where every row of x is copied `copies` times, with a backward that is a gather
+    too: `inverse` lists, for each row of x, the output rows that copied it (consecutively).
+    Autograd's own backward for a gather is a scatter-add, several times slower on CPU."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor, copies: int) -> torch.Tensor:
+        ctx.save_for_backward(inverse)
+        ctx.copies = copies
+        return x.index_select(0, index)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (inverse,) = ctx.saved_tensors
+        grad = grad.index_select(0, inverse)
+        if ctx.copies > 1:
+            grad = grad.view(-1, ctx.copies, grad.shape[-1]).sum(dim=1)
+        return grad, None, None, None
 
 
 class MixtureOfFFN(nn.Module):
@@ -61,23 +148,35 @@ class MixtureOfFFN(nn.Module):
         B, T, d = h.shape
         x = h.reshape(B * T, d)
         if self.router is None:
-            out = swiglu(x, self.w_gate[0], self.w_up[0], self.w_down[0])
+            group_end = torch.full((1,), x.shape[0], device=x.device)
+            out = grouped_swiglu(x, group_end, self.w_gate, self.w_up, self.w_down)
             return out.view(B, T, d), RouterStats()
         idx, weights, stats = self.route(x)
-        out = self.experts(x, idx, weights.to(x.dtype))
+        out = self.experts(x, idx, weights)
         return (self.config.ffn_gate_scale * out).view(B, T, d), stats
 
     def experts(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """Dispatch each (token, slot) pair to its expert in expert-sorted order, combine back."""
-        k = idx.shape[1]
+        """Gather the (token, slot) pairs in expert order, run the bank, gather them back and sum
+        each token's k outputs with their gate weights."""
+        n_tokens, k = idx.shape
+        E = self.w_gate.shape[0]
         flat_expert = idx.reshape(-1)
-        order = flat_expert.argsort(stable=True)
-        token_of = order // k  # which token each sorted row came from
-        counts = torch.bincount(flat_expert, minlength=self.w_gate.shape[0]).tolist()
-        rows = x.index_select(0, token_of)
-        outputs = [
-            swiglu(chunk, self.w_gate[e], self.w_up[e], self.w_down[e])
-            for e, chunk in enumerate(rows.split(counts))  # empty experts still join the graph (DDP)
-        ]
-        expert_out = torch.cat(outputs) * weights.reshape(-1)[order, None]
-        return torch.zeros_like(x, dtype=expert_out.dtype).index_add_(0, token_of, expert_out)
+        order = flat_expert.argsort(stable=True)  # sorted row i holds pair order[i] = token * k + slot
+        rank = order.argsort()  # the sorted row of each pair
+        counts = torch.bincount(flat_expert, minlength=E)
+        rows = _GatherRows.apply(x, order // k, rank, k)
+        align = row_alignment(_matmul_dtype(x))
+        if align == 1:
+            out_rows = grouped_swiglu(rows, counts.cumsum(0), self.w_gate, self.w_up, self.w_down)
+        else:
+            # Each expert's block starts on a multiple of `align`; the buffer has a fixed size
+            # (no host sync). The gaps are zero rows: their outputs are dropped and their zero
+            # gradients must meet finite values in the weight gradient.
+            padded = (counts + align - 1) // align * align
+            shift = (padded.cumsum(0) - padded) - (counts.cumsum(0) - counts)
+            slot = shift[flat_expert[order]] + torch.arange(order.numel(), device=x.device)
+            buffer = rows.new_zeros(order.numel() + E * (align - 1), x.shape[1]).index_copy(0, slot, rows)
+            out_rows = grouped_swiglu(buffer, padded.cumsum(0), self.w_gate, self.w_up, self.w_down)
+            out_rows = out_rows.index_select(0, slot)
+        pairs = _GatherRows.apply(out_rows, rank, order, 1).view(n_tokens, k, -1)
+        return (pairs * weights.to(x.dtype)[..., None]).sum(dim=1)

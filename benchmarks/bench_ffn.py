@@ -1,0 +1,138 @@
+"""FFN mixture forward + backward against a dense SwiGLU of the same active FLOPs.
+
+    .venv/bin/python benchmarks/bench_ffn.py [--experts 4 8] [--top-k 1 2] [--dtypes fp32 bf16]
+
+Columns (time over the dense reference, lower is better):
+- dense: the project's dense FFN (`MixtureOfFFN`, no experts) with hidden size d_ff * k, so it
+  does the same matmul FLOPs as k routed experts; it runs the same kernels as the experts.
+- bam: `MixtureOfFFN` with E experts, top-k, including routing, dispatch and combine.
+- loop: a plain per-expert loop (mask the tokens of expert e, gather, SwiGLU, scatter-add).
+- hf: transformers' `MixtralSparseMoeBlock` ("eager" experts), same weights; when importable.
+bf16 runs under `torch.autocast` (fp32 weights, bf16 matmuls): what `precision="bf16-mixed"` does.
+"""
+
+from __future__ import annotations
+
+import sys
+from contextlib import nullcontext
+
+import torch
+from harness import (  # benchmarks/harness.py, beside this script
+    DTYPES,
+    CoTenantLoad,
+    base_parser,
+    median_ms,
+    native_bf16_matmul,
+    paired_ratio,
+    print_header,
+    print_table,
+    time_interleaved,
+)
+
+from bam_lightning import ModelConfig
+from bam_lightning.model.ffn import MixtureOfFFN, swiglu
+
+try:
+    from transformers import MixtralConfig
+    from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+except ImportError:
+    MixtralSparseMoeBlock = None
+
+
+def naive_loop(ffn: MixtureOfFFN, x: torch.Tensor) -> torch.Tensor:
+    """The textbook per-expert loop over the same router and weights."""
+    idx, weights, _ = ffn.route(x)
+    out = torch.zeros_like(x)
+    for e in range(ffn.w_gate.shape[0]):
+        token, slot = (idx == e).nonzero(as_tuple=True)
+        y = swiglu(x[token], ffn.w_gate[e], ffn.w_up[e], ffn.w_down[e])
+        out = out.index_add(0, token, y * weights[token, slot, None])
+    return out
+
+
+def hf_block(ffn: MixtureOfFFN, config: ModelConfig) -> torch.nn.Module:
+    hf_config = MixtralConfig(hidden_size=config.d_model, intermediate_size=config.d_ff,
+                              num_local_experts=config.n_experts, num_experts_per_tok=config.ffn_top_k)
+    hf_config._experts_implementation = "eager"
+    block = MixtralSparseMoeBlock(hf_config)
+    with torch.no_grad():
+        block.gate.weight.copy_(ffn.router.weight)
+        block.experts.gate_up_proj.copy_(torch.cat((ffn.w_gate, ffn.w_up), dim=1))
+        block.experts.down_proj.copy_(ffn.w_down)
+    return block
+
+
+def bench_one(E: int, k: int, tokens: int, args, autocast: bool, use_hf: bool) -> list[object]:
+    torch.manual_seed(0)
+    config = ModelConfig(d_model=args.d_model, n_head=8, d_ff=args.d_ff, n_experts=E, ffn_top_k=k)
+    bam = MixtureOfFFN(config)
+    dense = MixtureOfFFN(ModelConfig(d_model=args.d_model, n_head=8, d_ff=args.d_ff * k))
+    bam.reset_parameters()
+    dense.reset_parameters()
+    layers = {"dense": lambda t: dense(t[None])[0][0], "bam": lambda t: bam(t[None])[0][0],
+              "loop": lambda t: naive_loop(bam, t)}
+    if use_hf:
+        hf = hf_block(bam, config)
+        layers["hf"] = lambda t: hf(t[None])[0]
+    x = torch.randn(tokens, args.d_model, requires_grad=True)
+    grad = torch.randn(tokens, args.d_model)
+    params = [x, *bam.parameters(), *dense.parameters(), *(hf.parameters() if use_hf else [])]
+
+    def fwd_bwd(layer):
+        def step():
+            for p in params:
+                p.grad = None
+            with torch.autocast("cpu", dtype=torch.bfloat16) if autocast else nullcontext():
+                out = layer(x)
+            out.backward(grad)
+        return step
+
+    with torch.no_grad():
+        mismatch = (layers["bam"](x) - layers["loop"](x)).abs().max().item()
+    rounds, warmup = (args.bf16_rounds, args.bf16_warmup) if autocast else (args.rounds, args.warmup)
+    times = time_interleaved({name: fwd_bwd(layer) for name, layer in layers.items()}, rounds, warmup)
+    ref = times["dense"]
+    print(f"#   E={E} k={k} done", file=sys.stderr)
+    return [E, k, f"{median_ms(ref):.0f}", f"{median_ms(times['bam']):.0f}",
+            *(paired_ratio(times[name], ref) for name in layers if name != "dense"), f"{mismatch:.1e}"]
+
+
+def main() -> None:
+    parser = base_parser(__doc__.splitlines()[0])
+    parser.add_argument("--experts", type=int, nargs="+", default=[4, 8])
+    parser.add_argument("--top-k", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--tokens", type=int, default=4096)
+    parser.add_argument("--d-model", type=int, default=512)
+    parser.add_argument("--d-ff", type=int, default=1408, help="SwiGLU hidden size of one expert")
+    parser.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=["fp32", "bf16"])
+    parser.add_argument("--bf16-tokens", type=int, default=None,
+                        help="tokens for bf16 (default: --tokens; 1024 on CPUs without native bf16)")
+    parser.add_argument("--bf16-rounds", type=int, default=None,
+                        help="timed rounds for bf16 (default: --rounds; 3 on CPUs without native bf16)")
+    parser.add_argument("--no-hf", action="store_true", help="skip the transformers Mixtral column")
+    args = parser.parse_args()
+    slow_bf16 = not native_bf16_matmul()
+    args.bf16_tokens = args.bf16_tokens or (1024 if slow_bf16 else args.tokens)
+    args.bf16_rounds = args.bf16_rounds or (3 if slow_bf16 else args.rounds)
+    args.bf16_warmup = 1 if slow_bf16 else args.warmup
+    print_header(f"FFN mixture fwd+bwd vs dense SwiGLU of equal active FLOPs (d_model {args.d_model}, "
+                 f"d_ff {args.d_ff} per expert)", args)
+    use_hf = MixtralSparseMoeBlock is not None and not args.no_hf
+    if not use_hf:
+        print("# hf column skipped: " + ("--no-hf" if args.no_hf else "transformers is not importable"))
+
+    for dtype_name in args.dtypes:
+        autocast = dtype_name == "bf16"
+        tokens = args.bf16_tokens if autocast else args.tokens
+        print(f"\n## {dtype_name}{' (autocast: fp32 weights, bf16 matmuls)' if autocast else ''}, T = {tokens} tokens"
+              + (f", {args.bf16_warmup} warm-up + {args.bf16_rounds} rounds" if autocast else "")
+              + (" [reduced: no native bf16 on this CPU]" if autocast and slow_bf16 else ""))
+        with CoTenantLoad() as load:
+            rows = [bench_one(E, k, tokens, args, autocast, use_hf) for E in args.experts for k in args.top_k]
+        print_table(["E", "k", "dense ms", "bam ms", "bam/dense", "loop/dense", *(["hf/dense"] if use_hf else []),
+                     "max|bam-loop|"], rows)
+        print(f"# {load.summary()}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,126 @@
+"""Shared timing harness for the benchmark scripts (not tests).
+
+Shared CPUs drift by tens of percent within seconds, so the candidates are timed *interleaved*:
+each round runs every candidate once, in turn, and a ratio is the median over rounds of the
+per-round ratio to the reference. Neighbouring runs see the same machine state, which cancels
+most of the drift that separately timed medians would carry.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+CLOCK = time.perf_counter  # --clock cpu: time.process_time
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def base_parser(description: str, interleaved: bool = True) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
+    if interleaved:
+        parser.add_argument("--rounds", type=int, default=7, help="timed rounds after the warm-up")
+        parser.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
+        parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                            help="cpu: this process's CPU time; with --threads 1 it counts the work "
+                                 "itself, not the time slices lost to co-tenants")
+    return parser
+
+
+def native_bf16_matmul() -> bool:
+    """Whether oneDNN runs bf16 matmuls in hardware (AVX512-BF16 / AMX); without it torch falls
+    back to a generic kernel that is far slower than fp32, and bf16 timings say little."""
+    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def print_header(title: str, args: argparse.Namespace) -> None:
+    """Print what the numbers depend on; also applies --threads and --clock."""
+    global CLOCK
+    torch.set_num_threads(args.threads)
+    CLOCK = time.process_time if getattr(args, "clock", "wall") == "cpu" else time.perf_counter
+    print(f"# {title}")
+    print(f"# {datetime.datetime.now():%Y-%m-%d %H:%M} | torch {torch.__version__} | Python "
+          f"{platform.python_version()} | {cpu_model()} ({os.cpu_count()} logical CPUs, "
+          f"{torch.backends.cpu.get_cpu_capability()}) | {torch.get_num_threads()} threads")
+    print(f"# native bf16 matmul: {'yes' if native_bf16_matmul() else 'NO (bf16 runs on a slow generic fallback)'}"
+          f" | grouped_mm: {'yes' if hasattr(torch.nn.functional, 'grouped_mm') else 'no'}"
+          + (f" | {args.warmup} warm-up + {args.rounds} timed rounds, interleaved, {args.clock} clock; "
+             "ratio = median of per-round ratios" if hasattr(args, "rounds") else ""))
+
+
+def time_interleaved(cases: dict[str, Callable[[], object]], rounds: int, warmup: int) -> dict[str, list[float]]:
+    """Seconds per call of each case, one call of every case per round."""
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    for r in range(warmup + rounds):
+        for name, fn in cases.items():
+            start = CLOCK()
+            fn()
+            elapsed = CLOCK() - start
+            if r >= warmup:
+                times[name].append(elapsed)
+    return times
+
+
+class CoTenantLoad:
+    """How many CPUs other processes kept busy while we timed (Linux /proc/stat): on a shared
+    2-CPU machine a co-tenant on one CPU makes 2-thread GEMMs wait at every barrier, and small
+    GEMMs (routed experts) suffer more than large ones (the dense reference)."""
+
+    def __enter__(self) -> CoTenantLoad:
+        self.start = self._sample()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.end = self._sample()
+
+    @staticmethod
+    def _sample() -> tuple[float, float, float]:
+        ticks = os.sysconf("SC_CLK_TCK")
+        try:
+            with open("/proc/stat") as f:
+                values = [int(v) for v in f.readline().split()[1:]]
+            busy = (sum(values[:8]) - values[3] - values[4]) / ticks  # all but idle and iowait
+        except OSError:
+            busy = float("nan")
+        own = os.times()
+        return time.perf_counter(), busy, own.user + own.system
+
+    def summary(self) -> str:
+        wall = self.end[0] - self.start[0]
+        others = (self.end[1] - self.start[1]) - (self.end[2] - self.start[2])
+        return f"other processes kept {max(others, 0.0) / wall:.2f} CPUs busy on average during these timings"
+
+
+def paired_ratio(times: list[float], reference: list[float]) -> float:
+    return statistics.median(t / r for t, r in zip(times, reference, strict=True))
+
+
+def median_ms(times: list[float]) -> float:
+    return 1e3 * statistics.median(times)
+
+
+def print_table(header: list[str], rows: list[list[object]]) -> None:
+    cells = [header] + [[f"{c:.3f}" if isinstance(c, float) else str(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    for n, row in enumerate(cells):
+        print("| " + " | ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)) + " |")
+        if n == 0:
+            print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
