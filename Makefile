@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml constraints-cpu.txt
 	touch $(STAMP)
 
 study: $(STAMP)
-	$(BIN)/bam fit --config recipes/tiny/seed.yaml
+	$(BIN)/bam pipeline recipes/tiny/pipeline.yaml
 
 test: $(STAMP)
 	$(BIN)/pytest -q

@@ -19,6 +19,16 @@ FP32 = dict(rtol=1e-5, atol=1e-5)  # sums over heads and experts run in another 
 BF16_REL = 2e-2  # relative error, normwise: bf16 keeps 8 bits of mantissa
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors gain nothing from threads, and on a busy shared CPU their barrier waits turned
+    these 4 s of tests into 30 s."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def large_weights(module: torch.nn.Module) -> None:
     """Outputs and gradients of order one, so that absolute tolerances mean something."""
     with torch.no_grad():
