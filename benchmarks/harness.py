@@ -9,6 +9,8 @@ most of the drift that separately timed medians would carry.
 from __future__ import annotations
 
 import argparse
+import ctypes
+import ctypes.util
 import datetime
 import os
 import platform
@@ -25,6 +27,8 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 def base_parser(description: str, interleaved: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
+    parser.add_argument("--malloc", choices=["default", "heap"], default="default",
+                        help="heap: keep large blocks on glibc's heap (see keep_large_blocks_on_heap)")
     if interleaved:
         parser.add_argument("--rounds", type=int, default=7, help="timed rounds after the warm-up")
         parser.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
@@ -32,6 +36,19 @@ def base_parser(description: str, interleaved: bool = True) -> argparse.Argument
                             help="cpu: this process's CPU time; with --threads 1 it counts the work "
                                  "itself, not the time slices lost to co-tenants")
     return parser
+
+
+def keep_large_blocks_on_heap() -> bool:
+    """glibc serves blocks of 32 MiB and more with a fresh mmap, so every such activation is
+    page-faulted and zeroed again at every step; a mixture's E-times-wider activations cross that
+    line where the dense model's do not. The same as launching with GLIBC_TUNABLES=
+    glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=<large>. False where mallopt is missing."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"))
+        M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+        return bool(libc.mallopt(M_MMAP_MAX, 0) and libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
+    except (OSError, AttributeError, TypeError):
+        return False
 
 
 def native_bf16_matmul() -> bool:
@@ -52,14 +69,17 @@ def cpu_model() -> str:
 
 
 def print_header(title: str, args: argparse.Namespace) -> None:
-    """Print what the numbers depend on; also applies --threads and --clock."""
+    """Print what the numbers depend on; also applies --threads, --malloc and --clock."""
     global CLOCK
     torch.set_num_threads(args.threads)
     CLOCK = time.process_time if getattr(args, "clock", "wall") == "cpu" else time.perf_counter
+    malloc = args.malloc
+    if malloc == "heap" and not keep_large_blocks_on_heap():
+        malloc = "default (mallopt unavailable)"
     print(f"# {title}")
     print(f"# {datetime.datetime.now():%Y-%m-%d %H:%M} | torch {torch.__version__} | Python "
           f"{platform.python_version()} | {cpu_model()} ({os.cpu_count()} logical CPUs, "
-          f"{torch.backends.cpu.get_cpu_capability()}) | {torch.get_num_threads()} threads")
+          f"{torch.backends.cpu.get_cpu_capability()}) | {torch.get_num_threads()} threads | {malloc} malloc")
     print(f"# native bf16 matmul: {'yes' if native_bf16_matmul() else 'NO (bf16 runs on a slow generic fallback)'}"
           f" | grouped_mm: {'yes' if hasattr(torch.nn.functional, 'grouped_mm') else 'no'}"
           + (f" | {args.warmup} warm-up + {args.rounds} timed rounds, interleaved, {args.clock} clock; "
