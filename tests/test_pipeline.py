@@ -156,3 +156,27 @@ def test_pipeline_recipe_errors_name_the_key(tmp_path):
                                     "mixtures": {}}))
     with pytest.raises(FileNotFoundError, match="missing.yaml not found"):
         load_pipeline_config(str(path))
+
+
+def test_more_seeds_add_mixture_stages_and_keep_seed_zero_finished(study):
+    """`seeds: [0, 1, 2]` repeats only the mixture phase; seed 0's stages keep their names and
+    fingerprints, so a 1-seed study's finished mixtures are reused, not retrained."""
+    from bam_lightning.pipeline import compose_stage, fingerprint
+
+    path, _, run_dir = study
+    one = load_pipeline_config(str(path))
+    three = {**one, "seeds": [0, 1, 2]}
+    names = [s.name for s in plan(three)]
+    assert names == ["seed", "expert_digits", "btx", "bam", "bam_cm", "btx_s1", "bam_s1", "bam_cm_s1",
+                     "btx_s2", "bam_s2", "bam_cm_s2"]
+
+    def prints(config):
+        return {s.name: fingerprint(compose_stage(s, config, run_dir), []) for s in plan(config)}
+
+    first, repeated = prints(one), prints(three)
+    assert all(repeated[name] == first[name] for name in first)
+    seeds = {s.name: compose_stage(s, three, run_dir) for s in plan(three)}
+    # a repeat changes the data order and the router initialisation, nothing else
+    assert seeds["bam_s1"]["data"]["seed"] == seeds["bam"]["data"]["seed"] + 1
+    router = [c for c in seeds["bam_s2"]["trainer"]["callbacks"] if c["class_path"].endswith("UpcyclingCallback")]
+    assert router[0]["init_args"]["router_seed"] == 2
