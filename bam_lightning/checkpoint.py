@@ -8,13 +8,16 @@ default checkpoint plugin).
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import glob
 import json
+import mmap
 import os
 import secrets
 import zipfile
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +39,11 @@ class SourceCheckpoint:
     config: ModelConfig
     state_dict: dict[str, torch.Tensor]  # GPT keys (no "model." prefix)
     tokenizer: str | None = None
+    mappings: list[tuple[int, int]] = field(default_factory=list)  # address ranges mapped from `path`
+
+    def release(self, tensor: torch.Tensor) -> None:
+        """Drop the resident pages of a tensor read from this checkpoint (see `release_pages`)."""
+        release_pages(tensor, self.mappings)
 
     def check_compatible(self, config: ModelConfig, what: str, tokenizer: str | None = None) -> None:
         """The checkpoint must have exactly `config`'s dense shapes (for branching)."""
@@ -83,22 +91,90 @@ def read_checkpoint(path: str | os.PathLike) -> SourceCheckpoint:
     config = ModelConfig.from_dict(dict(stored), source=f"{path}: hyper_parameters.config")
     state = {k[len(MODEL_PREFIX):]: v for k, v in raw["state_dict"].items() if k.startswith(MODEL_PREFIX)}
     tokenizer = raw.get("bam_lightning", {}).get("tokenizer")
-    return SourceCheckpoint(path, config, state, tokenizer)
+    return SourceCheckpoint(path, config, state, tokenizer, file_mappings(path))
+
+
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                      "U8": torch.uint8, "BOOL": torch.bool}
 
 
 def _read_safetensors(path: str) -> SourceCheckpoint:
-    from safetensors import safe_open
+    """Memory-map a safetensors file: tensors are views of the file, read from disk only when used.
 
+    The `safetensors` library copies every tensor it returns into fresh memory; mapping the file
+    (the format is an 8-byte header length, a JSON header, then raw little-endian tensors) lets
+    streaming upcycling read a source chunk by chunk and give each chunk's pages back
+    (`release_pages`), so N sources never sit in RAM at once.
+    """
     try:
-        with safe_open(path, framework="pt") as handle:
-            metadata = handle.metadata() or {}
-            state = {key: handle.get_tensor(key) for key in handle.keys()}
+        with open(path, "rb") as handle:
+            header_size = int.from_bytes(handle.read(8), "little")
+            if not 2 <= header_size <= min(100_000_000, os.path.getsize(path) - 8):
+                raise ValueError(f"header length {header_size} does not fit the file")
+            header = json.loads(handle.read(header_size))
+        metadata = header.pop("__metadata__", None) or {}
+        data_start = 8 + header_size
+        file_bytes = torch.UntypedStorage.from_file(path, shared=False, nbytes=os.path.getsize(path))
+        raw = torch.empty(0, dtype=torch.uint8).set_(file_bytes)
+        state = {}
+        for key, entry in header.items():
+            dtype = SAFETENSORS_DTYPES[entry["dtype"]]
+            begin, end = (data_start + offset for offset in entry["data_offsets"])
+            data = raw[begin:end]
+            itemsize = torch.empty(0, dtype=dtype).element_size()
+            if begin % itemsize:  # unaligned (not written by a padding writer): copy this one
+                data = data.clone()
+            state[key] = data.view(dtype).view(entry["shape"])
     except Exception as error:
         raise ValueError(f"{path}: not a readable safetensors file ({type(error).__name__}: {error})") from error
     if SAFETENSORS_CONFIG_KEY not in metadata:
         raise ValueError(f"{path}: safetensors metadata has no {SAFETENSORS_CONFIG_KEY!r} entry")
     config = ModelConfig.from_dict(json.loads(metadata[SAFETENSORS_CONFIG_KEY]), source=f"{path}: metadata")
-    return SourceCheckpoint(path, config, state, metadata.get("bam_lightning.tokenizer"))
+    return SourceCheckpoint(path, config, state, metadata.get("bam_lightning.tokenizer"), file_mappings(path))
+
+
+MADV_DONTNEED = 4  # Linux: drop the pages; a private file mapping reads them from the file again
+
+
+def file_mappings(path: str | os.PathLike) -> list[tuple[int, int]]:
+    """Address ranges this process has mapped from the file at `path` (Linux; [] elsewhere)."""
+    try:
+        inode = os.stat(path).st_ino
+        with open("/proc/self/maps") as maps:
+            lines = maps.readlines()
+    except OSError:
+        return []
+    ranges = []
+    for line in lines:
+        fields_ = line.split(maxsplit=5)
+        if len(fields_) == 6 and int(fields_[4]) == inode and os.path.realpath(path) == fields_[5].strip():
+            start, end = (int(x, 16) for x in fields_[0].split("-"))
+            ranges.append((start, end))
+    return ranges
+
+
+def release_pages(tensor: torch.Tensor, mappings: list[tuple[int, int]]) -> None:
+    """Give back the resident pages of a tensor that lies in one of `mappings` (private mappings of
+    a checkpoint file), so reading a big source chunk by chunk never holds more than a chunk of it
+    in RAM. The data stays readable: touched again, the pages are read from the file. Memory
+    outside those mappings is never touched: dropping anonymous pages would zero them.
+    """
+    start = tensor.data_ptr()
+    end = start + tensor.numel() * tensor.element_size()
+    if not tensor.is_contiguous() or not any(low <= start and end <= high for low, high in mappings):
+        return
+    page = mmap.PAGESIZE
+    first, last = -(-start // page) * page, end // page * page  # whole pages inside the tensor only
+    if last > first:
+        _libc().madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), MADV_DONTNEED)
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return libc
 
 
 def save_safetensors(state_dict: dict[str, torch.Tensor], config: ModelConfig, path: str | os.PathLike,

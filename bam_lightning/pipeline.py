@@ -71,6 +71,10 @@ def load_pipeline_config(path: str) -> dict[str, Any]:
     if unknown_methods:
         raise ValueError(f"{path}: mixtures: unknown {unknown_methods}; known: {sorted(MIXTURE_METHODS)}")
     config.setdefault("seeds", [0])
+    seeds = config["seeds"]
+    if (not isinstance(seeds, list) or not seeds or not all(isinstance(x, int) and x >= 0 for x in seeds)
+            or len(set(seeds)) != len(seeds)):
+        raise ValueError(f"{path}: seeds must be a list of distinct non-negative integers, got {seeds!r}")
     config.setdefault("compute_matched", {})
     config.setdefault("checkpoint_every_n_steps", 50)
     recipes = [config["seed"], *config["experts"].values(), *config["mixtures"].values()]
@@ -216,8 +220,12 @@ def write_json_atomic(path: Path, payload: Any) -> None:
     os.replace(tmp, path)
 
 
-def run_pipeline(path: str, force: bool = False) -> Path:
+def run_pipeline(path: str, force: bool = False, seeds: list[int] | None = None) -> Path:
     config = load_pipeline_config(path)
+    if seeds is not None:
+        if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
+            raise ValueError(f"--seeds: give distinct non-negative mixture seeds, got {seeds}")
+        config["seeds"] = list(seeds)
     run_dir = Path(config["run_dir"]).resolve()
     stages = plan(config)
     prints = {}
@@ -303,12 +311,15 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="bam pipeline", description=__doc__.split("\n\n")[0])
     parser.add_argument("recipe", nargs="?", help="pipeline YAML, e.g. recipes/tiny/pipeline.yaml")
     parser.add_argument("--force", action="store_true", help="rerun every stage, even finished ones")
+    parser.add_argument("--seeds", type=int, nargs="+", metavar="SEED",
+                        help="mixture-phase repeats, overriding the recipe's `seeds` (e.g. --seeds 0 1 2); "
+                             "seed 0's stages and the dense stages are shared, so finished ones are reused")
     parser.add_argument("--stage", help=argparse.SUPPRESS)  # internal: run one composed stage
     args = parser.parse_args(argv)
     if args.stage:
         run_stage(args.stage)
     elif args.recipe:
-        run_pipeline(args.recipe, force=args.force)
+        run_pipeline(args.recipe, force=args.force, seeds=args.seeds)
     else:
         parser.error("give a pipeline recipe, e.g. `bam pipeline recipes/tiny/pipeline.yaml`")
 

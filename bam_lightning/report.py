@@ -151,7 +151,7 @@ def write_charts(run_dir: Path, table: list[dict[str, Any]], domains: list[str],
         points = [(p["step"], p["val/avg/ppl"]) for p in read_metrics(path) if p.get("stage") == "fit" and "val/avg/ppl" in p] \
             if path.exists() else []
         if points:
-            ax.plot(*zip(*points), label=record["name"], marker=".")
+            ax.plot(*zip(*points, strict=True), label=record["name"], marker=".")
     ax.set_xlabel("step within stage")
     ax.set_ylabel("val/avg/ppl")
     ax.set_yscale("log")

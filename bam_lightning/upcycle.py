@@ -12,8 +12,9 @@ from the sources (expert j <- model j), a mean of the sources, a copy of the see
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -92,8 +93,13 @@ def validate_sources(dense_state_dicts: Sequence[Mapping[str, Tensor]], moe_conf
 
 
 # ----- the mixture -----
+CHUNK_BYTES = 16 * 2**20  # source data read per step of the streaming loop
+
+
 def upcycle(dense_state_dicts: Sequence[Mapping[str, Tensor]], moe_config: ModelConfig, method: str, *,
-            seed_index: int = 0, router_seed: int = 0, sources: Sequence[str] | None = None) -> dict[str, Tensor]:
+            seed_index: int = 0, router_seed: int = 0, sources: Sequence[str] | None = None,
+            out: Mapping[str, Tensor] | None = None, release: Callable[[int, Tensor], None] | None = None,
+            chunk_bytes: int = CHUNK_BYTES) -> dict[str, Tensor]:
     """Build the mixture's state dict (GPT keys) from N dense ones, in expert order.
 
     - `bam` (Expert-KV): expert j's W_q, W_k, W_v, W_o and FFN <- model j.
@@ -104,7 +110,13 @@ def upcycle(dense_state_dicts: Sequence[Mapping[str, Tensor]], moe_config: Model
       ignored): every FFN expert and every other tensor is a copy of the seed.
     Embeddings, LM head and all norms are the mean of the N sources (sparse: the seed's).
     Routers follow `moe_config.router_init`, drawn from a generator seeded with `router_seed`.
-    Means accumulate in at least float32; every tensor keeps its source's dtype.
+    Means accumulate in at least float32; every tensor keeps its source's dtype (or `out`'s).
+
+    Streaming: each mixture tensor is filled `chunk_bytes` of source data at a time, and after a
+    chunk of source j is used `release(j, chunk)` may drop it from memory (memory-mapped
+    checkpoints, `upcycle_from_checkpoints`). With `out` (e.g. the target model's own state dict)
+    the mixture is written into those tensors in place, so peak memory is the mixture plus a few
+    chunks, not N dense models plus the mixture.
     """
     validate_sources(dense_state_dicts, moe_config, method, seed_index=seed_index, sources=sources)
     seed = dense_state_dicts[seed_index]
@@ -113,17 +125,58 @@ def upcycle(dense_state_dicts: Sequence[Mapping[str, Tensor]], moe_config: Model
     result: dict[str, Tensor] = {}
     for key, shape in _shapes(moe_config).items():
         rule = _rule(key, method)
+        target = out[key] if out is not None else None
+        if target is not None and tuple(target.shape) != tuple(shape):
+            raise ValueError(f"out[{key!r}] has shape {list(target.shape)}, the mixture needs {list(shape)}")
         if rule == "router":
-            result[key] = _router(shape, moe_config, generator).to(dtype)
-        elif rule == "seed":
-            result[key] = seed[key].expand(shape).clone()
-        elif rule == "mean":
-            result[key] = _mean([state[key] for state in dense_state_dicts]).to(seed[key].dtype)
-        else:  # "experts": slot j <- source j, extra slots (parameter-matched BTX) <- the seed
-            banks = [state[key].to(seed[key].dtype) for state in dense_state_dicts]
-            banks += [seed[key]] * (shape[0] - len(banks))
-            result[key] = torch.cat(banks)
+            router = _router(shape, moe_config, generator)
+            result[key] = router.to(dtype) if target is None else target.copy_(router)
+            continue
+        if target is None:
+            target = torch.empty(shape, dtype=seed[key].dtype)
+        _fill(target, key, rule, dense_state_dicts, seed_index, release, chunk_bytes)
+        result[key] = target
     return result
+
+
+def _fill(target: Tensor, key: str, rule: str, states: Sequence[Mapping[str, Tensor]], seed_index: int,
+          release: Callable[[int, Tensor], None] | None, chunk_bytes: int) -> None:
+    """Fill one mixture tensor from the sources, a chunk of each source at a time.
+
+    Viewed flat, a mixture tensor is `slots` copies of the dense tensor's layout: an expert bank
+    `[E, ...]` built from dense `[1, ...]` (or concatenated along dim 0) has E slots, a shared
+    tensor one. So every rule works on element ranges [a, b) of the flattened dense tensor:
+    'mean' writes the mean of the sources, 'seed' copies the seed into every slot, 'experts'
+    puts source j in slot j and the seed in any extra slot.
+    """
+    sources = [state[key].reshape(-1) for state in states]
+    numel = sources[0].numel()
+    if target.numel() % numel:
+        raise ValueError(f"{key}: mixture tensor of {target.numel()} elements is not a whole number of "
+                         f"dense tensors of {numel}")
+    if not target.is_contiguous():
+        raise ValueError(f"{key}: the output tensor must be contiguous")
+    slots = target.numel() // numel
+    flat = target.view(slots, numel)
+    step = max(1, chunk_bytes // sources[0].element_size())
+    accumulate = functools.reduce(torch.promote_types, [source.dtype for source in sources], torch.float32)
+    for begin in range(0, numel, step):
+        end = min(begin + step, numel)
+        used = [seed_index] if rule == "seed" else list(range(len(sources)))
+        chunks = {j: sources[j][begin:end] for j in used}
+        if rule == "mean":
+            total = chunks[0].to(accumulate, copy=True)  # a copy: the sources are never written
+            for j in range(1, len(sources)):
+                total.add_(chunks[j])  # in place: one chunk of scratch memory, whatever N
+            flat[0, begin:end] = total.div_(len(sources))
+        elif rule == "seed":
+            flat[:, begin:end] = chunks[seed_index]
+        else:
+            for slot in range(slots):
+                flat[slot, begin:end] = chunks[slot if slot < len(sources) else seed_index]
+        if release is not None:
+            for j, chunk in chunks.items():
+                release(j, chunk)
 
 
 def _rule(key: str, method: str) -> str:
@@ -181,12 +234,18 @@ def read_sources(paths: Sequence[str | os.PathLike], moe_config: ModelConfig, me
 
 def upcycle_from_checkpoints(paths: Sequence[str | os.PathLike], moe_config: ModelConfig, method: str, *,
                              seed_index: int = 0, router_seed: int = 0, tokenizer: str | None = None,
+                             out: Mapping[str, Tensor] | None = None, chunk_bytes: int = CHUNK_BYTES,
                              ) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """Read, validate and upcycle dense checkpoints; returns (mixture state dict, provenance)."""
+    """Read, validate and upcycle dense checkpoints; returns (mixture state dict, provenance).
+
+    The sources are memory-mapped and streamed: each one's pages are given back as soon as a
+    chunk is used, so peak memory is about the mixture's size (`out`: written in place).
+    """
     checkpoints = read_sources(paths, moe_config, method, seed_index=seed_index, tokenizer=tokenizer)
     names = [c.path for c in checkpoints]
-    state = upcycle([c.state_dict for c in checkpoints], moe_config, method,
-                    seed_index=seed_index, router_seed=router_seed, sources=names)
+    state = upcycle([c.state_dict for c in checkpoints], moe_config, method, seed_index=seed_index,
+                    router_seed=router_seed, sources=names, out=out,
+                    release=lambda j, chunk: checkpoints[j].release(chunk), chunk_bytes=chunk_bytes)
     return state, provenance(names, moe_config, method, seed_index=seed_index, router_seed=router_seed)
 
 

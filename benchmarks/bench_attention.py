@@ -1,13 +1,14 @@
 """Soft mixture of attention forward + backward against E times one dense attention.
 
-    .venv/bin/python benchmarks/bench_attention.py [--experts 4] [--dtypes fp32 bf16]
+    .venv/bin/python benchmarks/bench_attention.py [--experts 4] [--dtypes fp32 bf16] [--device cuda]
 
 Every token goes through every attention expert (BAM's soft routing), so the natural yardstick
 is E dense attentions. Columns (time over E x dense, lower is better):
 - expert_kv: `MixtureOfAttention`, each expert with its own Q, K, V, O.
 - shared_kv: one K/V shared by all experts (BAM Shared-KV); also shown over expert_kv.
 - loop: the plain way, each expert's attention (SDPA) run one after the other, outputs gated.
-bf16 runs under `torch.autocast` (fp32 weights, bf16 matmuls).
+bf16 runs under `torch.autocast` (fp32 weights, bf16 matmuls). Weights are initialised on the
+CPU and then moved, so every device times the same weights.
 """
 
 from __future__ import annotations
@@ -58,7 +59,8 @@ def bench_one(E: int, args, autocast: bool) -> list[object]:
     }
     for module in modules.values():
         module.reset_parameters()
-    h = torch.randn(args.batch, args.seq, args.d_model, requires_grad=True)
+    modules = {name: module.to(args.device) for name, module in modules.items()}
+    h = torch.randn(args.batch, args.seq, args.d_model, requires_grad=True, device=args.device)
     grad = torch.randn_like(h)
     cos, sin = rope_tables(args.seq, args.d_model // args.heads, 10000.0, h.device, h.dtype)
     layers = {name: lambda t, m=m: m(t, cos, sin)[0] for name, m in modules.items()}
@@ -69,7 +71,7 @@ def bench_one(E: int, args, autocast: bool) -> list[object]:
         def step():
             for p in params:
                 p.grad = None
-            with torch.autocast("cpu", dtype=torch.bfloat16) if autocast else nullcontext():
+            with torch.autocast(args.device, dtype=torch.bfloat16) if autocast else nullcontext():
                 out = layer(h)
             out.backward(grad)
         return step

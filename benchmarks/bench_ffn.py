@@ -1,6 +1,6 @@
 """FFN mixture forward + backward against a dense SwiGLU of the same active FLOPs.
 
-    .venv/bin/python benchmarks/bench_ffn.py [--experts 4 8] [--top-k 1 2] [--dtypes fp32 bf16]
+    .venv/bin/python benchmarks/bench_ffn.py [--experts 4 8] [--top-k 1 2] [--dtypes fp32 bf16] [--device cuda]
 
 Columns (time over the dense reference, lower is better):
 - dense: the project's dense FFN (`MixtureOfFFN`, no experts) with hidden size d_ff * k, so it
@@ -9,6 +9,7 @@ Columns (time over the dense reference, lower is better):
 - loop: a plain per-expert loop (mask the tokens of expert e, gather, SwiGLU, scatter-add).
 - hf: transformers' `MixtralSparseMoeBlock` ("eager" experts), same weights; when importable.
 bf16 runs under `torch.autocast` (fp32 weights, bf16 matmuls): what `precision="bf16-mixed"` does.
+Weights are initialised on the CPU and then moved, so every device times the same weights.
 """
 
 from __future__ import annotations
@@ -69,20 +70,21 @@ def bench_one(E: int, k: int, tokens: int, args, autocast: bool, use_hf: bool) -
     dense = MixtureOfFFN(ModelConfig(d_model=args.d_model, n_head=8, d_ff=args.d_ff * k))
     bam.reset_parameters()
     dense.reset_parameters()
+    bam, dense = bam.to(args.device), dense.to(args.device)
     layers = {"dense": lambda t: dense(t[None])[0][0], "bam": lambda t: bam(t[None])[0][0],
               "loop": lambda t: naive_loop(bam, t)}
     if use_hf:
-        hf = hf_block(bam, config)
+        hf = hf_block(bam, config).to(args.device)
         layers["hf"] = lambda t: hf(t[None])[0]
-    x = torch.randn(tokens, args.d_model, requires_grad=True)
-    grad = torch.randn(tokens, args.d_model)
+    x = torch.randn(tokens, args.d_model, requires_grad=True, device=args.device)
+    grad = torch.randn(tokens, args.d_model, device=args.device)
     params = [x, *bam.parameters(), *dense.parameters(), *(hf.parameters() if use_hf else [])]
 
     def fwd_bwd(layer):
         def step():
             for p in params:
                 p.grad = None
-            with torch.autocast("cpu", dtype=torch.bfloat16) if autocast else nullcontext():
+            with torch.autocast(args.device, dtype=torch.bfloat16) if autocast else nullcontext():
                 out = layer(x)
             out.backward(grad)
         return step
@@ -106,12 +108,13 @@ def main() -> None:
     parser.add_argument("--d-ff", type=int, default=1408, help="SwiGLU hidden size of one expert")
     parser.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=["fp32", "bf16"])
     parser.add_argument("--bf16-tokens", type=int, default=None,
-                        help="tokens for bf16 (default: --tokens; 1024 on CPUs without native bf16)")
+                        help="tokens for bf16 (default: --tokens; 1024 on CPUs without native bf16, "
+                             "never reduced on cuda)")
     parser.add_argument("--bf16-rounds", type=int, default=None,
                         help="timed rounds for bf16 (default: --rounds; 3 on CPUs without native bf16)")
     parser.add_argument("--no-hf", action="store_true", help="skip the transformers Mixtral column")
     args = parser.parse_args()
-    slow_bf16 = not native_bf16_matmul()
+    slow_bf16 = args.device == "cpu" and not native_bf16_matmul()  # GPUs all have bf16 matmuls
     args.bf16_tokens = args.bf16_tokens or (1024 if slow_bf16 else args.tokens)
     args.bf16_rounds = args.bf16_rounds or (3 if slow_bf16 else args.rounds)
     args.bf16_warmup = 1 if slow_bf16 else args.warmup

@@ -1,6 +1,7 @@
 """Whole training steps of a tiny BAM mixture and its dense seed: tokens/s and MFU.
 
     .venv/bin/python benchmarks/bench_train_step.py [--steps 30] [--segments 2] [--precision 32-true]
+    .venv/bin/python benchmarks/bench_train_step.py --model paper_590m --accelerator gpu --precision bf16-mixed
 
 Each model trains under a Lightning Trainer (the project's `DenseLM` / `MoELM`: forward, LM and
 router losses, logging, backward, AdamW and the LR schedule) on random token blocks. A step is
@@ -8,14 +9,21 @@ timed from `on_train_batch_start` to `on_train_batch_end` (data loading excluded
 alternate in segments so that both see the same machine state; the first steps of every segment
 are warm-up. MFU = training FLOPs per token (`bam_lightning.flops`) x tokens/s over a measured
 matmul ceiling (`callbacks.monitoring.measure_matmul_flops`, the best of tries spread over the run).
+
+`--model paper_590m` takes the BAM mixture of recipes/paper_590m/bam.yaml (`model.init_args.config`)
+and its dense seed (`ModelConfig.dense()`), both randomly initialised: no upcycling, since step
+time does not depend on the weights. On `--accelerator gpu` the steps and the ceiling run on the
+GPU, and every step is timed between two `torch.cuda.synchronize()` calls.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import statistics
 import time
 import warnings
+from pathlib import Path
 
 import lightning as L
 import torch
@@ -29,6 +37,24 @@ from bam_lightning.lit import DenseLM, MoELM
 
 TINY_BAM = ModelConfig(vocab_size=257, n_layer=4, d_model=128, n_head=4, max_seq_len=128,
                        n_experts=4, ffn_top_k=1, attn_experts=4)
+PAPER_590M_RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "paper_590m" / "bam.yaml"
+DEFAULT_BATCH = {"tiny": 32, "paper_590m": 8}  # 590M at seq 2048: the [B*T, 256000] fp32 logits dominate
+DEFAULT_SEQ = {"paper_590m": 2048}  # tiny: its max_seq_len
+
+
+def recipe_model_config(path: Path) -> ModelConfig:
+    """A recipe's `model.init_args.config`. omegaconf is the project's YAML reader; PyYAML stands
+    in where only a GPU image's packages are installed (one such image has no omegaconf)."""
+    try:
+        from omegaconf import OmegaConf
+
+        values = OmegaConf.to_container(OmegaConf.load(path).model.init_args.config, resolve=True)
+    except ImportError:
+        import yaml
+
+        with open(path) as f:
+            values = yaml.safe_load(f)["model"]["init_args"]["config"]
+    return ModelConfig.from_dict(dict(values), source=f"{path}: model.init_args.config")
 
 
 class RandomBlocks(Dataset):
@@ -43,22 +69,30 @@ class RandomBlocks(Dataset):
 
 
 class StepTimer(L.Callback):
-    def __init__(self, warmup: int):
-        self.warmup, self.times, self.threads = warmup, [], None
+    """Step times after `warmup` steps; on a GPU each step is bracketed by synchronizes, since
+    the hooks otherwise fire when the kernels are queued, not when they finish."""
+
+    def __init__(self, warmup: int, cuda: bool = False):
+        self.warmup, self.times, self.threads, self.cuda = warmup, [], None, cuda
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self.threads = torch.get_num_threads()
+        if self.cuda:
+            torch.cuda.synchronize()
         self.start = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
         if batch_idx >= self.warmup:
             self.times.append(time.perf_counter() - self.start)
 
 
 def train_segment(module_cls, config: ModelConfig, args) -> StepTimer:
-    timer = StepTimer(args.warmup)
-    data = RandomBlocks((args.warmup + args.steps) * args.batch, config.max_seq_len, config.vocab_size)
-    trainer = L.Trainer(accelerator="cpu", devices=1, precision=args.precision, max_steps=args.warmup + args.steps,
+    timer = StepTimer(args.warmup, cuda=args.device == "cuda")
+    data = RandomBlocks((args.warmup + args.steps) * args.batch, args.seq, config.vocab_size)
+    trainer = L.Trainer(accelerator=args.accelerator, devices=1, precision=args.precision,
+                        max_steps=args.warmup + args.steps,
                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
                         callbacks=[timer])
@@ -67,36 +101,72 @@ def train_segment(module_cls, config: ModelConfig, args) -> StepTimer:
     return timer
 
 
+def datasheet_flops(device: torch.device, dtype: torch.dtype) -> float | None:
+    """Lightning's datasheet peak for this GPU, shown beside the measured ceiling; None where its
+    table does not name the device (it warns then, which we silence)."""
+    from lightning.fabric.utilities.throughput import get_available_flops
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return get_available_flops(device, dtype)
+
+
 def main() -> None:
-    parser = base_parser(__doc__.splitlines()[0], interleaved=False)
+    parser = base_parser(__doc__.splitlines()[0], interleaved=False, device=False)
+    parser.add_argument("--model", choices=["tiny", "paper_590m"], default="tiny",
+                        help="tiny: a 4-layer toy; paper_590m: recipes/paper_590m/bam.yaml's mixture "
+                             "and its dense seed, randomly initialised")
+    parser.add_argument("--accelerator", choices=["cpu", "gpu"], default="cpu", help="Lightning accelerator")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps at the start of every segment")
     parser.add_argument("--steps", type=int, default=30, help="timed steps per segment")
     parser.add_argument("--segments", type=int, default=2, help="alternating segments per model")
-    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--seq", type=int, default=None,
+                        help="tokens per sequence (default: max_seq_len for tiny, 2048 for paper_590m)")
+    parser.add_argument("--batch", type=int, default=None, help="sequences per step (default: 32 for tiny, "
+                        "8 for paper_590m)")
     parser.add_argument("--precision", default="32-true", help="Lightning precision, e.g. bf16-mixed")
     args = parser.parse_args()
-    print_header("Training step: tiny BAM mixture vs its dense seed (Lightning Trainer, random tokens)", args)
+    args.device = "cuda" if args.accelerator == "gpu" else "cpu"  # read by print_header
+    bam = TINY_BAM if args.model == "tiny" else recipe_model_config(PAPER_590M_RECIPE)
+    args.seq = args.seq or DEFAULT_SEQ.get(args.model, bam.max_seq_len)
+    args.batch = args.batch or DEFAULT_BATCH[args.model]
+    bam = dataclasses.replace(bam, max_seq_len=max(bam.max_seq_len, args.seq))  # GPT refuses longer inputs
+    print_header(f"Training step: {args.model} BAM mixture vs its dense seed (Lightning Trainer, random tokens"
+                 + (", random init: no upcycling)" if args.model != "tiny" else ")"), args)
     warnings.filterwarnings("ignore", ".*does not have many workers.*|.*treespec.*")
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
-    seq = TINY_BAM.max_seq_len
-    models = {"dense seed": (DenseLM, TINY_BAM.dense()), "BAM MoE": (MoELM, TINY_BAM)}
+    seq = args.seq
+    models = {"dense seed": (DenseLM, bam.dense()), "BAM MoE": (MoELM, bam)}
     dtype = torch.bfloat16 if "bf16" in args.precision else torch.float32
-    ceilings = [measure_matmul_flops(dtype) for _ in range(3)]
-    print(f"# vocab {TINY_BAM.vocab_size}, {TINY_BAM.n_layer} layers, d_model {TINY_BAM.d_model}, "
-          f"{TINY_BAM.n_head} heads, seq {seq}, batch {args.batch}; MoE: {TINY_BAM.n_experts} FFN experts "
-          f"top-{TINY_BAM.ffn_top_k}, {TINY_BAM.attn_experts} attention experts (Expert-KV, soft)")
+    device = torch.device(args.device)
+    size = 8192 if device.type == "cuda" else 1024  # measure_matmul_flops's default for the device
+    ceilings = [measure_matmul_flops(dtype, size, device=device) for _ in range(3)]
+    print(f"# vocab {bam.vocab_size}, {bam.n_layer} layers, d_model {bam.d_model}, "
+          f"{bam.n_head} heads, seq {seq}, batch {args.batch}; MoE: {bam.n_experts} FFN experts "
+          f"top-{bam.ffn_top_k}, {bam.attn_experts} attention experts "
+          f"({'Shared-KV' if bam.attn_shared_kv else 'Expert-KV'}, {bam.attn_routing})")
     times: dict[str, list[float]] = {name: [] for name in models}
+    peak_memory: dict[str, int] = dict.fromkeys(models, 0)
     with CoTenantLoad() as load:
         for _ in range(args.segments):
             for name, (module_cls, config) in models.items():
-                ceilings.append(measure_matmul_flops(dtype))
+                ceilings.append(measure_matmul_flops(dtype, size, device=device))
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(device)
                 timer = train_segment(module_cls, config, args)
                 assert timer.threads == args.threads, f"Lightning changed the thread count to {timer.threads}"
                 times[name] += timer.times
+                if device.type == "cuda":
+                    peak_memory[name] = max(peak_memory[name], torch.cuda.max_memory_allocated(device))
     ceiling = max(ceilings)  # the best moment: co-tenants only ever lower it
-    print(f"# precision {args.precision}; matmul ceiling {ceiling / 1e9:.1f} GFLOP/s ({dtype}, 1024^3, best of "
+    print(f"# precision {args.precision}; matmul ceiling {ceiling / 1e9:.1f} GFLOP/s ({dtype}, {size}^3, best of "
           f"{len(ceilings)} taken between segments); {args.segments} segments x ({args.warmup} warm-up + "
           f"{args.steps} timed steps) per model")
+    if device.type == "cuda":
+        datasheet = datasheet_flops(device, dtype)
+        print("# Lightning's datasheet peak for this GPU: "
+              + (f"{datasheet / 1e12:.0f} TFLOP/s" if datasheet else "not in its table")
+              + "; MFU below is against the measured ceiling")
     rows = []
     for name, (_, config) in models.items():
         step = statistics.median(times[name])
@@ -105,10 +175,11 @@ def main() -> None:
         total, active = parameter_counts(config)
         rows.append([name, f"{total / 1e6:.2f}M / {active / 1e6:.2f}M", f"{flops / 1e6:.1f}",
                      f"{1e3 * step:.0f}", f"{tokens_per_s:,.0f}", f"{flops * tokens_per_s / 1e9:.1f}",
-                     f"{100 * flops * tokens_per_s / ceiling:.1f}%"])
+                     f"{100 * flops * tokens_per_s / ceiling:.1f}%",
+                     *([f"{peak_memory[name] / 2**30:.1f}"] if device.type == "cuda" else [])])
     ratio = statistics.median(times["BAM MoE"]) / statistics.median(times["dense seed"])
     print_table(["model", "params total / active", "train MFLOP/token", "step ms (median)", "tokens/s",
-                 "GFLOP/s", "MFU"], rows)
+                 "GFLOP/s", "MFU", *(["peak GPU GiB"] if device.type == "cuda" else [])], rows)
     print(f"# BAM MoE step time / dense seed step time: {ratio:.2f}")
     print(f"# {load.summary()}")
 

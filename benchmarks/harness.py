@@ -4,6 +4,9 @@ Shared CPUs drift by tens of percent within seconds, so the candidates are timed
 each round runs every candidate once, in turn, and a ratio is the median over rounds of the
 per-round ratio to the reference. Neighbouring runs see the same machine state, which cancels
 most of the drift that separately timed medians would carry.
+
+On `--device cuda` kernels run asynchronously, so every timed call is bracketed by
+`torch.cuda.synchronize()`: the clock then reads the GPU's work, not the time to queue it.
 """
 
 from __future__ import annotations
@@ -21,11 +24,17 @@ from collections.abc import Callable
 import torch
 
 CLOCK = time.perf_counter  # --clock cpu: time.process_time
+SYNCHRONIZE: Callable[[], None] | None = None  # --device cuda: torch.cuda.synchronize
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-def base_parser(description: str, interleaved: bool = True) -> argparse.ArgumentParser:
+def base_parser(description: str, interleaved: bool = True, device: bool = True) -> argparse.ArgumentParser:
+    """The options every script shares; `device=False` where a script names its device otherwise
+    (bench_train_step.py: Lightning's --accelerator)."""
     parser = argparse.ArgumentParser(description=description)
+    if device:
+        parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                            help="where modules and tensors live (default cpu)")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
     parser.add_argument("--malloc", choices=["default", "heap"], default="default",
                         help="heap: keep large blocks on glibc's heap (see keep_large_blocks_on_heap)")
@@ -68,9 +77,27 @@ def cpu_model() -> str:
     return platform.processor() or "unknown CPU"
 
 
+def gpu_summary(device: torch.device) -> str:
+    """What GPU timings depend on: the chip, its memory, the CUDA build, and whether fp32 matmuls
+    may run as TF32 (torch's default, 'highest', keeps them true fp32)."""
+    props = torch.cuda.get_device_properties(device)
+    return (f"{props.name}, {props.total_memory / 2**30:.1f} GiB, sm_{props.major}{props.minor}, "
+            f"{props.multi_processor_count} SMs | CUDA {torch.version.cuda} | fp32 matmul precision "
+            f"{torch.get_float32_matmul_precision()}")
+
+
 def print_header(title: str, args: argparse.Namespace) -> None:
-    """Print what the numbers depend on; also applies --threads, --malloc and --clock."""
-    global CLOCK
+    """Print what the numbers depend on; also applies --threads, --malloc, --clock and --device."""
+    global CLOCK, SYNCHRONIZE
+    device = getattr(args, "device", "cpu")
+    if device == "cuda":
+        if getattr(args, "clock", "wall") == "cpu":
+            raise SystemExit("error: --clock cpu counts this process's CPU time, not the GPU's work: "
+                             "use --clock wall (the default) with --device cuda")
+        if not torch.cuda.is_available():
+            raise SystemExit(f"error: --device cuda, but torch {torch.__version__} sees no CUDA GPU "
+                             f"(torch.version.cuda = {torch.version.cuda})")
+        SYNCHRONIZE = torch.cuda.synchronize
     torch.set_num_threads(args.threads)
     CLOCK = time.process_time if getattr(args, "clock", "wall") == "cpu" else time.perf_counter
     malloc = args.malloc
@@ -80,7 +107,9 @@ def print_header(title: str, args: argparse.Namespace) -> None:
     print(f"# {datetime.datetime.now():%Y-%m-%d %H:%M} | torch {torch.__version__} | Python "
           f"{platform.python_version()} | {cpu_model()} ({os.cpu_count()} logical CPUs, "
           f"{torch.backends.cpu.get_cpu_capability()}) | {torch.get_num_threads()} threads | {malloc} malloc")
-    print(f"# native bf16 matmul: {'yes' if native_bf16_matmul() else 'NO (bf16 runs on a slow generic fallback)'}"
+    compute = (f"GPU: {gpu_summary(torch.device('cuda'))}" if device == "cuda" else
+               f"native bf16 matmul: {'yes' if native_bf16_matmul() else 'NO (bf16 runs on a slow generic fallback)'}")
+    print(f"# {compute}"
           f" | grouped_mm: {'yes' if hasattr(torch.nn.functional, 'grouped_mm') else 'no'}"
           + (f" | {args.warmup} warm-up + {args.rounds} timed rounds, interleaved, {args.clock} clock; "
              "ratio = median of per-round ratios" if hasattr(args, "rounds") else ""))
@@ -91,8 +120,12 @@ def time_interleaved(cases: dict[str, Callable[[], object]], rounds: int, warmup
     times: dict[str, list[float]] = {name: [] for name in cases}
     for r in range(warmup + rounds):
         for name, fn in cases.items():
+            if SYNCHRONIZE is not None:
+                SYNCHRONIZE()  # nothing queued earlier may land in this call's time
             start = CLOCK()
             fn()
+            if SYNCHRONIZE is not None:
+                SYNCHRONIZE()  # the call's kernels, not only their launches
             elapsed = CLOCK() - start
             if r >= warmup:
                 times[name].append(elapsed)

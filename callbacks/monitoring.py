@@ -19,13 +19,30 @@ def _tokens_in(batch: torch.Tensor) -> int:
     return batch.shape[0] * (batch.shape[1] - 1)  # [B, T+1] blocks predict T tokens each
 
 
-def measure_matmul_flops(dtype: torch.dtype = torch.float32, size: int = 1024, repeats: int = 8) -> float:
-    """A measured matmul ceiling (FLOP/s) for MFU where no datasheet number exists (CPUs)."""
-    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
-    a @ b  # warm-up: the first product of a shape pays for kernel selection
+def measure_matmul_flops(dtype: torch.dtype = torch.float32, size: int | None = None, repeats: int = 8,
+                         device: str | torch.device = "cpu") -> float:
+    """A measured matmul ceiling (FLOP/s) for MFU where no datasheet number exists (CPUs, GPUs
+    missing from Lightning's table).
+
+    `size` defaults to 1024 on CPUs and 8192 on GPUs: a GPU needs a large product to reach its
+    peak. GPU kernels run asynchronously, so the clock is read only after a synchronize.
+    """
+    device = torch.device(device)
+    on_cuda = device.type == "cuda"
+    size = size or (8192 if on_cuda else 1024)
+    a = torch.randn(size, size, dtype=dtype, device=device)
+    b = torch.randn(size, size, dtype=dtype, device=device)
+    # Warm-up: the first product of a shape pays for kernel selection, and an idle GPU stays at a
+    # low clock until it has been busy for a while (80 products of 8192^3: about 0.1 s on an H200).
+    for _ in range(10 * repeats if on_cuda else 1):
+        a @ b
+    if on_cuda:
+        torch.cuda.synchronize(device)
     start = time.perf_counter()
     for _ in range(repeats):
         a @ b
+    if on_cuda:
+        torch.cuda.synchronize(device)
     return 2 * size**3 * repeats / (time.perf_counter() - start)
 
 
@@ -33,8 +50,9 @@ class TokenThroughput(ThroughputMonitor):
     """Lightning's ThroughputMonitor for [B, T+1] token blocks: logs tokens/s (`items_per_sec`),
     FLOP/s and MFU, using the module's `flops_per_batch`.
 
-    On CPUs Lightning knows no peak FLOP/s, so MFU is taken against a measured matmul ceiling
-    in the trainer's compute dtype (or `peak_flops` when given).
+    Lightning's datasheet table gives the peak FLOP/s where it names the device. It names no CPU
+    and not every GPU (a plain "NVIDIA H200" is missing), so there MFU is taken against a matmul
+    ceiling measured on the trainer's device in its compute dtype (or `peak_flops` when given).
     """
 
     def __init__(self, peak_flops: float | None = None, window_size: int = 20):
@@ -45,9 +63,10 @@ class TokenThroughput(ThroughputMonitor):
         super().setup(trainer, pl_module, stage)
         if self.available_flops is None:
             peak = self.peak_flops
-            if peak is None and trainer.strategy.root_device.type == "cpu":
+            device = trainer.strategy.root_device
+            if peak is None and device.type in ("cpu", "cuda"):
                 dtype = torch.bfloat16 if "bf16" in str(trainer.precision) else torch.float32
-                peak = measure_matmul_flops(dtype)
+                peak = measure_matmul_flops(dtype, device=device)
             if peak is not None:
                 self.available_flops = int(peak)
                 for throughput in self._throughputs.values():

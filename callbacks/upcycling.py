@@ -2,9 +2,10 @@
 
 A thin adapter around `bam_lightning.upcycle`: read and validate the dense sources, build the
 mixture, load it into `pl_module.model` once, and never on resume (the checkpoint already holds
-the trained mixture, and the sources need not exist any more). Every rank reads the sources itself
-and `load_model_weights` scatters the full tensors, so a module sharded by FSDP2 under
-`ModelParallelStrategy` gets the same weights as one on a single process.
+the trained mixture, and the sources need not exist any more). The sources are memory-mapped and streamed
+into the model's own tensors, so peak memory stays about one mixture. Under FSDP2
+(`ModelParallelStrategy`) every rank builds the full mixture from the sources and
+`load_model_weights` keeps its shard, so it gets the same weights as a single process.
 
 When: Lightning tells a resume apart (`trainer.ckpt_path`) only once it restores the checkpoint,
 and under `ModelParallelStrategy` that happens *after* `on_fit_start`. So the mixture is built at
@@ -21,6 +22,8 @@ from __future__ import annotations
 from typing import Any
 
 import lightning as L
+import torch
+from torch.distributed.tensor import DTensor
 
 from bam_lightning.checkpoint import load_model_weights
 from bam_lightning.lit import BaseLM
@@ -69,10 +72,17 @@ class UpcyclingCallback(L.Callback):
         self._pending = False
         if trainer.ckpt_path is not None:
             return
-        state, self.provenance = upcycle_from_checkpoints(
-            self.sources, pl_module.config, self.method, seed_index=self.seed_index,
-            router_seed=self.router_seed, tokenizer=pl_module.tokenizer_fingerprint)
-        load_model_weights(pl_module.model, state)
+        model = pl_module.model
+        sharded = any(isinstance(p, DTensor) for p in model.parameters())
+        with torch.no_grad():
+            # unsharded: stream the mixture straight into the model's own tensors (peak memory
+            # about one mixture); sharded: build the full tensors, then scatter each rank's shard
+            state, self.provenance = upcycle_from_checkpoints(
+                self.sources, pl_module.config, self.method, seed_index=self.seed_index,
+                router_seed=self.router_seed, tokenizer=pl_module.tokenizer_fingerprint,
+                out=None if sharded else model.state_dict())
+        if sharded:
+            load_model_weights(model, state)
 
     def state_dict(self) -> dict[str, Any]:
         return {"upcycled_from": self.provenance}

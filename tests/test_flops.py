@@ -1,7 +1,11 @@
 """FLOP accounting against a hand count and the paper's per-layer formulas."""
 
 from bam_lightning import ModelConfig
-from bam_lightning.flops import forward_flops_per_token, layer_flops_per_token, training_flops_per_token
+from bam_lightning.flops import (
+    forward_flops_per_token,
+    layer_flops_per_token,
+    training_flops_per_token,
+)
 
 
 def test_dense_layer_flops_match_a_hand_count():

@@ -5,10 +5,10 @@ import math
 import lightning as L
 import pytest
 import torch
+from bam_lightning.callbacks.monitoring import NonFiniteLossGuard
 from torch.utils.data import DataLoader
 
 from bam_lightning import ModelConfig
-from bam_lightning.callbacks.monitoring import NonFiniteLossGuard
 from bam_lightning.lit import DenseLM, MoELM
 
 CONFIG = ModelConfig(vocab_size=40, n_layer=2, d_model=32, n_head=2, max_seq_len=16)

@@ -61,7 +61,7 @@ def reference_ffn(x, ffn: MixtureOfFFN, top_k: int, renormalize: bool):
         weights, idx = probs[t].topk(top_k)
         if renormalize:
             weights = weights / weights.sum()
-        for w, e in zip(weights, idx):
+        for w, e in zip(weights, idx, strict=True):
             hidden = F.silu(x[t] @ ffn.w_gate[e].T) * (x[t] @ ffn.w_up[e].T)
             out[t] += w * (hidden @ ffn.w_down[e].T)
     return out
@@ -158,5 +158,5 @@ def test_activation_checkpointing_changes_nothing_but_memory():
         logits, stats = model(idx)
         (logits.square().mean() + sum(s.lb_loss for s in stats)).backward()
         grads.append([p.grad.clone() for p in model.parameters()])
-    for plain, recomputed in zip(*grads):
+    for plain, recomputed in zip(*grads, strict=True):
         torch.testing.assert_close(plain, recomputed)

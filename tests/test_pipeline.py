@@ -156,6 +156,12 @@ def test_pipeline_recipe_errors_name_the_key(tmp_path):
                                     "mixtures": {}}))
     with pytest.raises(FileNotFoundError, match="missing.yaml not found"):
         load_pipeline_config(str(path))
+    seed = tmp_path / "seed.yaml"
+    seed.write_text("{}")
+    path.write_text(yaml.safe_dump({"run_dir": "x", "seed": str(seed), "experts": {}, "mixtures": {},
+                                    "seeds": [0, 0]}))
+    with pytest.raises(ValueError, match="seeds must be a list of distinct non-negative integers"):
+        load_pipeline_config(str(path))
 
 
 def test_more_seeds_add_mixture_stages_and_keep_seed_zero_finished(study):

@@ -99,12 +99,13 @@ def test_one_expert_mixture_from_one_dense_model_gives_dense_logits():
 
 
 # ----- where each tensor goes, from different sources -----
+@pytest.mark.parametrize("chunk_bytes", [2**24, 36], ids=["whole", "streamed-in-9-float-chunks"])
 @pytest.mark.parametrize("method", ["bam", "bam_shared_kv", "btx", "sparse"])
-def test_different_sources_fill_expert_slots_means_and_seed_copies(method):
+def test_different_sources_fill_expert_slots_means_and_seed_copies(method, chunk_bytes):
     states = [random_dense_state_dict(DENSE, j) for j in range(N)]
     config = moe_config(DENSE, **MIXTURES[method])
     seed_index = 1
-    out = upcycle(states, config, method, seed_index=seed_index)
+    out = upcycle(states, config, method, seed_index=seed_index, chunk_bytes=chunk_bytes)
     build(config, out)
     seed = states[seed_index]
     for key, tensor in out.items():
@@ -123,10 +124,11 @@ def test_different_sources_fill_expert_slots_means_and_seed_copies(method):
             assert not torch.equal(tensor, seed[key]), key
 
 
-def test_parameter_matched_btx_extra_experts_copy_the_seed_ffn():
+@pytest.mark.parametrize("chunk_bytes", [2**24, 36], ids=["whole", "streamed-in-9-float-chunks"])
+def test_parameter_matched_btx_extra_experts_copy_the_seed_ffn(chunk_bytes):
     states = [random_dense_state_dict(DENSE, j) for j in range(N)]
     config = moe_config(DENSE, n_experts=N + 2)
-    out = upcycle(states, config, "btx", seed_index=2)
+    out = upcycle(states, config, "btx", seed_index=2, chunk_bytes=chunk_bytes)
     build(config, out)
     for key in (k for k in out if ".ffn.w_" in k):
         for j in range(N):
