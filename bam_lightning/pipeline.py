@@ -161,9 +161,11 @@ def compose_stage(stage: Stage, config: dict[str, Any], run_dir: Path) -> dict[s
     trainer["callbacks"] = callbacks
     if stage.role in ("expert", "dense_baseline"):
         recipe["model"].setdefault("init_args", {})["init_from"] = ckpt("seed")
-    if stage.role == "mixture":
+    if stage.role == "mixture" and stage.seed:
+        # a repeat: another data order and router initialisation; the same documents, split and
+        # validation set (data.seed), so every seed's numbers are comparable
         recipe["seed_everything"] = int(recipe.get("seed_everything", 0)) + stage.seed
-        recipe["data"]["seed"] = int(recipe["data"].get("seed", 1234)) + stage.seed
+        recipe["data"]["order_seed"] = int(recipe["data"].get("seed", 1234)) + stage.seed
     return recipe
 
 

@@ -182,7 +182,9 @@ def test_more_seeds_add_mixture_stages_and_keep_seed_zero_finished(study):
     first, repeated = prints(one), prints(three)
     assert all(repeated[name] == first[name] for name in first)
     seeds = {s.name: compose_stage(s, three, run_dir) for s in plan(three)}
-    # a repeat changes the data order and the router initialisation, nothing else
-    assert seeds["bam_s1"]["data"]["seed"] == seeds["bam"]["data"]["seed"] + 1
+    # a repeat changes the data order and the router initialisation, not the documents or the
+    # validation set (data.seed decides the split)
+    assert seeds["bam_s1"]["data"].get("seed") == seeds["bam"]["data"].get("seed")
+    assert seeds["bam_s1"]["data"]["order_seed"] == seeds["bam"]["data"].get("seed", 1234) + 1
     router = [c for c in seeds["bam_s2"]["trainer"]["callbacks"] if c["class_path"].endswith("UpcyclingCallback")]
     assert router[0]["init_args"]["router_seed"] == 2

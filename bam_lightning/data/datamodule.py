@@ -97,6 +97,8 @@ class BAMDataModule(L.LightningDataModule):
         data_dir: where prepared data goes; None: a folder under the cache dir named by a hash
             of every setting that changes the data, so settings never collide and are reused.
         seed: seeds the byte cap, the split, and the training stream's shuffling and mixing.
+        order_seed: seeds only the training stream's shuffling and mixing (None: `seed`), so a
+            repeat with another data order keeps the same documents and validation set.
         num_workers: DataLoader worker processes.
     """
 
@@ -114,6 +116,7 @@ class BAMDataModule(L.LightningDataModule):
         max_bytes_per_domain: int = 8_000_000,
         data_dir: str | None = None,
         seed: int = 1234,
+        order_seed: int | None = None,
         num_workers: int = 0,
     ) -> None:
         super().__init__()
@@ -143,6 +146,7 @@ class BAMDataModule(L.LightningDataModule):
         self.max_bytes_per_domain = max_bytes_per_domain
         self.data_dir_argument = data_dir
         self.seed = seed
+        self.order_seed = seed if order_seed is None else order_seed
         self.num_workers = num_workers
 
         # Known after setup() (data_dir after prepare_data(); vocab_size at once for bytes).
@@ -239,14 +243,14 @@ class BAMDataModule(L.LightningDataModule):
                 self._split_dir(d, "train"),
                 item_loader=TokensLoader(block_size=self.seq_len + 1),
                 shuffle=True,
-                seed=self.seed,
+                seed=self.order_seed,
             )
             for d in trained
         ]
         # iterate_over_all=False: keep sampling by weight until one domain runs out (one "epoch").
         combined = CombinedStreamingDataset(
             datasets,
-            seed=self.seed,
+            seed=self.order_seed,
             iterate_over_all=False,
             weights=[self.train_weights[d] for d in trained],
         )
