@@ -92,7 +92,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
         child(args.child, args.method)
         return
-    print_header("Upcycling paper_590m dense checkpoints into a BAM mixture (safetensors, child process)", args)
+    print_header(f"Upcycling paper_590m dense checkpoints into a BAM mixture ({args.format}, child process)", args)
     with tempfile.TemporaryDirectory() as tmp:
         directory = args.keep or Path(tmp)
         directory.mkdir(parents=True, exist_ok=True)
