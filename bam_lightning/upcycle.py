@@ -200,13 +200,6 @@ def _router(shape: torch.Size, config: ModelConfig, generator: torch.Generator) 
     return torch.randn(shape, generator=generator) * config.router_init_std
 
 
-def _mean(tensors: list[Tensor]) -> Tensor:
-    total = tensors[0].to(torch.promote_types(tensors[0].dtype, torch.float32))
-    for tensor in tensors[1:]:
-        total = total + tensor
-    return total / len(tensors)
-
-
 # ----- from checkpoint files -----
 def read_sources(paths: Sequence[str | os.PathLike], moe_config: ModelConfig, method: str, *,
                  seed_index: int = 0, tokenizer: str | None = None) -> list[SourceCheckpoint]:
