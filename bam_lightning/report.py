@@ -144,18 +144,25 @@ def write_charts(run_dir: Path, table: list[dict[str, Any]], domains: list[str],
     fig.tight_layout()
     _save_figure(fig, bars)
 
+    # two panels: the seed's first validation (about the vocabulary size) would flatten the rest
     curves = run_dir / "validation_curves.png"
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    for record in records:
+    fig, (dense_ax, mixture_ax) = plt.subplots(1, 2, figsize=(12, 4.5))
+    colours = plt.get_cmap("tab20").colors
+    for number, record in enumerate(records):
         path = run_dir / "stages" / record["name"] / "metrics.jsonl"
         points = [(p["step"], p["val/avg/ppl"]) for p in read_metrics(path) if p.get("stage") == "fit" and "val/avg/ppl" in p] \
             if path.exists() else []
         if points:
-            ax.plot(*zip(*points, strict=True), label=record["name"], marker=".")
-    ax.set_xlabel("step within stage")
-    ax.set_ylabel("val/avg/ppl")
-    ax.set_yscale("log")
-    ax.legend(fontsize=7, ncol=2)
+            ax = mixture_ax if record.get("role") == "mixture" else dense_ax
+            ax.plot(*zip(*points, strict=True), label=record["name"], marker=".",
+                    color=colours[number % len(colours)], linestyle=("-", "--", ":")[record.get("seed", 0) % 3])
+    for ax, title in ((dense_ax, "seed, experts, dense baseline"), (mixture_ax, "mixtures")):
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("step within stage")
+        ax.set_ylabel("val/avg/ppl")
+        ax.set_yscale("log")
+        if ax.lines:
+            ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     _save_figure(fig, curves)
     plt.close("all")

@@ -14,7 +14,6 @@ CPU and then moved, so every device times the same weights.
 from __future__ import annotations
 
 import sys
-from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +21,7 @@ from harness import (  # benchmarks/harness.py, beside this script
     DTYPES,
     CoTenantLoad,
     base_parser,
+    forward_backward,
     median_ms,
     paired_ratio,
     print_header,
@@ -67,18 +67,10 @@ def bench_one(E: int, args, autocast: bool) -> list[object]:
     layers["loop"] = lambda t: expert_loop(modules["expert_kv"], t, cos, sin)
     params = [h, *(p for m in modules.values() for p in m.parameters())]
 
-    def fwd_bwd(layer):
-        def step():
-            for p in params:
-                p.grad = None
-            with torch.autocast(args.device, dtype=torch.bfloat16) if autocast else nullcontext():
-                out = layer(h)
-            out.backward(grad)
-        return step
-
     with torch.no_grad():
         mismatch = (layers["expert_kv"](h) - layers["loop"](h)).abs().max().item()
-    times = time_interleaved({name: fwd_bwd(layer) for name, layer in layers.items()}, args.rounds, args.warmup)
+    times = time_interleaved({name: forward_backward(layer, h, grad, params, args.device if autocast else None)
+                              for name, layer in layers.items()}, args.rounds, args.warmup)
     e_dense = [E * t for t in times["dense"]]
     print(f"#   E={E} done", file=sys.stderr)
     return [E, f"{median_ms(times['dense']):.0f}", f"{median_ms(e_dense):.0f}",

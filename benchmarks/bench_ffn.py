@@ -15,13 +15,13 @@ Weights are initialised on the CPU and then moved, so every device times the sam
 from __future__ import annotations
 
 import sys
-from contextlib import nullcontext
 
 import torch
 from harness import (  # benchmarks/harness.py, beside this script
     DTYPES,
     CoTenantLoad,
     base_parser,
+    forward_backward,
     median_ms,
     native_bf16_matmul,
     paired_ratio,
@@ -80,19 +80,11 @@ def bench_one(E: int, k: int, tokens: int, args, autocast: bool, use_hf: bool) -
     grad = torch.randn(tokens, args.d_model, device=args.device)
     params = [x, *bam.parameters(), *dense.parameters(), *(hf.parameters() if use_hf else [])]
 
-    def fwd_bwd(layer):
-        def step():
-            for p in params:
-                p.grad = None
-            with torch.autocast(args.device, dtype=torch.bfloat16) if autocast else nullcontext():
-                out = layer(x)
-            out.backward(grad)
-        return step
-
     with torch.no_grad():
         mismatch = (layers["bam"](x) - layers["loop"](x)).abs().max().item()
     rounds, warmup = (args.bf16_rounds, args.bf16_warmup) if autocast else (args.rounds, args.warmup)
-    times = time_interleaved({name: fwd_bwd(layer) for name, layer in layers.items()}, rounds, warmup)
+    times = time_interleaved({name: forward_backward(layer, x, grad, params, args.device if autocast else None)
+                              for name, layer in layers.items()}, rounds, warmup)
     ref = times["dense"]
     print(f"#   E={E} k={k} done", file=sys.stderr)
     return [E, k, f"{median_ms(ref):.0f}", f"{median_ms(times['bam']):.0f}",

@@ -20,6 +20,7 @@ import platform
 import statistics
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 
 import torch
 
@@ -113,6 +114,19 @@ def print_header(title: str, args: argparse.Namespace) -> None:
           f" | grouped_mm: {'yes' if hasattr(torch.nn.functional, 'grouped_mm') else 'no'}"
           + (f" | {args.warmup} warm-up + {args.rounds} timed rounds, interleaved, {args.clock} clock; "
              "ratio = median of per-round ratios" if hasattr(args, "rounds") else ""))
+
+
+def forward_backward(layer: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, grad: torch.Tensor,
+                     params: list[torch.Tensor], autocast_device: str | None = None) -> Callable[[], None]:
+    """One timed call: clear the gradients, run `layer(x)` (under bf16 autocast on
+    `autocast_device` when given) and back-propagate `grad`."""
+    def step() -> None:
+        for p in params:
+            p.grad = None
+        with torch.autocast(autocast_device, dtype=torch.bfloat16) if autocast_device else nullcontext():
+            out = layer(x)
+        out.backward(grad)
+    return step
 
 
 def time_interleaved(cases: dict[str, Callable[[], object]], rounds: int, warmup: int) -> dict[str, list[float]]:
