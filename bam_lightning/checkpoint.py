@@ -122,8 +122,7 @@ def _read_safetensors(path: str) -> SourceCheckpoint:
             dtype = SAFETENSORS_DTYPES[entry["dtype"]]
             begin, end = (data_start + offset for offset in entry["data_offsets"])
             data = raw[begin:end]
-            itemsize = torch.empty(0, dtype=dtype).element_size()
-            if begin % itemsize:  # unaligned (not written by a padding writer): copy this one
+            if begin % dtype.itemsize:  # unaligned (not written by a padding writer): copy this one
                 data = data.clone()
             state[key] = data.view(dtype).view(entry["shape"])
     except Exception as error:
@@ -140,7 +139,7 @@ MADV_DONTNEED = 4  # Linux: drop the pages; a private file mapping reads them fr
 def file_mappings(path: str | os.PathLike) -> list[tuple[int, int]]:
     """Address ranges this process has mapped from the file at `path` (Linux; [] elsewhere)."""
     try:
-        inode = os.stat(path).st_ino
+        inode, real_path = os.stat(path).st_ino, os.path.realpath(path)
         with open("/proc/self/maps") as maps:
             lines = maps.readlines()
     except OSError:
@@ -148,7 +147,7 @@ def file_mappings(path: str | os.PathLike) -> list[tuple[int, int]]:
     ranges = []
     for line in lines:
         fields_ = line.split(maxsplit=5)
-        if len(fields_) == 6 and int(fields_[4]) == inode and os.path.realpath(path) == fields_[5].strip():
+        if len(fields_) == 6 and int(fields_[4]) == inode and fields_[5].strip() == real_path:
             start, end = (int(x, 16) for x in fields_[0].split("-"))
             ranges.append((start, end))
     return ranges

@@ -160,9 +160,9 @@ def _fill(target: Tensor, key: str, rule: str, states: Sequence[Mapping[str, Ten
     flat = target.view(slots, numel)
     step = max(1, chunk_bytes // sources[0].element_size())
     accumulate = functools.reduce(torch.promote_types, [source.dtype for source in sources], torch.float32)
+    used = [seed_index] if rule == "seed" else list(range(len(sources)))
     for begin in range(0, numel, step):
         end = min(begin + step, numel)
-        used = [seed_index] if rule == "seed" else list(range(len(sources)))
         chunks = {j: sources[j][begin:end] for j in used}
         if rule == "mean":
             total = chunks[0].to(accumulate, copy=True)  # a copy: the sources are never written
