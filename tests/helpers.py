@@ -46,3 +46,10 @@ def dense_sources(directory: Path, config: ModelConfig, n: int, first_seed: int 
     return [save_lightning_checkpoint(directory / f"dense{j}.ckpt", config,
                                       random_dense_state_dict(config, first_seed + j))
             for j in range(n)]
+
+
+def reference_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE as the plain formula, autograd's own backward: the independent check on the fused
+    `apply_rope`."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)

@@ -13,6 +13,7 @@ from bam_lightning import ModelConfig
 from bam_lightning.model.attention import MixtureOfAttention
 from bam_lightning.model.ffn import MixtureOfFFN
 from bam_lightning.model.layers import apply_rope, rope_tables
+from helpers import reference_rope
 
 TINY = dict(vocab_size=61, n_layer=2, d_model=32, n_head=4, max_seq_len=24)
 FP32 = dict(rtol=1e-5, atol=1e-5)  # sums over heads and experts run in another order
@@ -140,6 +141,33 @@ def test_ffn_bf16_path_matches_fp32_loop(mode):
         assert_near(grads[name], expected_grads[name], name)
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "heads_transposed"])
+def test_fused_rope_matches_plain_formula_in_float64_with_gradients(layout):
+    torch.manual_seed(5)
+    B, T, H, hd = 2, 7, 3, 8
+    base = torch.randn(B, T, H, hd, dtype=torch.float64)
+    x = (base.transpose(1, 2) if layout == "heads_transposed" else base.view(B, H, T, hd)).requires_grad_()
+    cos, sin = rope_tables(T, hd, 10000.0, x.device, torch.float64)
+    grad = torch.randn(B, H, T, hd, dtype=torch.float64)
+    out = apply_rope(x, cos, sin)
+    (dx,) = torch.autograd.grad(out, x, grad)
+    expected = reference_rope(x, cos, sin)
+    (expected_dx,) = torch.autograd.grad(expected, x, grad)
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(dx, expected_dx, rtol=1e-12, atol=1e-12)
+    # A rotation keeps each pair's length: an invariant that needs no second implementation. The
+    # tables' angles are float32, so cos^2 + sin^2 = 1 holds to float32's precision only.
+    pairs = lambda t: t[..., : hd // 2] ** 2 + t[..., hd // 2:] ** 2  # noqa: E731
+    torch.testing.assert_close(pairs(out), pairs(x.detach()), rtol=1e-6, atol=1e-6)
+    torch.autograd.gradcheck(lambda t: apply_rope(t, cos[:3], sin[:3]), (x[:1, :1, :3].detach().requires_grad_(),))
+
+
+def test_fused_rope_rejects_tables_of_the_wrong_width():
+    cos, sin = rope_tables(5, 6, 10000.0, "cpu", torch.float32)
+    with pytest.raises(ValueError, match="head_dim 8"):
+        apply_rope(torch.randn(1, 1, 5, 8), cos, sin)
+
+
 def loop_attention(attn: MixtureOfAttention, h: torch.Tensor) -> torch.Tensor:
     """Expert by expert, head by head, with an explicit causal softmax; gates from the router."""
     cfg = attn.config
@@ -151,8 +179,8 @@ def loop_attention(attn: MixtureOfAttention, h: torch.Tensor) -> torch.Tensor:
     out = torch.zeros_like(h)
     for e in range(attn.wq.shape[0]):
         kv = 0 if attn.wk.shape[0] == 1 else e
-        q = apply_rope((h @ attn.wq[e].T).view(B, T, H, hd).transpose(1, 2), cos, sin)
-        k = apply_rope((h @ attn.wk[kv].T).view(B, T, H_kv, hd).transpose(1, 2), cos, sin)
+        q = reference_rope((h @ attn.wq[e].T).view(B, T, H, hd).transpose(1, 2), cos, sin)
+        k = reference_rope((h @ attn.wk[kv].T).view(B, T, H_kv, hd).transpose(1, 2), cos, sin)
         v = (h @ attn.wv[kv].T).view(B, T, H_kv, hd).transpose(1, 2)
         heads = []
         for head in range(H):

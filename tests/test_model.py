@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from bam_lightning import GPT, ModelConfig
 from bam_lightning.flops import parameter_counts
 from bam_lightning.model.ffn import MixtureOfFFN
-from bam_lightning.model.layers import apply_rope, rope_tables
+from bam_lightning.model.layers import rope_tables
+from helpers import reference_rope
 
 TINY = dict(vocab_size=61, n_layer=2, d_model=32, n_head=4, max_seq_len=24)
 
@@ -22,7 +23,7 @@ def reference_attention(h, wq, wk, wv, wo, n_head, n_kv_head, base=10000.0):
     k = (h @ wk.T).view(B, T, n_kv_head, hd).transpose(1, 2)
     v = (h @ wv.T).view(B, T, n_kv_head, hd).transpose(1, 2)
     cos, sin = rope_tables(T, hd, base, h.device, h.dtype)
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    q, k = reference_rope(q, cos, sin), reference_rope(k, cos, sin)
     group = n_head // n_kv_head
     out = torch.empty_like(q)
     mask = torch.ones(T, T, dtype=torch.bool).tril()
