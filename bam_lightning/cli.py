@@ -8,6 +8,7 @@ from lightning.pytorch.cli import LightningCLI
 
 from bam_lightning.data import BAMDataModule
 from bam_lightning.lit import BaseLM
+from bam_lightning.malloc import apply_malloc_policy
 
 
 class BAMCLI(LightningCLI):
@@ -42,6 +43,7 @@ def run_lightning_cli(args: list[str] | None = None, run: bool = True) -> BAMCLI
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
+    apply_malloc_policy()  # before the first large tensor: see bam_lightning/malloc.py
     if argv and argv[0] == "pipeline":
         from bam_lightning.pipeline import main as pipeline_main
 

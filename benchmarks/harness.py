@@ -12,8 +12,6 @@ On `--device cuda` kernels run asynchronously, so every timed call is bracketed 
 from __future__ import annotations
 
 import argparse
-import ctypes
-import ctypes.util
 import datetime
 import os
 import platform
@@ -23,6 +21,8 @@ from collections.abc import Callable
 from contextlib import nullcontext
 
 import torch
+
+from bam_lightning.malloc import keep_large_blocks_on_heap
 
 CLOCK = time.perf_counter  # --clock cpu: time.process_time
 SYNCHRONIZE: Callable[[], None] | None = None  # --device cuda: torch.cuda.synchronize
@@ -37,8 +37,9 @@ def base_parser(description: str, interleaved: bool = True, device: bool = True)
         parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                             help="where modules and tensors live (default cpu)")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
-    parser.add_argument("--malloc", choices=["default", "heap"], default="default",
-                        help="heap: keep large blocks on glibc's heap (see keep_large_blocks_on_heap)")
+    parser.add_argument("--malloc", choices=["heap", "default"], default="heap",
+                        help="heap (default): keep large blocks on glibc's heap, as `bam` does for "
+                             "training (bam_lightning/malloc.py); default: glibc's own mmap per block")
     if interleaved:
         parser.add_argument("--rounds", type=int, default=7, help="timed rounds after the warm-up")
         parser.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
@@ -46,19 +47,6 @@ def base_parser(description: str, interleaved: bool = True, device: bool = True)
                             help="cpu: this process's CPU time; with --threads 1 it counts the work "
                                  "itself, not the time slices lost to co-tenants")
     return parser
-
-
-def keep_large_blocks_on_heap() -> bool:
-    """glibc serves blocks of 32 MiB and more with a fresh mmap, so every such activation is
-    page-faulted and zeroed again at every step; a mixture's E-times-wider activations cross that
-    line where the dense model's do not. The same as launching with GLIBC_TUNABLES=
-    glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=<large>. False where mallopt is missing."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c"))
-        M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
-        return bool(libc.mallopt(M_MMAP_MAX, 0) and libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
-    except (OSError, AttributeError, TypeError):
-        return False
 
 
 def native_bf16_matmul() -> bool:
