@@ -168,6 +168,12 @@ def paired_ratio(times: list[float], reference: list[float]) -> float:
     return statistics.median(t / r for t, r in zip(times, reference, strict=True))
 
 
+def ratio_quartiles(times: list[float], reference: list[float]) -> str:
+    """The per-round ratios' spread, so a reader sees how much one median can be trusted."""
+    q1, q2, q3 = statistics.quantiles([t / r for t, r in zip(times, reference, strict=True)], n=4)
+    return f"{q1:.3f} / {q2:.3f} / {q3:.3f}"
+
+
 def median_ms(times: list[float]) -> float:
     return 1e3 * statistics.median(times)
 
