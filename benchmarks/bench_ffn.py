@@ -27,6 +27,7 @@ from harness import (  # benchmarks/harness.py, beside this script
     paired_ratio,
     print_header,
     print_table,
+    ratio_quartiles,
     time_interleaved,
 )
 
@@ -88,7 +89,8 @@ def bench_one(E: int, k: int, tokens: int, args, autocast: bool, use_hf: bool) -
     ref = times["dense"]
     print(f"#   E={E} k={k} done", file=sys.stderr)
     return [E, k, f"{median_ms(ref):.0f}", f"{median_ms(times['bam']):.0f}",
-            *(paired_ratio(times[name], ref) for name in layers if name != "dense"), f"{mismatch:.1e}"]
+            *(paired_ratio(times[name], ref) for name in layers if name != "dense"),
+            ratio_quartiles(times["bam"], ref), f"{mismatch:.1e}"]
 
 
 def main() -> None:
@@ -105,6 +107,7 @@ def main() -> None:
     parser.add_argument("--bf16-rounds", type=int, default=None,
                         help="timed rounds for bf16 (default: --rounds; 3 on CPUs without native bf16)")
     parser.add_argument("--no-hf", action="store_true", help="skip the transformers Mixtral column")
+    parser.set_defaults(rounds=11)  # per-round ratios spread by +-10% on a shared 2-vCPU machine
     args = parser.parse_args()
     slow_bf16 = args.device == "cpu" and not native_bf16_matmul()  # GPUs all have bf16 matmuls
     args.bf16_tokens = args.bf16_tokens or (1024 if slow_bf16 else args.tokens)
@@ -125,7 +128,7 @@ def main() -> None:
         with CoTenantLoad() as load:
             rows = [bench_one(E, k, tokens, args, autocast, use_hf) for E in args.experts for k in args.top_k]
         print_table(["E", "k", "dense ms", "bam ms", "bam/dense", "loop/dense", *(["hf/dense"] if use_hf else []),
-                     "max|bam-loop|"], rows)
+                     "bam/dense per-round quartiles", "max|bam-loop|"], rows)
         print(f"# {load.summary()}")
 
 
