@@ -91,7 +91,8 @@ class _GatedHeads(torch.autograd.Function):
     gate [B, T, E], in one pass. Written as transpose, reshape and multiply, autograd copies the
     output once to reshape it, again to scale it, and keeps the copy for the backward; here the
     scaling writes the [B, T, ...] layout directly and the backward reuses the SDPA output that
-    attention keeps anyway. Measured 0.98x the three-op version's attention-bank fwd+bwd (E 4).
+    attention keeps anyway. A throwaway A/B measured 0.97-0.98x the three-op version's
+    attention-bank fwd+bwd (E 4; issue 5's note).
     Heads are ordered (expert, head) when `expert_major`, else (head, expert) (Shared-KV)."""
 
     @staticmethod

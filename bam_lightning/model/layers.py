@@ -35,7 +35,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     out = (x1 cos - x2 sin, x2 cos + x1 sin). Written as chunk, four products and cat, autograd
     makes about nine memory passes and seven allocations forward, more backward; `_Rotary` makes
     four fused passes into one tensor each way (its backward is the inverse rotation). Measured
-    on the attention bank's fwd+bwd (E 4, `benchmarks/bench_rope.py`): 0.95-0.99x the
+    on the attention bank's fwd+bwd (E 4, `benchmarks/bench_rope.py`): 0.95-1.00x the
     plain formula's time with `bam`'s heap malloc, 0.93x with glibc's default."""
     return _Rotary.apply(x, cos, sin)
 
