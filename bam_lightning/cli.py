@@ -1,54 +1,57 @@
-"""The `bam` command: Lightning's CLI (`fit`, `validate`, `test`) plus `bam pipeline`."""
+"""The `bam` command: a dispatcher over Lightning's CLI and our own subcommands.
+
+`bam fit|validate|test|predict` is Lightning's CLI (see `lightning_cli.py`); every other command
+is a small argparse program in the module that does the work, imported only when it is called,
+so `bam --help` is fast and lists every command a user has. Nothing imports this module.
+"""
 
 from __future__ import annotations
 
+import importlib
 import sys
 
-from lightning.pytorch.cli import LightningCLI
-
-from bam_lightning.data import BAMDataModule
-from bam_lightning.lit import BaseLM
 from bam_lightning.malloc import apply_malloc_policy
 
-
-class BAMCLI(LightningCLI):
-    """Recipes name the module class (`DenseLM` or `MoELM`); the data module is always ours."""
-
-    def _parse_ckpt_path(self) -> None:
-        """Keep the recipe's model. Lightning would replace it with the hyper-parameters stored
-        in `--ckpt_path`, so `bam validate --config bam.yaml --ckpt_path btx.ckpt` would quietly
-        validate a BTX model; instead `BaseLM.on_load_checkpoint` names each field where the
-        checkpoint differs from the recipe."""
-
-
-# Checkpoints are renamed into place, so a killed run keeps its last one. A recipe that sets
-# `trainer.plugins` replaces this list: list AtomicCheckpointIO there too to keep it.
-TRAINER_DEFAULTS = {"plugins": [{"class_path": "bam_lightning.checkpoint.AtomicCheckpointIO"}]}
+LIGHTNING_COMMANDS = {
+    "fit": "train a recipe (dense seed, expert branch, or a mixture built by UpcyclingCallback)",
+    "validate": "score a checkpoint on every validation domain",
+    "test": "like validate, on the test loop",
+    "predict": "Lightning's predict loop",
+}
+# name -> (module, function, one-line help). Each function takes argv (the words after the name).
+COMMANDS: dict[str, tuple[str, str, str]] = {
+    "pipeline": ("bam_lightning.pipeline", "main", "run a whole study (seed, experts, mixtures, report) from one file"),
+}
 
 
-def run_lightning_cli(args: list[str] | None = None, run: bool = True) -> BAMCLI:
-    """`run=False` builds model, data and trainer without running a subcommand (pipeline stages)."""
-    return BAMCLI(
-        BaseLM,
-        BAMDataModule,
-        subclass_mode_model=True,
-        # ${...} interpolation inside recipes; no prefix matching, so `--trainer.max_step` is an error
-        parser_kwargs={"parser_mode": "omegaconf", "allow_abbrev": False},
-        save_config_kwargs={"overwrite": True},
-        trainer_defaults=TRAINER_DEFAULTS,
-        args=args,
-        run=run,
-    )
+def usage() -> str:
+    width = max(map(len, [*LIGHTNING_COMMANDS, *COMMANDS]))
+    lines = ["usage: bam COMMAND [ARGS]   (bam COMMAND --help for a command's options)", "",
+             "Lightning CLI commands (YAML recipes, --config, --print_config):"]
+    lines += [f"  {name:<{width}}  {text}" for name, text in LIGHTNING_COMMANDS.items()]
+    lines += ["", "bam commands:"]
+    lines += [f"  {name:<{width}}  {text}" for name, (_, _, text) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def run_lightning_cli(argv: list[str]) -> None:
+    from bam_lightning.lightning_cli import run_lightning_cli as run
+
+    run(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     apply_malloc_policy()  # before the first large tensor: see bam_lightning/malloc.py
-    if argv and argv[0] == "pipeline":
-        from bam_lightning.pipeline import main as pipeline_main
-
-        pipeline_main(argv[1:])
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
         return
+    if argv[0] in COMMANDS:
+        module, function, _ = COMMANDS[argv[0]]
+        getattr(importlib.import_module(module), function)(argv[1:])
+        return
+    if argv[0] not in LIGHTNING_COMMANDS and not argv[0].startswith("-"):
+        sys.exit(f"bam: unknown command {argv[0]!r}\n\n{usage()}")
     run_lightning_cli(argv)
 
 

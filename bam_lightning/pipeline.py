@@ -196,7 +196,7 @@ def run_stage_process(config_path: Path) -> int:
     if "fork" not in multiprocessing.get_all_start_methods():
         command = [sys.executable, "-m", "bam_lightning.pipeline", "--stage", str(config_path)]
         return subprocess.run(command).returncode
-    import bam_lightning.cli  # noqa: F401  (imported once here, inherited by every forked stage)
+    import bam_lightning.lightning_cli  # noqa: F401  (imported once here, inherited by every forked stage)
 
     sys.stdout.flush()
     sys.stderr.flush()
@@ -278,7 +278,7 @@ def _stored_fingerprint(stage_dir: Path) -> str | None:
 
 def run_stage(config_path: str) -> None:
     """Inside the stage's process: fit (resuming if a last checkpoint exists), validate, record."""
-    from bam_lightning.cli import run_lightning_cli
+    from bam_lightning.lightning_cli import run_lightning_cli
 
     sys.argv = sys.argv[:1]  # the stage's arguments are the config below, not this process's
     cli = run_lightning_cli(["--config", config_path], run=False)

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from bam_lightning.cli import run_lightning_cli
+from bam_lightning.lightning_cli import run_lightning_cli
 from bam_lightning.data import BAMDataModule
 from bam_lightning.lit import BaseLM
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from bam_lightning import GPT, ModelConfig
-from bam_lightning.cli import BAMCLI, run_lightning_cli
+from bam_lightning.lightning_cli import BAMCLI, run_lightning_cli
 from bam_lightning.data import BAMDataModule
 from bam_lightning.flops import layer_flops_per_token, parameter_counts
 from bam_lightning.lit import BaseLM

@@ -17,7 +17,7 @@ import torch
 import yaml
 
 from bam_lightning.checkpoint import AtomicCheckpointIO
-from bam_lightning.cli import run_lightning_cli
+from bam_lightning.lightning_cli import run_lightning_cli
 
 # --- atomic writes ----------------------------------------------------------------------------
 
