@@ -40,6 +40,9 @@ class SourceCheckpoint:
     state_dict: dict[str, torch.Tensor]  # GPT keys (no "model." prefix)
     tokenizer: str | None = None
     mappings: list[tuple[int, int]] = field(default_factory=list)  # address ranges mapped from `path`
+    global_step: int | None = None  # where the fit that wrote it was (None: not recorded, e.g. safetensors)
+    max_steps: int | None = None  # where that fit was going
+    final: bool | None = None  # whether the fit ended at this checkpoint
 
     def release(self, tensor: torch.Tensor) -> None:
         """Drop the resident pages of a tensor read from this checkpoint (see `release_pages`)."""
@@ -53,6 +56,15 @@ class SourceCheckpoint:
         if tokenizer and self.tokenizer and tokenizer != self.tokenizer:
             raise ValueError(f"{self.path}: checkpoint was trained with tokenizer {self.tokenizer!r}, "
                              f"but the data module uses {tokenizer!r}")
+
+    def check_final(self, what: str) -> None:
+        """A stage built on this checkpoint must get the end of its fit, not an intermediate step
+        (a fit killed before its end, or a `last.ckpt` from before the final save existed).
+        Checkpoints that do not record their step (safetensors, other tools) are taken as they are."""
+        if self.final is False:
+            raise ValueError(f"{self.path}: {what} needs the final state of the fit that wrote it, but this "
+                             f"checkpoint holds step {self.global_step} of {self.max_steps}; finish that fit "
+                             "(re-run it to resume) before starting this one")
 
 
 def describe_config_mismatch(stored: ModelConfig, expected: ModelConfig) -> str:
@@ -90,8 +102,11 @@ def read_checkpoint(path: str | os.PathLike) -> SourceCheckpoint:
         raise ValueError(f"{path}: checkpoint has no 'hyper_parameters.config' (not saved by bam_lightning)")
     config = ModelConfig.from_dict(dict(stored), source=f"{path}: hyper_parameters.config")
     state = {k[len(MODEL_PREFIX):]: v for k, v in raw["state_dict"].items() if k.startswith(MODEL_PREFIX)}
-    tokenizer = raw.get("bam_lightning", {}).get("tokenizer")
-    return SourceCheckpoint(path, config, state, tokenizer, file_mappings(path))
+    meta = raw.get("bam_lightning", {})
+    final = meta.get("final")
+    return SourceCheckpoint(path, config, state, meta.get("tokenizer"), file_mappings(path),
+                            global_step=meta.get("global_step", raw.get("global_step")),
+                            max_steps=meta.get("max_steps"), final=None if final is None else bool(final))
 
 
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,

@@ -3,12 +3,17 @@
 Per-layer inference FLOPs per token follow the paper's accounting (BAM_SPEC.md): QKV projections,
 attention scores 2*E_attn*n_ctx*d, output projection, FFN 6*k*d*d_ff, and 2*N*d per router;
 generalised to grouped-query and shared K/V. Training costs three forward passes (forward +
-backward), the usual 6N rule's convention.
+backward), the usual 6N rule's convention; validation costs one.
+
+Tokens are counted per optimizer step in one place (`tokens_per_optimizer_step`), so the metrics
+file, the pipeline's records, the report and the compute-matched step count agree on what one
+step trains: batch x sequence x gradient accumulation x processes.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from bam_lightning.config import ModelConfig
 
@@ -66,3 +71,47 @@ def parameter_counts(config: ModelConfig) -> tuple[int, int]:
     total = embeddings + config.n_layer * (attn + ffn_total + norms)
     active = embeddings + config.n_layer * (attn + ffn_active + norms)
     return total, active
+
+
+def tokens_per_optimizer_step(batch_size: int, seq_len: int, accumulate_grad_batches: int = 1,
+                              devices: int = 1, num_nodes: int = 1) -> int:
+    """Tokens one optimizer step trains on: every micro-batch of every process counts."""
+    values = {"batch_size": batch_size, "seq_len": seq_len, "accumulate_grad_batches": accumulate_grad_batches,
+              "devices": devices, "num_nodes": num_nodes}
+    for name, value in values.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return batch_size * seq_len * accumulate_grad_batches * devices * num_nodes
+
+
+def trainer_tokens_per_step(trainer: Any, batch_size: int, seq_len: int) -> int:
+    """`tokens_per_optimizer_step` for a running Lightning trainer (world size = devices x nodes)."""
+    return tokens_per_optimizer_step(batch_size, seq_len, int(trainer.accumulate_grad_batches),
+                                     devices=int(trainer.world_size))
+
+
+def recipe_tokens_per_step(recipe: dict[str, Any], source: str = "recipe") -> int:
+    """`tokens_per_optimizer_step` from a `bam fit` recipe's data and trainer sections (the
+    DataModule's and Trainer's defaults where a field is absent)."""
+    data, trainer = recipe.get("data") or {}, recipe.get("trainer") or {}
+    return tokens_per_optimizer_step(
+        int(data.get("batch_size", 32)), int(data.get("seq_len", 128)),
+        int(trainer.get("accumulate_grad_batches", 1)),
+        devices=recipe_device_count(trainer.get("devices", 1), source), num_nodes=int(trainer.get("num_nodes", 1)))
+
+
+def recipe_device_count(devices: Any, source: str = "recipe") -> int:
+    """A recipe's `trainer.devices` as a process count; "auto" and -1 depend on the machine, so a
+    step count derived from them would change with it."""
+    if isinstance(devices, (list, tuple)):
+        return len(devices)
+    if isinstance(devices, str) and "," in devices:
+        return len([d for d in devices.split(",") if d.strip()])
+    try:
+        count = int(devices)
+    except (TypeError, ValueError):
+        count = -1
+    if count < 1:
+        raise ValueError(f"{source}: trainer.devices is {devices!r}; token and compute-matched step counts "
+                         "need an explicit number of devices (e.g. 1 or 8)")
+    return count

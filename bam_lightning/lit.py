@@ -2,8 +2,9 @@
 
 The base owns everything both need: the next-token loss, per-domain validation metrics
 (`val/<domain>/loss|ppl|bpb` plus `val/avg/...`), AdamW with warm-up + cosine, FSDP2 sharding
-and the checkpoint contract (the model config and tokenizer travel inside every checkpoint).
-The mixture module only adds the router losses and their statistics.
+and the checkpoint contract (the model config and tokenizer travel inside every checkpoint, and
+every fit ends with its final state saved, marked `final`, so the next stage never starts from an
+older step). The mixture module only adds the router losses and their statistics.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from torch import nn
 from torchmetrics.aggregation import MeanMetric
 
 from bam_lightning.config import ModelConfig
-from bam_lightning.flops import training_flops_per_token
+from bam_lightning.flops import forward_flops_per_token, training_flops_per_token
 from bam_lightning.model import GPT, RouterStats
 
 CHECKPOINT_KEY = "bam_lightning"  # our own section of a Lightning checkpoint
@@ -68,6 +69,10 @@ class BaseLM(L.LightningModule):
         self.val_loss = nn.ModuleDict()
         self.initial_val_metrics: dict[str, float] = {}
         self._init_from_done = False
+        self.validated_step: int | None = None  # global step of the last (non-sanity) validation
+        self._saved_state: tuple[int, int | None, bool] | None = None  # what the last checkpoint held
+        self._saving_final = False
+        check_optimizer_settings(lr, min_lr_ratio, warmup_steps, weight_decay, betas)
 
     # ----- kind checks -----
     def _check_kind(self, config: ModelConfig, source: str) -> None:
@@ -86,6 +91,7 @@ class BaseLM(L.LightningModule):
                 raise ValueError(
                     f"model.config.vocab_size ({self.config.vocab_size}) is smaller than the "
                     f"tokenizer's vocabulary ({datamodule.vocab_size}, {datamodule.tokenizer_fingerprint})")
+            check_seq_len(datamodule, self.config)
             self.val_domain_names = list(datamodule.val_domain_names)
             self.bytes_per_token = dict(datamodule.bytes_per_token)
             self.tokenizer_fingerprint = datamodule.tokenizer_fingerprint
@@ -207,11 +213,16 @@ class BaseLM(L.LightningModule):
         if datamodule is None or not hasattr(datamodule, "seq_len"):
             return None
         seq_len, batch_size = datamodule.seq_len, datamodule.batch_size
-        return training_flops_per_token(self.config, seq_len) * seq_len * batch_size
+        # training is forward + backward (3 forwards); validation, test and predict are forward only
+        per_token = training_flops_per_token if self.trainer.training else forward_flops_per_token
+        return per_token(self.config, seq_len) * seq_len * batch_size
 
     # ----- checkpoints -----
     def on_validation_start(self) -> None:
         self._maybe_init_from()  # the step-0 validation must already see the source's weights
+        if not self.trainer.sanity_checking:
+            # set at the start: every checkpoint written after this point follows this validation
+            self.validated_step = self.trainer.global_step
 
     def on_train_start(self) -> None:
         self._maybe_init_from()
@@ -227,16 +238,49 @@ class BaseLM(L.LightningModule):
 
         source = read_checkpoint(self.hparams.init_from)
         source.check_compatible(self.config, "model.config", self.tokenizer_fingerprint)
+        source.check_final("model.init_from")
         load_model_weights(self.model, source.state_dict)
         self._init_from_done = True
 
+    def on_train_end(self) -> None:
+        """Save the final state to every `save_last` checkpoint (Lightning writes `last.ckpt` at
+        the end of a fit only if it saved nothing during it), unless the last save already holds it."""
+        trainer = self.trainer
+        if trainer.sanity_checking or getattr(trainer, "fast_dev_run", False):
+            return
+        if self._saved_state == (trainer.global_step, self.validated_step, True):
+            return
+        from lightning.pytorch.callbacks import ModelCheckpoint
+
+        self._saving_final = True
+        try:
+            for callback in trainer.checkpoint_callbacks:
+                if isinstance(callback, ModelCheckpoint) and callback.save_last and callback.dirpath:
+                    path = callback.last_model_path or callback.format_checkpoint_name(
+                        {"epoch": torch.tensor(trainer.current_epoch), "step": torch.tensor(trainer.global_step)},
+                        callback.CHECKPOINT_NAME_LAST)
+                    trainer.save_checkpoint(path, weights_only=callback.save_weights_only)
+                    callback.last_model_path = path
+        finally:
+            self._saving_final = False
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        trainer = self.trainer
+        max_steps = int(trainer.max_steps)
+        final = self._saving_final or 0 < max_steps <= trainer.global_step
         checkpoint.setdefault(CHECKPOINT_KEY, {}).update({
             "kind": "moe" if self.config.is_moe else "dense",
             "tokenizer": self.tokenizer_fingerprint,
             "val_domains": self.val_domain_names,
             "initial_val_metrics": self.initial_val_metrics,
+            # which step this is, of how many, and whether the fit ended here: the next stage
+            # (`init_from`, UpcyclingCallback, the pipeline) refuses a checkpoint that is not final
+            "global_step": int(trainer.global_step),
+            "max_steps": max_steps,
+            "final": bool(final),
+            "validated_step": self.validated_step,
         })
+        self._saved_state = (trainer.global_step, self.validated_step, bool(final))
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         from bam_lightning.checkpoint import describe_config_mismatch
@@ -250,6 +294,7 @@ class BaseLM(L.LightningModule):
                 raise ValueError(f"checkpoint does not match model.config: {problem}")
         meta = checkpoint.get(CHECKPOINT_KEY, {})
         self.initial_val_metrics = dict(meta.get("initial_val_metrics", {}))
+        self.validated_step = meta.get("validated_step")
         ours, theirs = self.tokenizer_fingerprint, meta.get("tokenizer")
         if ours and theirs and ours != theirs:
             raise ValueError(f"checkpoint was trained with tokenizer {theirs!r} but the data uses {ours!r}")
@@ -300,3 +345,26 @@ class MoELM(BaseLM):
                     logs[f"val/{domain}/ffn_load/layer{layer}/expert{e}"] = fraction
         if logs:
             self.log_dict(logs, add_dataloader_idx=False, batch_size=batch.shape[0])
+
+
+def check_optimizer_settings(lr: float, min_lr_ratio: float, warmup_steps: int, weight_decay: float,
+                             betas: tuple[float, float]) -> None:
+    """Refuse what AdamW or the schedule would refuse, when the recipe is read (before a run
+    writes anything), naming the recipe key."""
+    if not 0.0 <= min_lr_ratio <= 1.0:
+        raise ValueError(f"model.init_args.min_lr_ratio must be in [0, 1], got {min_lr_ratio}")
+    if warmup_steps < 0:
+        raise ValueError(f"model.init_args.warmup_steps must be >= 0, got {warmup_steps}")
+    try:
+        torch.optim.AdamW([torch.zeros(1, requires_grad=True)], lr=lr, betas=tuple(betas), weight_decay=weight_decay)
+    except (ValueError, TypeError) as error:
+        raise ValueError(f"model.init_args (lr={lr!r}, betas={betas!r}, weight_decay={weight_decay!r}): "
+                         f"AdamW refuses it: {error}") from error
+
+
+def check_seq_len(datamodule: Any, config: ModelConfig) -> None:
+    """Training windows must fit the model's context; otherwise the first forward fails far from the cause."""
+    seq_len = getattr(datamodule, "seq_len", None)
+    if seq_len is not None and seq_len > config.max_seq_len:
+        raise ValueError(f"data.seq_len ({seq_len}) is longer than model.init_args.config.max_seq_len "
+                         f"({config.max_seq_len}); shorten the first or raise the second")

@@ -4,7 +4,11 @@ seed -> one continued-pre-training branch per domain -> the mixtures (upcycled f
 plus the branches) and a dense baseline -> report. Each stage is an ordinary `bam fit` recipe,
 composed with the stage's paths (checkpoints, TensorBoard, sources) and written to
 `<run_dir>/stages/<name>/config.yaml`; it runs in its own process, so a killed pipeline loses at
-most the steps since a stage's last checkpoint.
+most the steps since a stage's last checkpoint. A stage counts as done only when its `last.ckpt`
+holds its final step, so the next stage never starts from an older one.
+
+Compute-matched (CM) stages cut the steps to the reference's training FLOPs and scale the
+warm-up with them: warm-up is the same fraction of every run, DM or CM.
 
 Stages are idempotent: a stage whose fingerprint (its composed config plus its upstream stages'
 fingerprints) matches a finished `stage.json` is skipped; an unfinished one resumes from its
@@ -17,6 +21,7 @@ from __future__ import annotations
 import argparse
 import copy
 import hashlib
+import inspect
 import json
 import math
 import multiprocessing
@@ -34,11 +39,19 @@ from omegaconf import OmegaConf
 
 from bam_lightning.callbacks.metrics_file import read_metrics
 from bam_lightning.config import ModelConfig
-from bam_lightning.flops import parameter_counts, training_flops_per_token
+from bam_lightning.flops import (
+    parameter_counts,
+    recipe_tokens_per_step,
+    trainer_tokens_per_step,
+    training_flops_per_token,
+)
+from bam_lightning.lit import BaseLM
 
 PIPELINE_KEYS = {"run_dir", "seeds", "seed", "experts", "mixtures", "compute_matched", "dense_baseline",
                  "checkpoint_every_n_steps"}
 MIXTURE_METHODS = {"bam", "bam_shared_kv", "btx", "sparse", "btx_param_matched"}
+ERROR_FILE = "error.txt"  # a stage's exception, for the pipeline's failure line
+DEFAULT_WARMUP_STEPS = inspect.signature(BaseLM.__init__).parameters["warmup_steps"].default
 
 
 @dataclass
@@ -83,6 +96,10 @@ def load_pipeline_config(path: str) -> dict[str, Any]:
     for recipe in recipes:
         if not Path(recipe).is_file():
             raise FileNotFoundError(f"{path}: recipe {recipe} not found")
+        steps = (read_recipe(recipe).get("trainer") or {}).get("max_steps")
+        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+            raise ValueError(f"{recipe}: trainer.max_steps must be a positive number of steps, got {steps!r} "
+                             "(every stage of a pipeline trains a fixed number of steps)")
     matched = config["compute_matched"]
     if matched:
         if matched.get("reference") not in config["mixtures"]:
@@ -99,11 +116,6 @@ def read_recipe(path: str) -> dict[str, Any]:
 
 def recipe_model_config(recipe: dict[str, Any]) -> ModelConfig:
     return ModelConfig(**recipe["model"]["init_args"]["config"])
-
-
-def recipe_tokens_per_step(recipe: dict[str, Any]) -> int:
-    data = recipe["data"]
-    return int(data.get("batch_size", 32)) * int(data.get("seq_len", 128))
 
 
 def plan(config: dict[str, Any]) -> list[Stage]:
@@ -126,12 +138,13 @@ def plan(config: dict[str, Any]) -> list[Stage]:
 
 
 def compute_matched_steps(reference_recipe: str, recipe: str) -> int:
-    """Steps that give `recipe` the training FLOPs `reference_recipe` spends (fewer tokens)."""
+    """Steps that give `recipe` the training FLOPs `reference_recipe` spends (fewer tokens).
+    Tokens per step count accumulation, devices and nodes on both sides."""
     ref, this = read_recipe(reference_recipe), read_recipe(recipe)
     ref_flops = training_flops_per_token(recipe_model_config(ref), ref["data"].get("seq_len", 128))
     this_flops = training_flops_per_token(recipe_model_config(this), this["data"].get("seq_len", 128))
-    ref_total = ref_flops * recipe_tokens_per_step(ref) * ref["trainer"]["max_steps"]
-    return max(1, math.floor(ref_total / (this_flops * recipe_tokens_per_step(this))))
+    ref_total = ref_flops * recipe_tokens_per_step(ref, reference_recipe) * ref["trainer"]["max_steps"]
+    return max(1, math.floor(ref_total / (this_flops * recipe_tokens_per_step(this, recipe))))
 
 
 # ----- composing one stage's config -----
@@ -142,7 +155,11 @@ def compose_stage(stage: Stage, config: dict[str, Any], run_dir: Path) -> dict[s
     ckpt = lambda name: str(run_dir / "stages" / name / "checkpoints" / "last.ckpt")  # noqa: E731
     trainer = recipe.setdefault("trainer", {})
     if stage.max_steps is not None:
-        trainer["max_steps"] = stage.max_steps
+        # CM: fewer steps; the warm-up keeps its share of the run, as the cosine after it does
+        data_matched_steps, trainer["max_steps"] = trainer["max_steps"], stage.max_steps
+        init_args = recipe["model"].setdefault("init_args", {})
+        warmup = int(init_args.get("warmup_steps", DEFAULT_WARMUP_STEPS))
+        init_args["warmup_steps"] = round(warmup * stage.max_steps / data_matched_steps)
     trainer["default_root_dir"] = str(stage_dir)
     trainer["logger"] = {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
                          "init_args": {"save_dir": str(run_dir / "tensorboard"), "name": stage.name,
@@ -255,9 +272,9 @@ def run_pipeline(path: str, force: bool = False, seeds: list[int] | None = None)
               f"{composed['trainer']['max_steps']} steps)", flush=True)
         returncode = run_stage_process(config_path)
         if returncode != 0:
-            raise SystemExit(f"{label} failed (exit {returncode}); its config: {config_path}. "
-                             "Re-run the same command to resume from its last checkpoint.")
+            raise SystemExit(failure_message(label, returncode, stage, config_path))
         record = json.loads((stage_dir / "result.json").read_text())
+        check_stage_checkpoint(label, stage_dir / "checkpoints" / "last.ckpt", record["steps"])
         record.update(fingerprint=prints[stage.name], name=stage.name, row=stage.row, role=stage.role,
                       seed=stage.seed, budget=stage.budget)
         write_json_atomic(done, record)
@@ -271,20 +288,65 @@ def run_pipeline(path: str, force: bool = False, seeds: list[int] | None = None)
     return report
 
 
+def failure_message(label: str, returncode: int, stage: Stage, config_path: Path) -> str:
+    """Say "re-run to resume" only where a re-run can help (the stage was killed or interrupted);
+    for an error, name it and what to fix."""
+    error_file = config_path.parent / ERROR_FILE
+    if returncode < 0 or not error_file.exists():
+        how = f"was stopped by signal {-returncode}" if returncode < 0 else f"stopped (exit {returncode})"
+        return (f"{label} {how}. Re-run the same command to resume from its last checkpoint "
+                "(finished stages are kept).")
+    error = error_file.read_text().strip()
+    if error.startswith("KeyboardInterrupt"):
+        return f"{label} was interrupted. Re-run the same command to resume from its last checkpoint."
+    return (f"{label} failed: {error}\nFix the stage's recipe {stage.recipe} (composed config: {config_path}), "
+            "then re-run the same command; finished stages are kept.")
+
+
+def check_stage_checkpoint(label: str, last: Path, steps: int) -> None:
+    """A stage is recorded done only with a checkpoint of its final step (the next stages read it)."""
+    from bam_lightning.checkpoint import read_checkpoint
+
+    if not last.is_file():
+        raise SystemExit(f"{label} finished without writing {last}; the stages after it need that checkpoint. "
+                         "Check the stage's ModelCheckpoint settings (save_last) and re-run.")
+    source = read_checkpoint(last)
+    source.check_final(label)
+    if source.global_step is not None and source.global_step != steps:
+        raise SystemExit(f"{last}: holds step {source.global_step}, but the stage trained {steps} steps")
+
+
 def _stored_fingerprint(stage_dir: Path) -> str | None:
     path = stage_dir / "fingerprint"
     return path.read_text().strip() if path.exists() else None
 
 
 def run_stage(config_path: str) -> None:
-    """Inside the stage's process: fit (resuming if a last checkpoint exists), validate, record."""
-    from bam_lightning.lightning_cli import run_lightning_cli
+    """Inside the stage's process: fit (resuming if a last checkpoint exists), validate, record.
+    An error is also written to the stage's `error.txt`, for the pipeline's failure line."""
+    error_file = Path(config_path).parent / ERROR_FILE
+    error_file.unlink(missing_ok=True)
+    try:
+        _run_stage(config_path)
+    except (Exception, KeyboardInterrupt, SystemExit) as error:
+        if isinstance(error, SystemExit):
+            if error.code not in (0, None):  # the CLI refused the recipe and printed why above
+                error_file.write_text(f"the recipe was refused (exit {error.code}); its error is printed above")
+        else:
+            error_file.write_text(f"{type(error).__name__}: {error}")
+        raise
+
+
+def _run_stage(config_path: str) -> None:
+    from bam_lightning.lightning_cli import check_before_fit, run_lightning_cli
 
     sys.argv = sys.argv[:1]  # the stage's arguments are the config below, not this process's
     cli = run_lightning_cli(["--config", config_path], run=False)
     stage_dir = Path(config_path).parent
     last = stage_dir / "checkpoints" / "last.ckpt"
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=str(last) if last.exists() else None)
+    ckpt_path = str(last) if last.exists() else None
+    check_before_fit(cli.trainer, cli.model, cli.datamodule, ckpt_path)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path)
     metrics_file = next(c for c in cli.trainer.callbacks if type(c).__name__ == "MetricsFile")
     steps = cli.trainer.global_step
     records = read_metrics(metrics_file.path) if metrics_file.path.exists() else []
@@ -293,15 +355,16 @@ def run_stage(config_path: str) -> None:
         # the fit's last validation was before its last step: score the final weights once more
         final = cli.trainer.validate(cli.model, datamodule=cli.datamodule, verbose=False)[0]
     model_config = cli.model.config
-    seq_len, batch = cli.datamodule.seq_len, cli.datamodule.batch_size
+    seq_len = cli.datamodule.seq_len
+    tokens = steps * trainer_tokens_per_step(cli.trainer, cli.datamodule.batch_size, seq_len)
     total, active = parameter_counts(model_config)
     write_json_atomic(stage_dir / "result.json", {
         "final": {k: float(v) for k, v in final.items()},
         "initial": cli.model.initial_val_metrics,
         "steps": steps,
-        "tokens": steps * seq_len * batch * cli.trainer.world_size,
-        "training_flops": training_flops_per_token(model_config, seq_len) * steps * seq_len * batch
-        * cli.trainer.world_size,
+        "tokens": tokens,
+        "training_flops": training_flops_per_token(model_config, seq_len) * tokens,
+        "warmup_steps": int(cli.model.hparams.warmup_steps),
         "params_total": total,
         "params_active": active,
         "wall_time_s": metrics_file.wall_time(),

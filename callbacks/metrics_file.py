@@ -14,6 +14,8 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_only
 
+from bam_lightning.flops import trainer_tokens_per_step
+
 
 class MetricsFile(L.Callback):
     """Appends `{"step", "wall_time_s", "tokens", <val metrics>}` after every validation."""
@@ -38,7 +40,7 @@ class MetricsFile(L.Callback):
         if not metrics:
             return
         datamodule = trainer.datamodule
-        tokens_per_step = (datamodule.batch_size * datamodule.seq_len * trainer.world_size
+        tokens_per_step = (trainer_tokens_per_step(trainer, datamodule.batch_size, datamodule.seq_len)
                            if datamodule is not None and hasattr(datamodule, "seq_len") else None)
         record = {"step": trainer.global_step, "wall_time_s": round(self.wall_time(), 3),
                   "tokens": None if tokens_per_step is None else trainer.global_step * tokens_per_step,

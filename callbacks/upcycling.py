@@ -26,8 +26,9 @@ import torch
 from torch.distributed.tensor import DTensor
 
 from bam_lightning.checkpoint import load_model_weights
+from bam_lightning.config import ModelConfig
 from bam_lightning.lit import BaseLM
-from bam_lightning.upcycle import METHODS, upcycle_from_checkpoints
+from bam_lightning.upcycle import METHODS, read_sources, upcycle_from_checkpoints
 
 
 class UpcyclingCallback(L.Callback):
@@ -60,6 +61,13 @@ class UpcyclingCallback(L.Callback):
                              "initialise the model; use one")
         self._pending = self.provenance is None  # once per callback: a second fit() continues training
 
+    def check_sources(self, moe_config: ModelConfig, tokenizer: str | None = None) -> None:
+        """Every source is readable, fits `moe_config` and holds the final step of its fit (see
+        `SourceCheckpoint.check_final`). `bam fit` calls this before it writes anything."""
+        for source in read_sources(self.sources, moe_config, self.method, seed_index=self.seed_index,
+                                   tokenizer=tokenizer):
+            source.check_final("UpcyclingCallback (init_args.sources)")
+
     def on_sanity_check_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._upcycle_unless_resumed(trainer, pl_module)
 
@@ -72,6 +80,7 @@ class UpcyclingCallback(L.Callback):
         self._pending = False
         if trainer.ckpt_path is not None:
             return
+        self.check_sources(pl_module.config, pl_module.tokenizer_fingerprint)
         model = pl_module.model
         sharded = any(isinstance(p, DTensor) for p in model.parameters())
         with torch.no_grad():
