@@ -110,7 +110,8 @@ def write_report(run_dir: Path, records: list[dict[str, Any]]) -> Path:
     lines = ["# BAM study report", "",
              "Per-domain validation perplexity (lower is better), per token of the study's tokenizer.",
              "DM: data-matched (every mixture sees the same tokens); CM: compute-matched "
-             "(BAM's steps cut so its training FLOPs equal BTX's).", "",
+             "(BAM's steps cut so its training FLOPs equal BTX's; its warm-up is cut in the same "
+             "proportion, so warm-up is the same share of every run).", "",
              markdown_table(table, domains), ""]
     if margins:
         lines += ["## Paired margins against BTX (average perplexity, negative = better than BTX)", ""]

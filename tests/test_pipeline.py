@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from bam_lightning.pipeline import compute_matched_steps, load_pipeline_config, plan
@@ -68,7 +69,7 @@ def study(tmp_path, monkeypatch):
         paths[name].write_text(yaml.safe_dump(content, sort_keys=False))
     pipeline = {
         "run_dir": str(tmp_path / "run"),
-        "checkpoint_every_n_steps": 1,
+        "checkpoint_every_n_steps": 4,  # divides neither the seed's 6 steps nor bam_cm's: the final save must
         "seed": str(paths["seed"]),
         "experts": {"digits": str(paths["expert_digits"])},
         "mixtures": {"btx": str(paths["btx"]), "bam": str(paths["bam"])},
@@ -92,14 +93,18 @@ def test_pipeline_runs_every_stage_writes_the_report_and_skips_finished_stages(s
     stages = [s.name for s in plan(load_pipeline_config(str(path)))]
     assert stages == ["seed", "expert_digits", "btx", "bam", "bam_cm"]
     records = {name: json.loads((run_dir / "stages" / name / "stage.json").read_text()) for name in stages}
-    # the experts start where the seed ended
+    # the experts start where the seed ended (its final step, not its last interval checkpoint)
     for key, value in records["seed"]["final"].items():
         assert records["expert_digits"]["initial"][key] == pytest.approx(value, rel=1e-5), key
     # compute matching: BAM's steps are cut so its training FLOPs do not exceed BTX's
     assert records["bam_cm"]["steps"] == compute_matched_steps(str(recipes["btx"]), str(recipes["bam"]))
     assert records["bam_cm"]["training_flops"] <= records["btx"]["training_flops"]
     assert records["bam"]["tokens"] == records["btx"]["tokens"]
+    for name in stages:  # every stage's last.ckpt holds its final step
+        saved = torch.load(run_dir / "stages" / name / "checkpoints" / "last.ckpt", weights_only=True, mmap=True)
+        assert saved["global_step"] == records[name]["steps"] and saved["bam_lightning"]["final"], name
     report = (run_dir / "report.md").read_text()
+    assert "its warm-up is cut in the same proportion" in report
     for label in ("seed", "digits expert (dense)", "BTX", "BAM DM Expert-KV", "BAM CM Expert-KV"):
         assert f"| {label} |" in report
     results = json.loads((run_dir / "results.json").read_text())
