@@ -204,7 +204,11 @@ class BaseLM(L.LightningModule):
     def _total_steps(self) -> int:
         if self.trainer.max_steps and self.trainer.max_steps > 0:
             return self.trainer.max_steps
-        return int(self.trainer.estimated_stepping_batches)
+        steps = self.trainer.estimated_stepping_batches
+        if not math.isfinite(steps):
+            raise ValueError(f"trainer.max_steps is {self.trainer.max_steps} (no limit) and the training data "
+                             "never ends: set trainer.max_steps (the learning-rate schedule ends there)")
+        return int(steps)
 
     # ----- throughput (read by Lightning's ThroughputMonitor) -----
     @property
@@ -295,6 +299,8 @@ class BaseLM(L.LightningModule):
         meta = checkpoint.get(CHECKPOINT_KEY, {})
         self.initial_val_metrics = dict(meta.get("initial_val_metrics", {}))
         self.validated_step = meta.get("validated_step")
+        if "global_step" in meta:  # a fit resumed from its final checkpoint need not write it again
+            self._saved_state = (meta["global_step"], self.validated_step, bool(meta.get("final")))
         ours, theirs = self.tokenizer_fingerprint, meta.get("tokenizer")
         if ours and theirs and ours != theirs:
             raise ValueError(f"checkpoint was trained with tokenizer {theirs!r} but the data uses {ours!r}")

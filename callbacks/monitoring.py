@@ -48,7 +48,8 @@ def measure_matmul_flops(dtype: torch.dtype = torch.float32, size: int | None = 
 
 class TokenThroughput(ThroughputMonitor):
     """Lightning's ThroughputMonitor for [B, T+1] token blocks: logs tokens/s (`items_per_sec`),
-    FLOP/s and MFU, using the module's `flops_per_batch`.
+    FLOP/s and MFU, using the module's `flops_per_batch` (training FLOPs while training, forward
+    FLOPs while validating, so validation MFU is not read 3x too high).
 
     Lightning's datasheet table gives the peak FLOP/s where it names the device. It names no CPU
     and not every GPU (a plain "NVIDIA H200" is missing), so there MFU is taken against a matmul

@@ -9,12 +9,16 @@ import lightning as L
 import pytest
 import torch
 import yaml
+from bam_lightning.callbacks import MetricsFile, TokenThroughput
 from lightning.pytorch.loggers import Logger
 from torch.utils.data import DataLoader
 
 from bam_lightning import ModelConfig
-from bam_lightning.callbacks import MetricsFile, TokenThroughput
-from bam_lightning.flops import forward_flops_per_token, tokens_per_optimizer_step, training_flops_per_token
+from bam_lightning.flops import (
+    forward_flops_per_token,
+    tokens_per_optimizer_step,
+    training_flops_per_token,
+)
 from bam_lightning.lit import DenseLM
 from bam_lightning.pipeline import Stage, compose_stage, compute_matched_steps, recipe_model_config
 

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from bam_lightning.lightning_cli import run_lightning_cli
 from bam_lightning.data import BAMDataModule
+from bam_lightning.lightning_cli import run_lightning_cli
 from bam_lightning.lit import BaseLM
 
 MODEL = {"vocab_size": 320, "n_layer": 1, "d_model": 16, "n_head": 2, "d_ff": 32, "max_seq_len": 16}

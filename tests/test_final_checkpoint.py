@@ -9,11 +9,11 @@ import lightning as L
 import pytest
 import torch
 import yaml
+from bam_lightning.callbacks import UpcyclingCallback
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader
 
 from bam_lightning import ModelConfig
-from bam_lightning.callbacks import UpcyclingCallback
 from bam_lightning.checkpoint import read_checkpoint
 from bam_lightning.lightning_cli import run_lightning_cli
 from bam_lightning.lit import DenseLM
