@@ -311,7 +311,9 @@ def check_stage_checkpoint(label: str, last: Path, steps: int) -> None:
         raise SystemExit(f"{label} finished without writing {last}; the stages after it need that checkpoint. "
                          "Check the stage's ModelCheckpoint settings (save_last) and re-run.")
     source = read_checkpoint(last)
-    source.check_final(label)
+    if source.final is False:
+        raise SystemExit(f"{label} finished, but {last} holds step {source.global_step} of {source.max_steps}, "
+                         "not its final step. Re-run the same command to resume it.")
     if source.global_step is not None and source.global_step != steps:
         raise SystemExit(f"{last}: holds step {source.global_step}, but the stage trained {steps} steps")
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import lightning as L
 import pytest
+import torch
 import yaml
 
 from bam_lightning.lightning_cli import run_lightning_cli
@@ -169,3 +170,20 @@ def test_the_pipeline_says_rerun_only_when_a_rerun_helps(tmp_path):
     assert "failed: ValueError: data.seq_len (256)" in failed and "Fix the stage's recipe recipes/seed.yaml" in failed
     (tmp_path / "error.txt").write_text("KeyboardInterrupt: ")
     assert "Re-run the same command to resume" in failure_message("[1/3] seed", 1, stage, config)
+
+
+def test_a_stage_is_recorded_done_only_with_its_final_checkpoint(tmp_path):
+    from bam_lightning.pipeline import check_stage_checkpoint
+
+    last = tmp_path / "last.ckpt"
+    with pytest.raises(SystemExit, match=re.escape(f"[1/3] seed finished without writing {last}")):
+        check_stage_checkpoint("[1/3] seed", last, 6)
+    state = {"state_dict": {}, "hyper_parameters": {"config": MODEL}, "global_step": 4}
+    torch.save({**state, "bam_lightning": {"global_step": 4, "max_steps": 6, "final": False}}, last)
+    with pytest.raises(SystemExit, match=re.escape(f"[1/3] seed finished, but {last} holds step 4 of 6, "
+                                                   "not its final step")):
+        check_stage_checkpoint("[1/3] seed", last, 6)
+    torch.save({**state, "bam_lightning": {"global_step": 4, "max_steps": 4, "final": True}}, last)
+    with pytest.raises(SystemExit, match=re.escape(f"{last}: holds step 4, but the stage trained 6 steps")):
+        check_stage_checkpoint("[1/3] seed", last, 6)
+    check_stage_checkpoint("[1/3] seed", last, 4)
