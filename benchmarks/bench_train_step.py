@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader, Dataset
 from bam_lightning import ModelConfig
 from bam_lightning.flops import parameter_counts, training_flops_per_token
 from bam_lightning.lit import DenseLM, MoELM
+from bam_lightning.model.ffn import last_ffn_kernel
 
 TINY_BAM = ModelConfig(vocab_size=257, n_layer=4, d_model=128, n_head=4, max_seq_len=128,
                        n_experts=4, ffn_top_k=1, attn_experts=4)
@@ -180,7 +181,7 @@ def main() -> None:
     ratio = statistics.median(times["BAM MoE"]) / statistics.median(times["dense seed"])
     print_table(["model", "params total / active", "train MFLOP/token", "step ms (median)", "tokens/s",
                  "GFLOP/s", "MFU", *(["peak GPU GiB"] if device.type == "cuda" else [])], rows)
-    print(f"# BAM MoE step time / dense seed step time: {ratio:.2f}")
+    print(f"# BAM MoE step time / dense seed step time: {ratio:.2f}; FFN kernel that ran: {last_ffn_kernel()}")
     print(f"# {load.summary()}")
 
 
