@@ -135,9 +135,14 @@ def test_float64_mixture_matches_a_float64_loop_forward_and_backward():
 
 def test_float64_mixture_passes_gradcheck():
     """What people run `model.double()` for: analytic gradients against finite differences."""
-    ffn, x = mixture(FP64)
-    x = x[:1, :4].clone().requires_grad_()
-    params = [ffn.w_gate, ffn.w_up, ffn.w_down]
+    torch.manual_seed(3)
+    ffn = MixtureOfFFN(ModelConfig(**{**TINY, "d_model": 8, "d_ff": 8}, n_experts=3, ffn_top_k=2)).double()
+    ffn.reset_parameters()
+    with torch.no_grad():
+        for p in ffn.parameters():
+            p.normal_(std=0.5)  # clear routing margins: finite differences must not flip a choice
+    x = torch.randn(1, 4, 8, dtype=FP64, requires_grad=True)
+    params = [ffn.w_gate, ffn.w_up, ffn.w_down, ffn.router.weight]
     assert torch.autograd.gradcheck(lambda t, *_: ffn(t)[0], (x, *params), eps=1e-6, atol=1e-6)
 
 
