@@ -28,8 +28,9 @@ from bam_lightning.model.layers import RouterStats, init_router, router_probs
 
 LOOP = "per-expert loop"
 # dtypes `F.grouped_mm` takes, by device type. CPU: its C++ loop takes these three (float64
-# fails: "Expected mat_a to be Float32, BFloat16 or Float16"). CUDA: torch documents bf16 only
-# (fp32 goes to a slow fallback on some builds and fails on others), so fp32 takes our loop.
+# fails: "Expected mat_a to be Float32, BFloat16 or Float16"; the same in torch 2.11 and 2.13).
+# CUDA: torch documents bf16 only (on SM >= 80), so other dtypes take our loop rather than rely
+# on what a given build happens to accept.
 GROUPED_MM_DTYPES = {
     "cpu": (torch.float32, torch.bfloat16, torch.float16),
     "cuda": (torch.bfloat16,),
