@@ -99,6 +99,17 @@ class BaseLM(L.LightningModule):
             if name not in self.val_loss:
                 self.val_loss[name] = MeanMetric()
 
+    def on_fit_start(self) -> None:
+        """Name the FFN kernel in the training log: a fallback to the per-expert loop (float64,
+        fp32 on a GPU, an older torch) is correct but slower, and must not pass unnoticed."""
+        from lightning.pytorch.utilities import rank_zero_info
+
+        from bam_lightning.model.ffn import ffn_kernel
+
+        precision = str(self.trainer.precision)
+        dtype = torch.bfloat16 if "bf16" in precision else torch.float16 if precision.startswith("16") else self.dtype
+        rank_zero_info(f"FFN expert matmuls: {ffn_kernel(self.device, dtype)} ({dtype} on {self.device.type})")
+
     def configure_model(self) -> None:
         """FSDP2 under ModelParallelStrategy: shard each block, then the root. Idempotent,
         because Lightning calls it again for validate/test on an already sharded module."""

@@ -32,7 +32,7 @@ from harness import (  # benchmarks/harness.py, beside this script
 )
 
 from bam_lightning import ModelConfig
-from bam_lightning.model.ffn import MixtureOfFFN, swiglu
+from bam_lightning.model.ffn import MixtureOfFFN, last_ffn_kernel, swiglu
 
 try:
     from transformers import MixtralConfig
@@ -129,7 +129,7 @@ def main() -> None:
             rows = [bench_one(E, k, tokens, args, autocast, use_hf) for E in args.experts for k in args.top_k]
         print_table(["E", "k", "dense ms", "bam ms", "bam/dense", "loop/dense", *(["hf/dense"] if use_hf else []),
                      "bam/dense per-round quartiles", "max|bam-loop|"], rows)
-        print(f"# {load.summary()}")
+        print(f"# {load.summary()}; FFN kernel that ran: {last_ffn_kernel()}")
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader, Dataset
 from bam_lightning import ModelConfig
 from bam_lightning.flops import parameter_counts, training_flops_per_token
 from bam_lightning.lit import DenseLM, MoELM
+from bam_lightning.model.ffn import last_ffn_kernel
 
 TINY_BAM = ModelConfig(vocab_size=257, n_layer=4, d_model=128, n_head=4, max_seq_len=128,
                        n_experts=4, ffn_top_k=1, attn_experts=4)
@@ -125,6 +126,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=None, help="sequences per step (default: 32 for tiny, "
                         "8 for paper_590m)")
     parser.add_argument("--precision", default="32-true", help="Lightning precision, e.g. bf16-mixed")
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="a datasheet peak (dense, no sparsity) for a second MFU column, e.g. 989 "
+                             "for an H200's bf16; Lightning's table lists the sparse figure")
     args = parser.parse_args()
     args.device = "cuda" if args.accelerator == "gpu" else "cpu"  # read by print_header
     bam = TINY_BAM if args.model == "tiny" else recipe_model_config(PAPER_590M_RECIPE)
@@ -167,7 +171,7 @@ def main() -> None:
         print("# Lightning's datasheet peak for this GPU: "
               + (f"{datasheet / 1e12:.0f} TFLOP/s" if datasheet else "not in its table")
               + "; MFU below is against the measured ceiling")
-    rows = []
+    rows, results = [], []
     for name, (_, config) in models.items():
         step = statistics.median(times[name])
         tokens_per_s = args.batch * seq / step
@@ -176,11 +180,18 @@ def main() -> None:
         rows.append([name, f"{total / 1e6:.2f}M / {active / 1e6:.2f}M", f"{flops / 1e6:.1f}",
                      f"{1e3 * step:.0f}", f"{tokens_per_s:,.0f}", f"{flops * tokens_per_s / 1e9:.1f}",
                      f"{100 * flops * tokens_per_s / ceiling:.1f}%",
+                     *([f"{100 * flops * tokens_per_s / (args.peak_tflops * 1e12):.1f}%"] if args.peak_tflops else []),
                      *([f"{peak_memory[name] / 2**30:.1f}"] if device.type == "cuda" else [])])
+        results.append(f"{name} {tokens_per_s:,.0f} tok/s MFU {rows[-1][6]}"
+                       + (f" ({rows[-1][7]} of {args.peak_tflops:g} TFLOP/s)" if args.peak_tflops else "")
+                       + (f" peak {rows[-1][-1]} GiB" if device.type == "cuda" else ""))
     ratio = statistics.median(times["BAM MoE"]) / statistics.median(times["dense seed"])
     print_table(["model", "params total / active", "train MFLOP/token", "step ms (median)", "tokens/s",
-                 "GFLOP/s", "MFU", *(["peak GPU GiB"] if device.type == "cuda" else [])], rows)
-    print(f"# BAM MoE step time / dense seed step time: {ratio:.2f}")
+                 "GFLOP/s", "MFU (measured ceiling)",
+                 *([f"MFU ({args.peak_tflops:g} TFLOP/s)"] if args.peak_tflops else []),
+                 *(["peak GPU GiB"] if device.type == "cuda" else [])], rows)
+    print(f"# BAM MoE step time / dense seed step time: {ratio:.2f}; FFN kernel that ran: {last_ffn_kernel()}")
+    print(f"# result: {'; '.join(results)}; BAM/seed step time {ratio:.2f}; FFN kernel {last_ffn_kernel()}")
     print(f"# {load.summary()}")
 
 

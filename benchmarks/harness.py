@@ -23,6 +23,7 @@ from contextlib import nullcontext
 import torch
 
 from bam_lightning.malloc import keep_large_blocks_on_heap
+from bam_lightning.model.ffn import ffn_kernel
 
 CLOCK = time.perf_counter  # --clock cpu: time.process_time
 SYNCHRONIZE: Callable[[], None] | None = None  # --device cuda: torch.cuda.synchronize
@@ -98,8 +99,9 @@ def print_header(title: str, args: argparse.Namespace) -> None:
           f"{torch.backends.cpu.get_cpu_capability()}) | {torch.get_num_threads()} threads | {malloc} malloc")
     compute = (f"GPU: {gpu_summary(torch.device('cuda'))}" if device == "cuda" else
                f"native bf16 matmul: {'yes' if native_bf16_matmul() else 'NO (bf16 runs on a slow generic fallback)'}")
+    kernels = ", ".join(f"{name} {ffn_kernel(device, DTYPES[name])}" for name in getattr(args, "dtypes", DTYPES))
     print(f"# {compute}"
-          f" | grouped_mm: {'yes' if hasattr(torch.nn.functional, 'grouped_mm') else 'no'}"
+          f" | FFN kernel on {device}: {kernels}"
           + (f" | {args.warmup} warm-up + {args.rounds} timed rounds, interleaved, {args.clock} clock; "
              "ratio = median of per-round ratios" if hasattr(args, "rounds") else ""))
 

@@ -6,8 +6,13 @@ top-k (original BTX). Dropless: every token reaches its k experts.
 
 Speed (benchmarks/bench_ffn.py): the (token, slot) pairs are gathered in expert order so that
 each expert reads one contiguous block of rows, the whole bank runs as one grouped matrix product
-(`torch.nn.functional.grouped_mm`) per projection, and the outputs are gathered back. The dense
-FFN is the one-group case of the same code, so dense and one-expert mixtures agree bit for bit.
+per projection, and the outputs are gathered back. The dense FFN is the one-group case of the
+same code, so dense and one-expert mixtures agree bit for bit.
+
+Which grouped kernel runs depends on the torch build, the device and the dtype (`ffn_kernel`):
+`torch.nn.functional.grouped_mm` where it takes that dtype on that device, `torch._grouped_mm`
+for bf16 on CUDA where the public name is missing, otherwise one product per expert (float64,
+fp32 on CUDA, older torch). `last_ffn_kernel()` says which one the latest forward used.
 """
 
 from __future__ import annotations
@@ -21,7 +26,33 @@ from torch import nn
 from bam_lightning.config import ModelConfig
 from bam_lightning.model.layers import RouterStats, init_router, router_probs
 
-HAS_GROUPED_MM = hasattr(F, "grouped_mm")
+LOOP = "per-expert loop"
+# dtypes `F.grouped_mm` takes, by device type. CPU: its C++ loop takes these three (float64
+# fails: "Expected mat_a to be Float32, BFloat16 or Float16"; the same in torch 2.11 and 2.13).
+# CUDA: torch documents bf16 only (on SM >= 80), so other dtypes take our loop rather than rely
+# on what a given build happens to accept.
+GROUPED_MM_DTYPES = {
+    "cpu": (torch.float32, torch.bfloat16, torch.float16),
+    "cuda": (torch.bfloat16,),
+}
+_last_kernel: str | None = None
+
+
+def ffn_kernel(device: torch.device | str, dtype: torch.dtype) -> str:
+    """The grouped kernel the FFN bank uses for matmuls in `dtype` on `device`: "F.grouped_mm",
+    "torch._grouped_mm" or LOOP. Read at call time, so tests can patch what torch has."""
+    device_type = torch.device(device).type
+    if hasattr(F, "grouped_mm") and dtype in GROUPED_MM_DTYPES.get(device_type, ()):
+        return "F.grouped_mm"
+    if device_type == "cuda" and dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm"):
+        return "torch._grouped_mm"
+    return LOOP
+
+
+def last_ffn_kernel() -> str | None:
+    """The kernel of the latest FFN forward in this process (None before the first): what the
+    benchmarks print after timing, so a silent fallback cannot pass for the grouped kernel."""
+    return _last_kernel
 
 
 def swiglu(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
@@ -49,22 +80,25 @@ def grouped_swiglu(rows: torch.Tensor, group_end: torch.Tensor, w_gate: torch.Te
     """Expert e's SwiGLU on rows[group_end[e-1]:group_end[e]]; rows [N, d], weights [E, ...].
 
     Rows after group_end[-1] are not computed (the caller never reads them). `group_end` stays on
-    the device: where grouped_mm exists nothing waits for the host.
+    the device: with a grouped kernel nothing waits for the host.
     """
+    global _last_kernel
     dtype = _matmul_dtype(rows)
     rows = rows.to(dtype)
     w_gate, w_up, w_down = w_gate.to(dtype), w_up.to(dtype), w_down.to(dtype)
-    if not HAS_GROUPED_MM:
+    _last_kernel = kernel = ffn_kernel(rows.device, dtype)
+    if kernel == LOOP:
         return _looped_swiglu(rows, group_end, w_gate, w_up, w_down)
+    grouped_mm = F.grouped_mm if kernel == "F.grouped_mm" else torch._grouped_mm
     offs = group_end.to(torch.int32)
-    hidden = F.silu(F.grouped_mm(rows, w_gate.transpose(1, 2), offs=offs))
-    hidden = hidden * F.grouped_mm(rows, w_up.transpose(1, 2), offs=offs)
-    return _ContiguousGrad.apply(F.grouped_mm(hidden, w_down.transpose(1, 2), offs=offs))
+    hidden = F.silu(grouped_mm(rows, w_gate.transpose(1, 2), offs=offs))
+    hidden = hidden * grouped_mm(rows, w_up.transpose(1, 2), offs=offs)
+    return _ContiguousGrad.apply(grouped_mm(hidden, w_down.transpose(1, 2), offs=offs))
 
 
 def _looped_swiglu(rows: torch.Tensor, group_end: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
                    w_down: torch.Tensor) -> torch.Tensor:
-    """The same without grouped_mm (older torch): one product per expert.
+    """The same without a grouped kernel (dtype, device or torch version): one product per expert.
 
     `unbind` rather than `w[e]`: each `w[e]` would build a full [E, ...] zero gradient in backward.
     Empty experts still run (on zero rows), so every parameter joins the graph (DDP).
