@@ -306,6 +306,8 @@ def run_stage(config_path: str) -> None:
         "params_active": active,
         "wall_time_s": metrics_file.wall_time(),
         "config": model_config.to_dict(),
+        # per validation document: loss sum, tokens, bytes (the report bootstraps over them)
+        "val_documents": cli.model.val_document_stats,
     })
 
 

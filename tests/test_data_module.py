@@ -70,14 +70,15 @@ def test_batches_and_attributes(domains):
         assert counts["val"]["documents"] == 2
         # bytes + one EOS per document
         assert counts["val"]["tokens"] == counts["val"]["bytes"] + counts["val"]["documents"]
-        assert 0.99 < data.bytes_per_token[domain] < 1
+    lengths = data.token_byte_lengths()
+    assert lengths.shape == (257,) and lengths[:256].tolist() == [1] * 256 and lengths[256] == 0
     loaders = data.val_dataloader()
     assert len(loaders) == 2
     for name, loader in zip(data.val_domain_names, loaders, strict=True):
-        first_pass = list(loader)
+        first_pass = [b["tokens"] for b in loader]
         assert all(b.shape[1] == SEQ_LEN + 1 for b in first_pass)
         assert all(
-            torch.equal(a, b) for a, b in zip(first_pass, list(loader), strict=True)
+            torch.equal(a, b["tokens"]) for a, b in zip(first_pass, list(loader), strict=True)
         )  # fixed set
         windows = torch.cat(first_pass)
         assert all(is_digit_window(w) == (name == "digits") for w in windows)
@@ -226,7 +227,9 @@ def test_bpe_is_trained_on_the_training_split_only(tmp_path, monkeypatch):
     assert 258 < data.vocab_size <= 300
     batch = next(iter(data.train_dataloader()))
     assert batch.shape == (BATCH, SEQ_LEN + 1) and int(batch.max()) < data.vocab_size
-    assert all(1 < data.bytes_per_token[d] < 6 for d in domains)
+    lengths = data.token_byte_lengths()
+    assert lengths.shape == (data.vocab_size,) and lengths[tokenizer.eos_id] == 0
+    assert lengths.max() > 1  # merges span several bytes
     assert tokenizer.decode(tokenizer.encode(letters[0])) == letters[0]
 
 
@@ -305,7 +308,7 @@ def test_prepare_is_atomic_and_leaves_the_process_alone(tmp_path, monkeypatch):
     )
     python_state = random.getstate()
     make(domains, data_dir=str(data_dir))
-    assert signal.getsignal(signal.SIGINT) is handler  # litdata installs an os._exit(0) handler
+    assert signal.getsignal(signal.SIGINT) is handler
     assert torch.equal(torch.get_rng_state(), torch_state) and random.getstate() == python_state
     assert np.array_equal(np.random.get_state()[1], numpy_state[1])
     assert list((tmp_path / "prepared").iterdir()) == [data_dir]
@@ -347,7 +350,7 @@ def test_order_seed_changes_the_training_order_only(domains):
     base, repeat = make(domains), make(domains, order_seed=1235)
     assert repeat.data_dir == base.data_dir  # the same prepared documents and split
     for ours, theirs in zip(base.val_dataloader(), repeat.val_dataloader(), strict=True):
-        assert all(torch.equal(a, b) for a, b in zip(ours, theirs, strict=True))
+        assert all(torch.equal(a["tokens"], b["tokens"]) for a, b in zip(ours, theirs, strict=True))
     first = list(itertools.islice(base.train_dataloader(), 3))
     again = list(itertools.islice(make(domains).train_dataloader(), 3))
     other = list(itertools.islice(repeat.train_dataloader(), 3))
