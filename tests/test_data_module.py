@@ -6,7 +6,6 @@ import math
 import random
 import signal
 
-import lightning as L
 import numpy as np
 import pytest
 import torch
@@ -113,57 +112,6 @@ def test_state_dict_resumes_the_same_stream(domains):
     resumed.load_state_dict(state)
     iterator = iter(resumed.train_dataloader())
     assert all(torch.equal(a, next(iterator)) for a in expected)
-
-
-class RecordingModule(L.LightningModule):
-    """Trains nothing; remembers every batch it was given."""
-
-    def __init__(self):
-        super().__init__()
-        self.weight = torch.nn.Parameter(torch.zeros(1))
-        self.seen = []
-
-    def training_step(self, batch, batch_idx):
-        self.seen.append(batch.clone())
-        return self.weight.sum() * batch.float().mean()
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.0)
-
-
-def test_trainer_resume_continues_exactly_where_the_checkpoint_was(domains, tmp_path):
-    def fit(steps, ckpt_path=None, callbacks=()):
-        module = RecordingModule()
-        trainer = L.Trainer(
-            max_steps=steps,
-            accelerator="cpu",
-            logger=False,
-            limit_val_batches=0,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            enable_checkpointing=bool(callbacks),
-            callbacks=list(callbacks),
-            default_root_dir=tmp_path,
-        )
-        trainer.fit(
-            module,
-            datamodule=BAMDataModule(
-                domains=domains, seq_len=SEQ_LEN, batch_size=BATCH, val_fraction=0.1
-            ),
-            ckpt_path=ckpt_path,
-        )
-        return module.seen
-
-    uninterrupted = fit(9)
-    checkpoint = L.pytorch.callbacks.ModelCheckpoint(
-        dirpath=tmp_path / "ckpt", every_n_train_steps=4
-    )
-    first_part = fit(4, callbacks=[checkpoint])
-    second_part = fit(9, ckpt_path=checkpoint.best_model_path or checkpoint.last_model_path)
-    assert len(first_part) == 4 and len(second_part) == 5
-    assert all(
-        torch.equal(a, b) for a, b in zip(first_part + second_part, uninterrupted, strict=True)
-    )
 
 
 def test_prepare_data_reuses_prepared_data(domains, monkeypatch):

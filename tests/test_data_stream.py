@@ -29,7 +29,7 @@ def write_domains(root, n_domains):
         folder.mkdir(parents=True)
         letters = "abcdefghijklmnopqrstuvwxyz"[d * 5:d * 5 + 5]
         for i in range(6):
-            words = ("".join(rng.choice(letters) for _ in range(rng.randint(2, 6))) for _ in range(20 + 15 * i))
+            words = ("".join(rng.choice(letters) for _ in range(rng.randint(2, 6))) for _ in range(4 + 3 * i))
             (folder / f"{i}.txt").write_text(" ".join(words))
         domains[f"d{d}"] = str(folder / "*.txt")
     return domains
@@ -134,13 +134,13 @@ def test_trainer_resume_of_a_resumed_run_across_epochs_is_exact(domains, workers
 
     def fit(steps, ckpt_path=None, every=None):
         module = RecordingModule()
-        callbacks = [L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / f"ckpt{steps}", every_n_train_steps=every,
+        callbacks = [L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=every,
                                                          save_top_k=-1)] if every else []
         trainer = L.Trainer(max_steps=steps, accelerator="cpu", logger=False, limit_val_batches=0,
                             enable_progress_bar=False, enable_model_summary=False,
                             enable_checkpointing=bool(callbacks), callbacks=callbacks, default_root_dir=tmp_path)
         trainer.fit(module, datamodule=make(domains, num_workers=workers), ckpt_path=ckpt_path)
-        return module.seen, tmp_path / f"ckpt{steps}"
+        return module.seen, tmp_path / "ckpt"
 
     uninterrupted, _ = fit(total)
     # stop points: early, just before and just after an epoch boundary, inside the second epoch
@@ -150,12 +150,12 @@ def test_trainer_resume_of_a_resumed_run_across_epochs_is_exact(domains, workers
     chain = list(seen)
     previous = first_stop
     for stop in stops[1:]:  # each resume starts from a checkpoint that a resumed run wrote
-        (checkpoint,) = [p for p in folder.iterdir() if f"step={previous}" in p.name]
+        (checkpoint,) = [p for p in folder.iterdir() if p.name.endswith(f"step={previous}.ckpt")]
         seen, folder = fit(stop, ckpt_path=checkpoint, every=1)
         assert len(seen) == stop - previous
         chain += seen
         previous = stop
-    (checkpoint,) = [p for p in folder.iterdir() if f"step={previous}" in p.name]
+    (checkpoint,) = [p for p in folder.iterdir() if p.name.endswith(f"step={previous}.ckpt")]
     seen, _ = fit(total, ckpt_path=checkpoint)
     chain += seen
     assert len(chain) == total

@@ -224,7 +224,10 @@ def prepare(
     for domain, docs in documents.items():
         dedup_started = time.perf_counter()
         groups = near_duplicate_groups(docs, settings["near_duplicates"]["jaccard"])
-        train, val = split_indices(len(docs), val_fraction, seed, groups)
+        try:
+            train, val = split_indices(len(docs), val_fraction, seed, groups)
+        except ValueError as error:
+            raise ValueError(f"domain {domain!r}: {error}") from None
         splits[domain] = {"train": [docs[i] for i in train], "val": [docs[i] for i in val]}
         near_duplicates[domain] = _near_duplicate_summary(groups, len(docs), val_fraction, seed, val)
         rank_zero_info(
