@@ -83,15 +83,15 @@ class BAMDataModule(L.LightningDataModule):
         seq_len: tokens a model sees per window; batches hold `seq_len + 1` tokens.
         batch_size: windows per batch, for training and validation.
         val_fraction: share of each domain's documents held out (at least one document).
-        val_tokens_per_domain: validation reads only this many tokens per domain (rounded down
-            to whole windows, at least one window).
+        val_tokens_per_domain: validation scores this many tokens per domain (rounded down
+            to whole windows, at least one window), in windows spread evenly over the split.
         max_bytes_per_domain: text per domain, chosen by a seeded shuffle of documents.
         data_dir: where prepared data goes; None: a folder under the cache dir named by a hash
             of every setting that changes the data, so settings never collide and are reused.
         seed: seeds the byte cap, the split, and the training stream's shuffling and mixing.
         order_seed: seeds only the training stream's shuffling and mixing (None: `seed`), so a
             repeat with another data order keeps the same documents and validation set.
-        num_workers: DataLoader worker processes.
+        num_workers: DataLoader worker processes (speed only: the stream does not depend on it).
     """
 
     def __init__(
