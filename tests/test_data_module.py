@@ -64,7 +64,7 @@ def test_batches_and_attributes(domains):
     assert data.train_token_counts == {
         d: manifest["domains"][d]["train"]["tokens"] for d in domains
     }
-    for domain, counts in manifest["domains"].items():
+    for counts in manifest["domains"].values():
         assert counts["train"]["documents"] + counts["val"]["documents"] == 24
         assert counts["val"]["documents"] == 2
         # bytes + one EOS per document

@@ -7,7 +7,13 @@ import math
 import numpy as np
 import pytest
 
-from bam_lightning.report import evaluation_interval, paired_margin, summarise, unresolved_reasons, write_report
+from bam_lightning.report import (
+    evaluation_interval,
+    paired_margin,
+    summarise,
+    unresolved_reasons,
+    write_report,
+)
 
 DOMAINS = ("code", "legal")
 
