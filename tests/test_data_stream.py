@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from bam_lightning.data import BAMDataModule
-from bam_lightning.data.dedup import near_duplicate_groups
+from bam_lightning.data.dedup import minhash_signatures, near_duplicate_groups, shingle_hashes
 from bam_lightning.data.prepare import split_indices
 from bam_lightning.data.stream import BLOCK, TrainStream, validation_windows
 from bam_lightning.data.tokenizer import ByteTokenizer, train_bpe
@@ -246,6 +246,23 @@ def test_near_duplicates_are_grouped_and_never_straddle_the_split():
         train, val = split_indices(len(documents), 0.2, seed)
         straddles += any((c in val) != (s in val) for c, s in planted.items())
     assert straddles > 0
+
+
+def test_minhash_estimates_the_exact_shingle_jaccard():
+    rng = random.Random(4)
+    base = [f"w{rng.randrange(10**6)}" for _ in range(600)]
+    documents = [" ".join(base)]
+    for keep in (0.97, 0.9, 0.6, 0.05):  # word survival; shingle Jaccard about 0.75, 0.42, 0.04, 0
+        words = [w if rng.random() < keep else f"x{rng.randrange(10**6)}" for w in base]
+        documents.append(" ".join(words))
+    signatures = minhash_signatures(documents)
+    first = set(shingle_hashes(documents[0]).tolist())
+    for k in range(1, len(documents)):
+        other = set(shingle_hashes(documents[k]).tolist())
+        exact = len(first & other) / len(first | other)
+        assert abs(np.mean(signatures[0] == signatures[k]) - exact) < 0.1, (k, exact)
+    groups = near_duplicate_groups(documents)
+    assert groups[1] == groups[0] and len(set(groups[2:])) == 3 and groups[0] not in groups[2:]
 
 
 def test_stream_rejects_a_domain_without_windows():

@@ -20,7 +20,7 @@ SHINGLE_WORDS = 5
 NUM_HASHES = 128
 BANDS = 32  # 32 bands of 4 rows: a pair at Jaccard 0.5 becomes a candidate with p > 0.87
 JACCARD_THRESHOLD = 0.5
-_PRIME = (1 << 61) - 1
+_PRIME = (1 << 31) - 1  # a Mersenne prime: (a*x + b) with a, b, x < 2**31 fits in uint64
 _WORD = re.compile(r"\w+")
 
 
@@ -38,12 +38,12 @@ def shingle_hashes(text: str) -> np.ndarray:
 def minhash_signatures(documents: Sequence[str], seed: int = 0) -> np.ndarray:
     """[n_documents, NUM_HASHES] MinHash signatures with universal hashes (a*x + b) mod p."""
     rng = np.random.default_rng(seed)
-    a = rng.integers(1, 1 << 29, size=NUM_HASHES, dtype=np.uint64)
-    b = rng.integers(0, 1 << 29, size=NUM_HASHES, dtype=np.uint64)
+    a = rng.integers(1, _PRIME, size=NUM_HASHES, dtype=np.uint64)
+    b = rng.integers(0, _PRIME, size=NUM_HASHES, dtype=np.uint64)
     signatures = np.empty((len(documents), NUM_HASHES), dtype=np.uint64)
     for row, text in enumerate(documents):
-        hashes = shingle_hashes(text)
-        # 32-bit x times a 29-bit a stays below 2**61: no uint64 overflow before the modulo
+        hashes = shingle_hashes(text) % _PRIME
+        # the modulo must wrap (a, b up to p): without it every hash would pick the same shingle
         signatures[row] = ((hashes[:, None] * a[None, :] + b[None, :]) % _PRIME).min(axis=0)
     return signatures
 
