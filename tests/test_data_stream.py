@@ -4,6 +4,7 @@ near-duplicates kept on one side of the split."""
 
 import itertools
 import random
+from types import SimpleNamespace
 
 import lightning as L
 import numpy as np
@@ -109,6 +110,19 @@ def test_batches_do_not_depend_on_num_workers(domains):
     block = SEQ_LEN + 1
     expected = [tokens[d][w * block:(w + 1) * block] for d, w in data.train_stream().samples(0, 3 * BATCH)]
     assert np.array_equal(batches[0][:3].reshape(-1, block).numpy(), np.stack(expected))
+
+
+def test_ranks_share_one_global_stream(domains):
+    single = make(domains).train_dataloader()
+    expected = list(itertools.islice(single, 6))
+    per_rank = []
+    for rank in (0, 1):
+        data = make(domains)
+        data.trainer = SimpleNamespace(global_rank=rank, world_size=2, training=False)
+        per_rank.append(list(itertools.islice(data.train_dataloader(), 3)))
+        assert data.state_dict()["batches"] == 6  # global batches, the same on every rank
+    interleaved = [batch for pair in zip(*per_rank, strict=True) for batch in pair]
+    assert all(torch.equal(a, b) for a, b in zip(interleaved, expected, strict=True))
 
 
 class RecordingModule(L.LightningModule):

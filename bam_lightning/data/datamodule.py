@@ -47,7 +47,8 @@ class TrainBatches:
     """The training batches from the data module's current position to the end of the epoch.
 
     An epoch is `epoch_batches` batches (every trained window once, on average); the stream
-    itself runs on across epochs. The position advances as batches are handed out; Lightning
+    itself runs on across epochs. With several processes, global batch g goes to rank
+    g mod world_size, so the global stream is the same for any number of processes. The position advances as batches are handed out; Lightning
     fetches one batch ahead of the one it trains on, so the data module also counts the batches
     actually trained (see `BAMDataModule.on_before_batch_transfer`)."""
 
@@ -56,14 +57,24 @@ class TrainBatches:
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         data = self.datamodule
-        first = data.position_batches()
-        last = (first // self.epoch_batches + 1) * self.epoch_batches
+        rank, world = data.rank_and_world()
+        first = data.position_batches()  # global: batch g goes to rank g mod world
+        if first % world:
+            raise ValueError(
+                f"cannot resume: the checkpoint's stream position ({first} batches) is not a "
+                f"multiple of this run's {world} processes (trainer devices x num_nodes)"
+            )
+        epoch = max(world, self.epoch_batches // world * world)
+        last = (first // epoch + 1) * epoch
         data._iteration_start, data._yielded, data._trained = first, first, None
         loader = DataLoader(
-            self.dataset, batch_size=None, sampler=range(first, last), num_workers=data.num_workers
+            self.dataset,
+            batch_size=None,
+            sampler=range(first + rank, last, world),
+            num_workers=data.num_workers,
         )
         for batch in loader:
-            data._yielded += 1
+            data._yielded += world
             yield batch
 
 
@@ -259,8 +270,8 @@ class BAMDataModule(L.LightningDataModule):
     # --- resuming -----------------------------------------------------------------------------
 
     def position_batches(self) -> int:
-        """Batches of the stream used so far: trained (inside a Trainer), else handed out (a loader
-        iterated by hand), else restored from a checkpoint."""
+        """Global batches of the stream used so far (all ranks): trained (inside a Trainer), else
+        handed out (a loader iterated by hand), else restored from a checkpoint."""
         if self._trained is not None:
             return self._trained
         if self._yielded is not None:
@@ -270,8 +281,14 @@ class BAMDataModule(L.LightningDataModule):
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Lightning calls this once per batch it is about to use: count the trained ones."""
         if self.trainer is not None and self.trainer.training and self._yielded is not None:
-            self._trained = (self._iteration_start if self._trained is None else self._trained) + 1
+            start = self._iteration_start if self._trained is None else self._trained
+            self._trained = start + self.rank_and_world()[1]
         return batch
+
+    def rank_and_world(self) -> tuple[int, int]:
+        """This process's rank and the number of processes sharing the training stream."""
+        trainer = self.trainer
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
 
     def state_dict(self) -> dict[str, Any]:
         """The training stream's position and what it depends on; Lightning stores it in checkpoints."""
