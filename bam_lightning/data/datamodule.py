@@ -200,6 +200,7 @@ class BAMDataModule(L.LightningDataModule):
         if manifest is None:
             raise FileNotFoundError(f"no prepared data in {data_dir}: call prepare_data() first")
         if manifest["settings"] != settings:
+            check_reusable(data_dir, settings)  # names an older format, if that is the cause
             raise ValueError(
                 f"{data_dir} holds data prepared with other settings; run prepare_data()"
             )

@@ -101,6 +101,12 @@ def check_reusable(data_dir: Path, settings: dict[str, Any]) -> bool:
     missing or empty; an error if it holds something else."""
     manifest = read_manifest(data_dir)
     if manifest is not None:
+        if manifest["settings"].get("format") != PREPARED_FORMAT_VERSION:
+            raise ValueError(
+                f"data_dir {data_dir} holds data prepared by an older bam_lightning (format "
+                f"{manifest['settings'].get('format')}, this version reads format "
+                f"{PREPARED_FORMAT_VERSION}); delete it or choose another data_dir"
+            )
         if manifest["settings"] != settings:
             raise ValueError(
                 f"data_dir {data_dir} holds data prepared with other settings (sources, files, "
