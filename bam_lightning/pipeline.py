@@ -289,8 +289,10 @@ def run_stage(config_path: str) -> None:
     steps = cli.trainer.global_step
     records = read_metrics(metrics_file.path) if metrics_file.path.exists() else []
     final = {k: v for k, v in records[-1].items() if k.startswith("val/")} if records else {}
-    if not records or records[-1]["step"] != steps or records[-1]["stage"] != "fit" or not final:
-        # the fit's last validation was before its last step: score the final weights once more
+    if (not records or records[-1]["step"] != steps or records[-1]["stage"] != "fit" or not final
+            or not cli.model.val_document_stats):
+        # the fit's last validation was before its last step (or in a killed process, so its
+        # per-document sums are lost): score the final weights once more
         final = cli.trainer.validate(cli.model, datamodule=cli.datamodule, verbose=False)[0]
     model_config = cli.model.config
     seq_len, batch = cli.datamodule.seq_len, cli.datamodule.batch_size
