@@ -282,3 +282,14 @@ def test_minhash_estimates_the_exact_shingle_jaccard():
 def test_stream_rejects_a_domain_without_windows():
     with pytest.raises(ValueError, match="at least one window"):
         TrainStream(["a", "b"], [3, 0], [1.0, 1.0], 0)
+
+
+def test_a_domain_of_copies_is_named_before_any_data_is_written(tmp_path, monkeypatch):
+    monkeypatch.setenv("BAM_CACHE_DIR", str(tmp_path / "cache"))
+    domains = write_domains(tmp_path, 1)
+    (tmp_path / "same").mkdir()
+    for i in range(3):
+        (tmp_path / "same" / f"{i}.txt").write_text("the same licence text, word for word. " * 20)
+    with pytest.raises(ValueError, match=r"domain 'same': all 3 documents are near-duplicates of each other"):
+        make({**domains, "same": str(tmp_path / "same" / "*.txt")}, train_weights=None)
+    assert not (tmp_path / "cache" / "prepared").exists() or not any((tmp_path / "cache" / "prepared").iterdir())
