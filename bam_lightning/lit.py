@@ -16,7 +16,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchmetrics.aggregation import MeanMetric
+from torchmetrics import Metric
 
 from bam_lightning.config import ModelConfig
 from bam_lightning.flops import forward_flops_per_token, training_flops_per_token
@@ -64,9 +64,11 @@ class BaseLM(L.LightningModule):
         self.model = GPT(config)
         self.model.activation_checkpointing = activation_checkpointing
         self.val_domain_names: list[str] = []
-        self.bytes_per_token: dict[str, float] = {}
         self.tokenizer_fingerprint: str | None = None
-        self.val_loss = nn.ModuleDict()
+        self.token_bytes: torch.Tensor | None = None  # UTF-8 bytes per token id, for bpb
+        self.val_documents: dict[str, int] = {}  # validation documents per domain
+        self.val_sums = nn.ModuleDict()
+        self.val_document_stats: dict[str, dict[str, list]] = {}  # of the last full validation
         self.initial_val_metrics: dict[str, float] = {}
         self._init_from_done = False
         self.validated_step: int | None = None  # global step of the last (non-sanity) validation
@@ -93,11 +95,12 @@ class BaseLM(L.LightningModule):
                     f"tokenizer's vocabulary ({datamodule.vocab_size}, {datamodule.tokenizer_fingerprint})")
             check_seq_len(datamodule, self.config)
             self.val_domain_names = list(datamodule.val_domain_names)
-            self.bytes_per_token = dict(datamodule.bytes_per_token)
+            self.token_bytes = torch.from_numpy(datamodule.token_byte_lengths())
+            self.val_documents = dict(datamodule.val_document_counts)
             self.tokenizer_fingerprint = datamodule.tokenizer_fingerprint
         for name in self.val_domain_names:
-            if name not in self.val_loss:
-                self.val_loss[name] = MeanMetric()
+            if name not in self.val_sums:
+                self.val_sums[name] = DocumentSums(self.val_documents.get(name, 1))
 
     def on_fit_start(self) -> None:
         """Name the FFN kernel in the training log: a fallback to the per-expert loop (float64,
@@ -148,11 +151,23 @@ class BaseLM(L.LightningModule):
         self.log("train/loss", total)
         return total
 
-    def validation_step(self, batch: torch.Tensor, batch_idx: int, dataloader_idx: int = 0) -> None:
+    def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        """Sum each target token's loss (and its bytes) into its validation document."""
         domain = self._domain(dataloader_idx)
-        loss, stats = self.lm_loss(batch)
-        self.val_loss[domain].update(loss, weight=batch[:, 1:].numel())
-        self.log_val_router_stats(domain, stats, batch)
+        if isinstance(batch, dict):  # BAMDataModule: tokens plus the document of every target
+            tokens, documents = batch["tokens"], batch["documents"]
+        else:  # a plain token batch: one anonymous document
+            tokens = batch
+            documents = torch.zeros_like(tokens[:, 1:])
+        targets = tokens[:, 1:]
+        logits, stats = self.model(tokens[:, :-1])
+        losses = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")
+        n_bytes = None
+        if self.token_bytes is not None:
+            self.token_bytes = self.token_bytes.to(targets.device)
+            n_bytes = self.token_bytes[targets.flatten()]
+        self.val_sums[domain].update(documents.flatten(), losses, n_bytes)
+        self.log_val_router_stats(domain, stats, tokens)
 
     def log_val_router_stats(self, domain: str, stats: list[RouterStats], batch: torch.Tensor) -> None:
         """Hook for the mixture module (which attention expert each domain uses)."""
@@ -161,20 +176,30 @@ class BaseLM(L.LightningModule):
         if not self.val_domain_names:  # plain dataloaders without a BAMDataModule
             self.val_domain_names = [f"domain{i}" for i in range(len(self.trainer.val_dataloaders or [0]))]
             for name in self.val_domain_names:
-                self.val_loss[name] = MeanMetric().to(self.device)
+                self.val_sums[name] = DocumentSums(1).to(self.device)
         return self.val_domain_names[dataloader_idx]
 
     def on_validation_epoch_end(self) -> None:
         metrics: dict[str, float] = {}
+        documents: dict[str, dict[str, list]] = {}
         for domain in self.val_domain_names:
-            if self.val_loss[domain].update_count == 0:
+            sums = self.val_sums[domain]
+            if sums.update_count == 0:
                 continue
-            loss = self.val_loss[domain].compute().item()
-            self.val_loss[domain].reset()
-            metrics[f"val/{domain}/loss"] = loss
-            metrics[f"val/{domain}/ppl"] = math.exp(loss)
-            if domain in self.bytes_per_token:
-                metrics[f"val/{domain}/bpb"] = loss / math.log(2) / self.bytes_per_token[domain]
+            per_document = sums.compute().double().cpu()  # [documents, (loss, tokens, bytes)]
+            sums.reset()
+            loss_sum, tokens, n_bytes = per_document.sum(0).tolist()
+            metrics[f"val/{domain}/loss"] = loss_sum / tokens
+            metrics[f"val/{domain}/ppl"] = math.exp(loss_sum / tokens)
+            if self.token_bytes is not None and n_bytes > 0:
+                metrics[f"val/{domain}/bpb"] = loss_sum / math.log(2) / n_bytes
+            scored = torch.nonzero(per_document[:, 1] > 0).flatten()
+            documents[domain] = {"document": scored.tolist(),
+                                 "loss_sum": per_document[scored, 0].tolist(),
+                                 "tokens": per_document[scored, 1].long().tolist(),
+                                 "bytes": per_document[scored, 2].long().tolist()}
+        if not self.trainer.sanity_checking:
+            self.val_document_stats = documents
         for name in ("loss", "ppl", "bpb"):
             values = [v for k, v in metrics.items() if k.endswith(f"/{name}")]
             if values and len(values) == len(self.val_domain_names):
@@ -315,6 +340,27 @@ class BaseLM(L.LightningModule):
         ours, theirs = self.tokenizer_fingerprint, meta.get("tokenizer")
         if ours and theirs and ours != theirs:
             raise ValueError(f"checkpoint was trained with tokenizer {theirs!r} but the data uses {ours!r}")
+
+
+class DocumentSums(Metric):
+    """Per validation document: summed target-token loss, token count and byte count (float64,
+    summed over ranks), so domain metrics are exact token-weighted means and the report can
+    resample documents."""
+
+    full_state_update = False
+
+    def __init__(self, n_documents: int):
+        super().__init__()
+        self.add_state("sums", torch.zeros(max(1, n_documents), 3, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, documents: torch.Tensor, losses: torch.Tensor, n_bytes: torch.Tensor | None) -> None:
+        values = torch.stack([losses.double(), torch.ones_like(losses, dtype=torch.float64),
+                              torch.zeros_like(losses, dtype=torch.float64) if n_bytes is None
+                              else n_bytes.double()], dim=1)
+        self.sums.index_add_(0, documents.to(self.sums.device), values)
+
+    def compute(self) -> torch.Tensor:
+        return self.sums
 
 
 class DenseLM(BaseLM):

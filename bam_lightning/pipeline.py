@@ -353,8 +353,10 @@ def _run_stage(config_path: str) -> None:
     steps = cli.trainer.global_step
     records = read_metrics(metrics_file.path) if metrics_file.path.exists() else []
     final = {k: v for k, v in records[-1].items() if k.startswith("val/")} if records else {}
-    if not records or records[-1]["step"] != steps or records[-1]["stage"] != "fit" or not final:
-        # the fit's last validation was before its last step: score the final weights once more
+    if (not records or records[-1]["step"] != steps or records[-1]["stage"] != "fit" or not final
+            or not cli.model.val_document_stats):
+        # the fit's last validation was before its last step (or in a killed process, so its
+        # per-document sums are lost): score the final weights once more
         final = cli.trainer.validate(cli.model, datamodule=cli.datamodule, verbose=False)[0]
     model_config = cli.model.config
     seq_len = cli.datamodule.seq_len
@@ -371,6 +373,8 @@ def _run_stage(config_path: str) -> None:
         "params_active": active,
         "wall_time_s": metrics_file.wall_time(),
         "config": model_config.to_dict(),
+        # per validation document: loss sum, tokens, bytes (the report bootstraps over them)
+        "val_documents": cli.model.val_document_stats,
     })
 
 

@@ -1,7 +1,10 @@
 """The study's report: a Table-1-shaped markdown table, CSV/JSON, and PNG charts.
 
-Rows with several mixture seeds show mean +- sample standard deviation; BAM-vs-BTX gets a paired
-margin per seed, since seeds share data order and router initialisation across methods.
+Rows with several mixture seeds show mean +- sample standard deviation (one seed: no spread is
+shown, there is none to show); BAM-vs-BTX gets a paired margin per seed, since seeds share data
+order and router initialisation across methods. Next to that seed spread, each margin gets an
+evaluation-sampling interval: a paired bootstrap over validation documents (the same resampled
+documents for both models and every seed), from the per-document sums every stage records.
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ import os
 import statistics
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from bam_lightning.callbacks.metrics_file import read_metrics
 
@@ -55,7 +60,7 @@ def summarise(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
         for name in [*domains, "avg"]:
             values = [r["final"][f"val/{name}/ppl"] for r in group]
             entry[f"{name}_ppl"] = statistics.fmean(values)
-            entry[f"{name}_ppl_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+            entry[f"{name}_ppl_std"] = statistics.stdev(values) if len(values) > 1 else None
         for key in ("params_total", "params_active", "training_flops", "tokens", "steps"):
             entry[key] = group[0][key]
         entry["wall_time_s"] = statistics.fmean(r["wall_time_s"] for r in group)
@@ -63,21 +68,86 @@ def summarise(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return table
 
 
-def paired_margin(records: list[dict[str, Any]], row: str, reference: str = "btx") -> dict[str, float] | None:
-    """avg-ppl(row) - avg-ppl(reference) per mixture seed: mean, sd and how often row wins."""
-    by_seed = {}
+BOOTSTRAP_SAMPLES = 2000
+
+
+def paired_margin(records: list[dict[str, Any]], row: str, reference: str = "btx") -> dict[str, Any] | None:
+    """avg-ppl(row) - avg-ppl(reference) per mixture seed: mean, sd (None with one seed), how often
+    row wins, and the evaluation-sampling interval of the mean (None without per-document data)."""
+    pairs: dict[int, dict[str, dict[str, Any]]] = {}
     for record in records:
         if record["row"] in (row, reference):
-            by_seed.setdefault(record["seed"], {})[record["row"]] = record["final"]["val/avg/ppl"]
-    margins = [v[row] - v[reference] for v in by_seed.values() if row in v and reference in v]
-    if not margins:
+            pairs.setdefault(record["seed"], {})[record["row"]] = record
+    pairs = {seed: p for seed, p in pairs.items() if row in p and reference in p}
+    if not pairs:
         return None
-    return {"mean": statistics.fmean(margins), "sd": statistics.stdev(margins) if len(margins) > 1 else 0.0,
-            "wins": sum(m < 0 for m in margins), "seeds": len(margins)}
+    margins = [p[row]["final"]["val/avg/ppl"] - p[reference]["final"]["val/avg/ppl"] for p in pairs.values()]
+    interval = evaluation_interval([(p[row], p[reference]) for p in pairs.values()])
+    return {"mean": statistics.fmean(margins), "sd": statistics.stdev(margins) if len(margins) > 1 else None,
+            "wins": sum(m < 0 for m in margins), "seeds": len(margins),
+            "eval_interval": interval["interval"] if interval else None,
+            "val_documents": interval["documents"] if interval else None}
 
 
-def _format(value: float, spread: float, n: int) -> str:
-    return f"{value:.3f} ± {spread:.3f}" if n > 1 else f"{value:.3f}"
+def evaluation_interval(pairs: list[tuple[dict[str, Any], dict[str, Any]]], samples: int = BOOTSTRAP_SAMPLES,
+                        seed: int = 0) -> dict[str, Any] | None:
+    """95% percentile interval of the seed-mean avg-ppl margin when the validation documents of
+    each domain are resampled with replacement (the same draw for both models and all seeds)."""
+    if any("val_documents" not in r or not r["val_documents"] for pair in pairs for r in pair):
+        return None
+    domains = list(pairs[0][1]["val_documents"])
+    rng = np.random.default_rng(seed)
+    margins = np.zeros(samples)
+    documents = 0
+    for domain in domains:
+        ids = pairs[0][1]["val_documents"][domain]["document"]
+        for pair in pairs:
+            for record in pair:
+                if record["val_documents"].get(domain, {}).get("document") != ids:
+                    raise ValueError(f"stage {record.get('name', record['row'])}: validation documents of "
+                                     f"{domain!r} differ from the reference's; the margin is not paired")
+        documents += len(ids)
+        draws = rng.integers(0, len(ids), size=(samples, len(ids)))
+        weights = np.stack([np.bincount(d, minlength=len(ids)) for d in draws]).astype(np.float64)
+        for row_record, reference_record in pairs:
+            ppl = []
+            for record in (row_record, reference_record):
+                stats = record["val_documents"][domain]
+                ppl.append(np.exp(weights @ np.asarray(stats["loss_sum"]) / (weights @ np.asarray(stats["tokens"]))))
+            margins += (ppl[0] - ppl[1]) / len(domains) / len(pairs)
+    low, high = np.percentile(margins, [2.5, 97.5])
+    return {"interval": [float(low), float(high)], "documents": documents}
+
+
+def margin_line(row: str, m: dict[str, Any]) -> str:
+    spread = f"seed sd {m['sd']:.3f} over {m['seeds']} seeds" if m["sd"] is not None else "one seed: no seed spread"
+    if m["eval_interval"] is not None:
+        low, high = m["eval_interval"]
+        evaluation = f"evaluation-sampling 95% interval [{low:+.3f}, {high:+.3f}] over {m['val_documents']} documents"
+    else:
+        evaluation = "no per-document validation results: evaluation-sampling interval unknown"
+    return (f"- {label(row)}: {m['mean']:+.3f} ({spread}; {evaluation}), better than BTX in "
+            f"{m['wins']} of {m['seeds']} seed(s)")
+
+
+def unresolved_reasons(m: dict[str, Any]) -> list[str]:
+    """Why a margin's sign is not established (empty when it is)."""
+    reasons = []
+    if m["eval_interval"] is None:
+        reasons.append("no evaluation-sampling interval")
+    elif m["eval_interval"][0] <= 0 <= m["eval_interval"][1]:
+        reasons.append("its evaluation-sampling interval contains 0")
+    if m["seeds"] < 2:
+        reasons.append("one seed only")
+    elif 0 < m["wins"] < m["seeds"]:
+        reasons.append(f"the sign changes between seeds ({m['wins']} of {m['seeds']} better)")
+    elif m["sd"] is not None and abs(m["mean"]) < 2 * m["sd"] / m["seeds"] ** 0.5:
+        reasons.append("the mean is within two standard errors of 0 over seeds")
+    return reasons
+
+
+def _format(value: float, spread: float | None, n: int) -> str:
+    return f"{value:.3f} ± {spread:.3f}" if n > 1 and spread is not None else f"{value:.3f}"
 
 
 def markdown_table(table: list[dict[str, Any]], domains: list[str]) -> str:
@@ -115,9 +185,12 @@ def write_report(run_dir: Path, records: list[dict[str, Any]]) -> Path:
              markdown_table(table, domains), ""]
     if margins:
         lines += ["## Paired margins against BTX (average perplexity, negative = better than BTX)", ""]
-        for row, m in margins.items():
-            lines.append(f"- {label(row)}: {m['mean']:+.3f} (sd {m['sd']:.3f}), better than BTX in "
-                         f"{m['wins']} of {m['seeds']} seed(s)")
+        lines += [margin_line(row, m) for row, m in margins.items()]
+        unresolved = {row: unresolved_reasons(m) for row, m in margins.items()}
+        unresolved = {row: reasons for row, reasons in unresolved.items() if reasons}
+        lines += ["", "Differences these numbers cannot resolve (sign not established): "
+                  + ("none." if not unresolved else "")]
+        lines += [f"- {label(row)} vs BTX: {'; '.join(reasons)}" for row, reasons in unresolved.items()]
         lines.append("")
     lines += ["## Charts", ""] + [f"![{c.stem}]({c.name})" for c in charts]
     lines += ["", f"TensorBoard: `tensorboard --logdir {run_dir / 'tensorboard'}`", ""]
@@ -138,7 +211,7 @@ def write_charts(run_dir: Path, table: list[dict[str, Any]], domains: list[str],
     width = 0.8 / (len(domains) + 1)
     for i, name in enumerate([*domains, "avg"]):
         xs = [j + i * width for j in range(len(table))]
-        ax.bar(xs, [e[f"{name}_ppl"] for e in table], width, yerr=[e[f"{name}_ppl_std"] for e in table], label=name)
+        ax.bar(xs, [e[f"{name}_ppl"] for e in table], width, yerr=[e[f"{name}_ppl_std"] or 0.0 for e in table], label=name)
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(table))], [e["label"] for e in table], rotation=30, ha="right")
     ax.set_ylabel("validation perplexity")
     ax.legend(ncol=len(domains) + 1, fontsize=8)

@@ -11,12 +11,17 @@ import torch
 from lightning.pytorch.callbacks import ThroughputMonitor
 
 
-def _samples_in(batch: torch.Tensor) -> int:
-    return batch.shape[0]
+def _tokens_of(batch: torch.Tensor | dict[str, torch.Tensor]) -> torch.Tensor:
+    return batch["tokens"] if isinstance(batch, dict) else batch  # validation: tokens + documents
 
 
-def _tokens_in(batch: torch.Tensor) -> int:
-    return batch.shape[0] * (batch.shape[1] - 1)  # [B, T+1] blocks predict T tokens each
+def _samples_in(batch: torch.Tensor | dict[str, torch.Tensor]) -> int:
+    return _tokens_of(batch).shape[0]
+
+
+def _tokens_in(batch: torch.Tensor | dict[str, torch.Tensor]) -> int:
+    tokens = _tokens_of(batch)
+    return tokens.shape[0] * (tokens.shape[1] - 1)  # [B, T+1] blocks predict T tokens each
 
 
 def measure_matmul_flops(dtype: torch.dtype = torch.float32, size: int | None = None, repeats: int = 8,

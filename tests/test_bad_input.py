@@ -161,7 +161,7 @@ def test_a_domain_too_small_for_one_window_is_named(tmp_path, monkeypatch):
     for name, size in (("big", 3000), ("tiny", 60)):
         (tmp_path / name).mkdir()
         for i in range(4):
-            (tmp_path / name / f"{i}.txt").write_text("x" * size)
+            (tmp_path / name / f"{i}.txt").write_text(f"{i}" + "x" * (size - 1))  # distinct: no near-duplicates
     data = BAMDataModule(domains={d: str(tmp_path / d / "*.txt") for d in ("big", "tiny")}, seq_len=64,
                          val_fraction=0.25)
     data.prepare_data()

@@ -2,6 +2,7 @@
 
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -21,8 +22,10 @@ MIXTURE = {"n_experts": 2, "ffn_top_k": 1}
 def write_domains(root: Path) -> dict[str, str]:
     """Three small, distinct text domains."""
     texts = {
-        "alpha": ["the cat sat on the mat. " * 20 + f"story {i}." for i in range(12)],
-        "digits": [" ".join(str((i * 7 + j) % 97) for j in range(200)) for i in range(12)],
+        # distinct documents: near-duplicates would be grouped on one side of the split
+        "alpha": [" ".join(random.Random(i).choices(["the", "cat", "sat", "on", "a", "mat"], k=120))
+                  for i in range(12)],
+        "digits": [" ".join(str((i * 7 + j) * (j + 3) % 97) for j in range(200)) for i in range(12)],
         "code": [f"def f{i}(x):\n    return x * {i} + {i}\n" * 15 for i in range(12)],
     }
     domains = {}

@@ -1,10 +1,12 @@
 """A killed run loses nothing: checkpoints are replaced atomically, and `bam fit --ckpt_path
-last.ckpt` after a SIGKILL continues exactly where the uninterrupted run would be."""
+last.ckpt` after SIGKILLs (three, at random moments, each resuming the previous resume; with 0
+or 2 loader workers) continues exactly where the uninterrupted run would be."""
 
 from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import signal
 import subprocess
@@ -104,7 +106,7 @@ def test_every_cli_run_writes_checkpoints_atomically_and_recipes_may_set_their_o
 
 # --- exact resume after SIGKILL ---------------------------------------------------------------
 
-MAX_STEPS = 10
+MAX_STEPS = 14
 
 LOSS_LOG = '''
 import json, os, time
@@ -149,6 +151,7 @@ def write_study(root: Path) -> Path:
             "lr": 0.01, "warmup_steps": 2,
             "config": {"n_layer": 1, "d_model": 16, "n_head": 2, "d_ff": 32, "max_seq_len": 16}}},
         "data": {"domains": {d: str(root / d / "*.txt") for d in ("animals", "numbers")},
+                 "train_weights": {"animals": 0.7, "numbers": 0.3},
                  "seq_len": 16, "batch_size": 4, "val_fraction": 0.2, "val_tokens_per_domain": 64},
     }
     path = root / "recipe.yaml"
@@ -170,43 +173,57 @@ def losses(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
-def test_resume_after_sigkill_matches_the_uninterrupted_run(tmp_path, monkeypatch):
-    recipe = write_study(tmp_path)
-    whole_dir, killed_dir = tmp_path / "uninterrupted", tmp_path / "killed"
-    killed = bam_fit(recipe, killed_dir, pause_s=1.0)
-
-    # The reference runs in this process (no second start-up) while the other one starts.
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """The study and its uninterrupted run (0 workers), run in this process: no second start-up."""
+    root = tmp_path_factory.mktemp("resume")
+    recipe = write_study(root)
+    whole_dir = root / "uninterrupted"
     whole_dir.mkdir()
-    monkeypatch.chdir(whole_dir)
-    monkeypatch.setenv("BAM_CACHE_DIR", str(whole_dir / "cache"))
-    monkeypatch.syspath_prepend(str(tmp_path))  # loss_log.py
-    run_lightning_cli(["fit", "--config", str(recipe)])
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(whole_dir)
+        patch.setenv("BAM_CACHE_DIR", str(whole_dir / "cache"))
+        patch.syspath_prepend(str(root))  # loss_log.py
+        run_lightning_cli(["fit", "--config", str(recipe)])
+    return recipe, whole_dir
 
-    deadline = time.time() + 240
-    while len(losses(killed_dir)) < 4 and killed.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    killed.send_signal(signal.SIGKILL)
-    output, _ = killed.communicate()
-    assert killed.returncode == -signal.SIGKILL, output[-4000:]  # killed mid-run, not finished
-    saved = torch.load(killed_dir / "checkpoints" / "last.ckpt", weights_only=True)
-    first_attempt = losses(killed_dir)
-    assert 3 <= saved["global_step"] <= len(first_attempt) < MAX_STEPS
 
-    resumed = bam_fit(recipe, killed_dir, "--ckpt_path", "checkpoints/last.ckpt")
+@pytest.mark.parametrize("workers", [0, 2])
+def test_three_random_sigkills_change_no_loss_and_no_weight(uninterrupted, workers):
+    recipe, whole_dir = uninterrupted
+    killed_dir = recipe.parent / f"killed_{workers}_workers"
+    rng = random.Random(workers)
+    last = killed_dir / "checkpoints" / "last.ckpt"
+    attempts = []
+    for _ in range(3):
+        before = len(losses(killed_dir))
+        resume = ["--ckpt_path", "checkpoints/last.ckpt"] if last.exists() else []
+        run = bam_fit(recipe, killed_dir, f"--data.num_workers={workers}", *resume, pause_s=0.5)
+        wanted = before + rng.randint(1, 3)  # a random moment: after 1-3 new steps, then mid-step
+        deadline = time.time() + 240
+        while len(losses(killed_dir)) < wanted and run.poll() is None and time.time() < deadline:
+            time.sleep(0.02)
+        time.sleep(rng.uniform(0, 0.5))
+        run.send_signal(signal.SIGKILL)
+        output, _ = run.communicate()
+        assert run.returncode == -signal.SIGKILL, output[-4000:]  # killed mid-run, not finished
+        attempts.append(losses(killed_dir)[before:])
+    resumed = bam_fit(recipe, killed_dir, f"--data.num_workers={workers}", "--ckpt_path", "checkpoints/last.ckpt")
     output, _ = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, output[-4000:]
 
     expected = {r["step"]: r["loss"] for r in losses(whole_dir)}
     assert sorted(expected) == list(range(1, MAX_STEPS + 1))
-    second_attempt = losses(killed_dir)[len(first_attempt):]
-    assert second_attempt[0]["step"] == saved["global_step"] + 1  # resumed, not restarted
-    for record in first_attempt + second_attempt:  # steps redone after the kill agree too
-        assert record["loss"] == pytest.approx(expected[record["step"]], rel=1e-6), record
-    assert [r["step"] for r in second_attempt] == list(range(saved["global_step"] + 1, MAX_STEPS + 1))
+    records = losses(killed_dir)
+    assert all(attempts) and len({r["pid"] for r in records}) == 4
+    assert attempts[-1][-1]["step"] < MAX_STEPS  # every kill came before the end
+    for record in records:  # every step, also those redone after a kill, agrees exactly
+        assert record["loss"] == pytest.approx(expected[record["step"]], rel=1e-6, abs=0), record
+    assert {r["step"] for r in records} == set(expected)
 
     final_whole = torch.load(whole_dir / "checkpoints" / "last.ckpt", weights_only=True)
-    final_resumed = torch.load(killed_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    final_resumed = torch.load(last, weights_only=True)
     assert final_whole["global_step"] == final_resumed["global_step"] == MAX_STEPS
     assert final_whole["state_dict"].keys() == final_resumed["state_dict"].keys()
     for key, value in final_whole["state_dict"].items():
-        torch.testing.assert_close(final_resumed["state_dict"][key], value, msg=key)
+        torch.testing.assert_close(final_resumed["state_dict"][key], value, rtol=0, atol=0, msg=key)

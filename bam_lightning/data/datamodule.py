@@ -1,9 +1,12 @@
 """`BAMDataModule`: weighted multi-domain training stream and one validation set per domain.
 
-Training mixes one shuffled litdata stream per domain by `train_weights` (an expert's recipe
-gives its own domain weight 1 and the rest 0; the mixture gives them all weight). Validation
-reads the first `val_tokens_per_domain` tokens of each held-out domain split, in a fixed order,
-so every model is scored on exactly the same tokens.
+Training mixes the domains by `train_weights` (an expert's recipe gives its own domain weight 1
+and the rest 0; the mixture gives them all weight) in a stream that is a pure function of the
+order seed and the sample index (see stream.py): a checkpoint stores one number, the samples
+trained, and resuming (also a resumed run, with any number of workers) continues the very same
+stream; `num_workers` changes the speed only. Validation scores `val_tokens_per_domain` tokens
+per domain in windows spread evenly over the whole held-out split, the same for every model, and
+keeps per-document sums so the report can bootstrap over validation documents.
 
 Batches are `LongTensor[batch_size, seq_len + 1]`: the model takes inputs `[:, :-1]` and
 targets `[:, 1:]`. Documents are joined by the tokenizer's EOS id, so windows cross them.
@@ -11,10 +14,8 @@ targets `[:, 1:]`. Documents are joined by the tokenizer's EOS id, so windows cr
 
 from __future__ import annotations
 
-import json
 import math
 import re
-from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from bam_lightning.data.corpora import BUILTIN, BUILTIN_DOMAINS, default_cache_dir
 from bam_lightning.data.prepare import (
@@ -33,45 +34,47 @@ from bam_lightning.data.prepare import (
     prepare_settings,
     read_manifest,
 )
+from bam_lightning.data.stream import TrainBatchesByIndex, TrainStream, ValidationWindows
 from bam_lightning.data.tokenizer import TOKENIZER_FILE, load_tokenizer
 
 _DOMAIN_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")  # it becomes a folder and a metric name
 
 
-def collate_tokens(blocks: list[np.ndarray]) -> torch.Tensor:
-    """Stack token blocks (stored as uint16/uint32) into one int64 batch."""
-    return torch.from_numpy(np.stack(blocks).astype(np.int64))
-
-
-class FirstBlocks(Dataset):
-    """The first `n_blocks` windows of a non-shuffled `StreamingDataset`, as a map-style dataset:
-    a fixed, cheap validation set that Lightning can shard over ranks like any other."""
-
-    def __init__(self, dataset: Any, n_blocks: int):
-        self.dataset = dataset
-        self.n_blocks = n_blocks
-
-    def __len__(self) -> int:
-        return self.n_blocks
-
-    def __getitem__(self, index: int) -> np.ndarray:
-        return self.dataset[index]
+STATE_VERSION = 2  # 1: litdata loader state (not resumable exactly; refused)
 
 
 class TrainBatches:
-    """Iterates the training `StreamingDataLoader` and keeps the loader's state after each batch
-    it hands out. Lightning fetches one batch ahead of the one it trains on, so the loader's own
-    state at checkpoint time is one batch too far; the data module records instead the state
-    after the batch that was actually used (see `BAMDataModule.on_before_batch_transfer`)."""
+    """The training batches from the data module's current position to the end of the epoch.
 
-    def __init__(self, loader: Any):
-        self.loader = loader
-        self.states_after: deque[dict[str, Any]] = deque()
+    An epoch is `epoch_batches` batches (every trained window once, on average); the stream
+    itself runs on across epochs. With several processes, global batch g goes to rank
+    g mod world_size, so the global stream is the same for any number of processes. The position advances as batches are handed out; Lightning
+    fetches one batch ahead of the one it trains on, so the data module also counts the batches
+    actually trained (see `BAMDataModule.on_before_batch_transfer`)."""
+
+    def __init__(self, datamodule: BAMDataModule, dataset: TrainBatchesByIndex, epoch_batches: int):
+        self.datamodule, self.dataset, self.epoch_batches = datamodule, dataset, epoch_batches
 
     def __iter__(self) -> Iterator[torch.Tensor]:
-        self.states_after.clear()
-        for batch in self.loader:
-            self.states_after.append(self.loader.state_dict())
+        data = self.datamodule
+        rank, world = data.rank_and_world()
+        first = data.position_batches()  # global: batch g goes to rank g mod world
+        if first % world:
+            raise ValueError(
+                f"cannot resume: the checkpoint's stream position ({first} batches) is not a "
+                f"multiple of this run's {world} processes (trainer devices x num_nodes)"
+            )
+        epoch = max(world, self.epoch_batches // world * world)
+        last = (first // epoch + 1) * epoch
+        data._iteration_start, data._yielded, data._trained = first, first, None
+        loader = DataLoader(
+            self.dataset,
+            batch_size=None,
+            sampler=range(first + rank, last, world),
+            num_workers=data.num_workers,
+        )
+        for batch in loader:
+            data._yielded += world
             yield batch
 
 
@@ -91,15 +94,15 @@ class BAMDataModule(L.LightningDataModule):
         seq_len: tokens a model sees per window; batches hold `seq_len + 1` tokens.
         batch_size: windows per batch, for training and validation.
         val_fraction: share of each domain's documents held out (at least one document).
-        val_tokens_per_domain: validation reads only this many tokens per domain (rounded down
-            to whole windows, at least one window).
+        val_tokens_per_domain: validation scores this many tokens per domain (rounded down
+            to whole windows, at least one window), in windows spread evenly over the split.
         max_bytes_per_domain: text per domain, chosen by a seeded shuffle of documents.
         data_dir: where prepared data goes; None: a folder under the cache dir named by a hash
             of every setting that changes the data, so settings never collide and are reused.
         seed: seeds the byte cap, the split, and the training stream's shuffling and mixing.
         order_seed: seeds only the training stream's shuffling and mixing (None: `seed`), so a
             repeat with another data order keeps the same documents and validation set.
-        num_workers: DataLoader worker processes.
+        num_workers: DataLoader worker processes (speed only: the stream does not depend on it).
     """
 
     def __init__(
@@ -154,11 +157,13 @@ class BAMDataModule(L.LightningDataModule):
         self.manifest: dict[str, Any] | None = None
         self.vocab_size: int | None = 257 if tokenizer == "byte" else None
         self.tokenizer_fingerprint: str | None = "byte" if tokenizer == "byte" else None
-        self.bytes_per_token: dict[str, float] = {}
         self.train_token_counts: dict[str, int] = {}
-        self._train_batches: TrainBatches | None = None
-        self._trained_state: dict[str, Any] | None = None  # loader state after the last used batch
-        self._pending_train_state: dict[str, Any] | None = None
+        self.val_document_counts: dict[str, int] = {}
+        # Stream position, in batches: handed out, trained (in a Trainer), restored (on resume).
+        self._yielded: int | None = None
+        self._trained: int | None = None
+        self._restored: int = 0
+        self._iteration_start: int = 0
 
     # --- preparation --------------------------------------------------------------------------
 
@@ -195,6 +200,7 @@ class BAMDataModule(L.LightningDataModule):
         if manifest is None:
             raise FileNotFoundError(f"no prepared data in {data_dir}: call prepare_data() first")
         if manifest["settings"] != settings:
+            check_reusable(data_dir, settings)  # names an older format, if that is the cause
             raise ValueError(
                 f"{data_dir} holds data prepared with other settings; run prepare_data()"
             )
@@ -203,9 +209,7 @@ class BAMDataModule(L.LightningDataModule):
         self.tokenizer_fingerprint = manifest["tokenizer"]["fingerprint"]
         counts = manifest["domains"]
         self.train_token_counts = {d: counts[d]["train"]["tokens"] for d in self.domains}
-        self.bytes_per_token = {
-            d: counts[d]["val"]["bytes"] / counts[d]["val"]["tokens"] for d in self.domains
-        }
+        self.val_document_counts = {d: counts[d]["val"]["documents"] for d in self.domains}
         used = [(d, "train") for d in self.domains if self.train_weights[d] > 0]
         for domain, split in used + [(d, "val") for d in self.val_domain_names]:
             if counts[domain][split]["tokens"] < self.seq_len + 1:
@@ -223,106 +227,101 @@ class BAMDataModule(L.LightningDataModule):
             "byte" if self.tokenizer_kind == "byte" else str(self.data_dir / TOKENIZER_FILE)
         )
 
+    def token_byte_lengths(self) -> np.ndarray:
+        """UTF-8 bytes of every token id (after `setup()`): bpb counts the scored tokens' bytes."""
+        return self.tokenizer.token_byte_lengths()
+
     # --- loaders ------------------------------------------------------------------------------
 
-    def _split_dir(self, domain: str, split: str) -> str:
+    def _split_dir(self, domain: str, split: str) -> Path:
         assert self.data_dir is not None, "call setup() first"
-        return str(self.data_dir / domain / split)
+        return self.data_dir / domain / split
+
+    def train_stream(self) -> TrainStream:
+        """Which (domain, window) every training sample reads (after `setup()`)."""
+        trained = [d for d in self.domains if self.train_weights[d] > 0]
+        block = self.seq_len + 1
+        return TrainStream(
+            trained,
+            [self.train_token_counts[d] // block for d in trained],
+            [self.train_weights[d] for d in trained],
+            self.order_seed,
+        )
 
     def train_dataloader(self) -> TrainBatches:
-        from litdata import (
-            CombinedStreamingDataset,
-            StreamingDataLoader,
-            StreamingDataset,
-            TokensLoader,
-        )
-
-        trained = [d for d in self.domains if self.train_weights[d] > 0]
-        datasets = [
-            StreamingDataset(
-                self._split_dir(d, "train"),
-                item_loader=TokensLoader(block_size=self.seq_len + 1),
-                shuffle=True,
-                seed=self.order_seed,
-            )
-            for d in trained
-        ]
-        # iterate_over_all=False: keep sampling by weight until one domain runs out (one "epoch").
-        combined = CombinedStreamingDataset(
-            datasets,
-            seed=self.order_seed,
-            iterate_over_all=False,
-            weights=[self.train_weights[d] for d in trained],
-        )
-        loader = StreamingDataLoader(
-            combined,
-            batch_size=self.batch_size,
-            num_workers=self.num_workers,
-            collate_fn=collate_tokens,
-        )
-        if self._pending_train_state is not None:
-            loader.load_state_dict(self._pending_train_state)
-            self._pending_train_state = None
-        self._train_batches, self._trained_state = TrainBatches(loader), None
-        return self._train_batches
+        stream = self.train_stream()
+        dirs = [self._split_dir(d, "train") for d in stream.names]
+        dataset = TrainBatchesByIndex(dirs, stream, self.batch_size, self.seq_len + 1)
+        epoch_batches = max(1, sum(stream.window_counts) // self.batch_size)
+        return TrainBatches(self, dataset, epoch_batches)
 
     def val_dataloader(self) -> list[DataLoader]:
-        from litdata import StreamingDataset, TokensLoader
-
         block = self.seq_len + 1
-        loaders = []
-        for domain in self.val_domain_names:
-            dataset = StreamingDataset(
-                self._split_dir(domain, "val"), item_loader=TokensLoader(block_size=block)
+        return [
+            DataLoader(
+                ValidationWindows(
+                    self._split_dir(domain, "val"), block, max(1, self.val_tokens_per_domain // block)
+                ),
+                batch_size=self.batch_size,
+                num_workers=self.num_workers,
             )
-            index = json.loads(Path(self._split_dir(domain, "val"), "index.json").read_text())
-            available = sum(chunk["dim"] // block for chunk in index["chunks"])
-            n_blocks = min(available, max(1, self.val_tokens_per_domain // block))
-            loaders.append(
-                DataLoader(
-                    FirstBlocks(dataset, n_blocks),
-                    batch_size=self.batch_size,
-                    num_workers=self.num_workers,
-                    collate_fn=collate_tokens,
-                )
-            )
-        return loaders
+            for domain in self.val_domain_names
+        ]
 
     # --- resuming -----------------------------------------------------------------------------
 
+    def position_batches(self) -> int:
+        """Global batches of the stream used so far (all ranks): trained (inside a Trainer), else
+        handed out (a loader iterated by hand), else restored from a checkpoint."""
+        if self._trained is not None:
+            return self._trained
+        if self._yielded is not None:
+            return self._yielded
+        return self._restored
+
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """Lightning calls this once per batch it is about to use: note the loader's state."""
-        batches = self._train_batches
-        if (
-            self.trainer is not None
-            and self.trainer.training
-            and batches is not None
-            and batches.states_after
-        ):
-            self._trained_state = batches.states_after.popleft()
+        """Lightning calls this once per batch it is about to use: count the trained ones."""
+        if self.trainer is not None and self.trainer.training and self._yielded is not None:
+            start = self._iteration_start if self._trained is None else self._trained
+            self._trained = start + self.rank_and_world()[1]
         return batch
 
+    def rank_and_world(self) -> tuple[int, int]:
+        """This process's rank and the number of processes sharing the training stream."""
+        trainer = self.trainer
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
     def state_dict(self) -> dict[str, Any]:
-        """The training stream's position; Lightning stores it in checkpoints."""
-        if self._trained_state is not None:  # inside a Trainer: after the last batch trained on
-            return {"train_loader": self._trained_state}
-        if self._train_batches is not None:  # iterated by hand: after the last batch yielded
-            return {"train_loader": self._train_batches.loader.state_dict()}
-        if self._pending_train_state is not None:
-            return {"train_loader": self._pending_train_state}
-        return {}
+        """The training stream's position and what it depends on; Lightning stores it in checkpoints."""
+        return {
+            "version": STATE_VERSION,
+            "batches": self.position_batches(),
+            "batch_size": self.batch_size,
+            "seq_len": self.seq_len,
+            "order_seed": self.order_seed,
+            "train_weights": dict(self.train_weights),
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Resume the training stream where the checkpoint left it. Lightning calls this before
-        it asks for the train loader, so the state waits for `train_dataloader()`."""
-        state = state_dict.get("train_loader")
-        if state is None:
+        """Resume the training stream where the checkpoint left it (Lightning calls this before it
+        asks for the train loader). The stream must be the same one: the same order seed,
+        weights, window size and batch size."""
+        if not state_dict:
             return
-        if self._train_batches is not None:
-            self._train_batches.loader.load_state_dict(state)
-            self._trained_state = None
-        else:
-            self._pending_train_state = state
+        if state_dict.get("version") != STATE_VERSION:
+            raise ValueError(
+                "the checkpoint's data position was written by an older bam_lightning (litdata "
+                "loader state), which cannot be resumed exactly; start this run again"
+            )
+        ours = self.state_dict()
+        for key, field in (("order_seed", "data.order_seed"), ("train_weights", "data.train_weights"),
+                           ("seq_len", "data.seq_len"), ("batch_size", "data.batch_size")):
+            if state_dict[key] != ours[key]:
+                raise ValueError(
+                    f"cannot resume the training stream: the checkpoint was trained with {field} = "
+                    f"{state_dict[key]!r}, this run has {ours[key]!r}"
+                )
+        self._restored, self._yielded, self._trained = int(state_dict["batches"]), None, None
 
 
 # --- argument checks (cheap, at construction, so a bad recipe fails before any work) ----------

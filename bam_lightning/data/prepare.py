@@ -1,11 +1,17 @@
-"""From domains to tokenized litdata datasets on disk, once per distinct setting.
+"""From domains to tokenized, memory-mappable token arrays on disk, once per distinct setting.
 
 Layout of a prepared data dir (the manifest is written last, so its presence means "complete";
 the whole tree is built under a temporary name and renamed into place):
 
-    <data_dir>/manifest.json            settings, tokenizer, documents/bytes/tokens per split
-    <data_dir>/tokenizer.json           only for the BPE tokenizer
-    <data_dir>/<domain>/{train,val}/    litdata chunks: one token array per document, EOS-ended
+    <data_dir>/manifest.json                   settings, tokenizer, documents/bytes/tokens per split
+    <data_dir>/tokenizer.json                  only for the BPE tokenizer
+    <data_dir>/<domain>/{train,val}/tokens.npy     every document's tokens, each EOS-ended, joined
+    <data_dir>/<domain>/{train,val}/documents.npy  int64 offsets: document k is tokens[o[k]:o[k+1]]
+
+Flat `.npy` arrays are memory-mapped at read time: any window is a slice, so the training stream
+can be a pure function of (order seed, sample index), whatever the number of loader workers, and
+validation can tag every scored token with its document. Format 1 (litdata chunks) is never read:
+the format number is part of the settings, so old data dirs hash elsewhere or are refused.
 
 The default data dir is `<cache>/prepared/<hash of the settings>`: the sources (built-in corpus
 ids, or user files with their sizes and modification times), tokenizer, byte cap, split and
@@ -19,17 +25,13 @@ import json
 import os
 import random
 import shutil
-import signal
-import sys
 import time
 import uuid
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from bam_lightning.data.corpora import (
@@ -38,12 +40,13 @@ from bam_lightning.data.corpora import (
     load_documents,
     resolve_files,
 )
+from bam_lightning.data.dedup import JACCARD_THRESHOLD, SHINGLE_WORDS, near_duplicate_groups
 from bam_lightning.data.tokenizer import TextTokenizer, build_tokenizer
 
-PREPARED_FORMAT_VERSION = 1
+PREPARED_FORMAT_VERSION = 2
 MANIFEST_FILE = "manifest.json"
-CHUNK_BYTES = 1 << 22  # 4 MiB of tokens per litdata chunk file
-GROUP_TOKENS = 1 << 20  # token arrays handed to the optimize worker per message
+TOKENS_FILE = "tokens.npy"
+DOCUMENTS_FILE = "documents.npy"
 
 
 # --- settings and the data dir ----------------------------------------------------------------
@@ -77,6 +80,8 @@ def prepare_settings(
         "val_fraction": val_fraction,
         "max_bytes_per_domain": max_bytes_per_domain,
         "seed": seed,
+        # near-duplicates stay on one side of the split (see dedup.py)
+        "near_duplicates": {"shingle_words": SHINGLE_WORDS, "jaccard": JACCARD_THRESHOLD},
     }
     return json.loads(json.dumps(settings))  # tuples -> lists, as a manifest reads back
 
@@ -96,6 +101,12 @@ def check_reusable(data_dir: Path, settings: dict[str, Any]) -> bool:
     missing or empty; an error if it holds something else."""
     manifest = read_manifest(data_dir)
     if manifest is not None:
+        if manifest["settings"].get("format") != PREPARED_FORMAT_VERSION:
+            raise ValueError(
+                f"data_dir {data_dir} holds data prepared by an older bam_lightning (format "
+                f"{manifest['settings'].get('format')}, this version reads format "
+                f"{PREPARED_FORMAT_VERSION}); delete it or choose another data_dir"
+            )
         if manifest["settings"] != settings:
             raise ValueError(
                 f"data_dir {data_dir} holds data prepared with other settings (sources, files, "
@@ -113,111 +124,71 @@ def check_reusable(data_dir: Path, settings: dict[str, Any]) -> bool:
 # --- split ------------------------------------------------------------------------------------
 
 
-def split_indices(n_documents: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+def split_indices(
+    n_documents: int, val_fraction: float, seed: int, groups: Sequence[int] | None = None
+) -> tuple[list[int], list[int]]:
     """Hold out whole documents, chosen by a seeded shuffle (never a contiguous tail).
 
-    At least one document goes to each side. Train indices come back sorted; validation ones
-    in shuffled order, so a token cap on validation reads a random sample of documents.
+    `groups` (a group id per document, e.g. near-duplicates) keeps each group on one side: groups
+    are shuffled and held out whole until the validation share is reached. At least one document
+    goes to each side when there are two groups or more. Train indices come back sorted;
+    validation ones in shuffled order.
     """
     if n_documents < 2:
         raise ValueError(f"need at least 2 documents to split, got {n_documents}")
-    order = list(range(n_documents))
+    groups = list(range(n_documents)) if groups is None else list(groups)
+    members: dict[int, list[int]] = {}
+    for index, group in enumerate(groups):
+        members.setdefault(group, []).append(index)
+    order = list(members)
     random.Random(seed).shuffle(order)
-    n_val = min(n_documents - 1, max(1, round(n_documents * val_fraction)))
-    return sorted(order[n_val:]), order[:n_val]
+    target = min(n_documents - 1, max(1, round(n_documents * val_fraction)))
+    val: list[int] = []
+    for group in order[:-1]:  # the last group always trains
+        if len(val) >= target:
+            break
+        if len(val) + len(members[group]) > target and val:
+            continue  # too big to fit: try a smaller group
+        val.extend(members[group])
+    if not val:
+        raise ValueError(
+            f"all {n_documents} documents are near-duplicates of each other: nothing can be held "
+            "out that is not also trained on; add documents"
+        )
+    held = set(val)
+    return [i for i in range(n_documents) if i not in held], val
 
 
-# --- tokenizing into litdata chunks -----------------------------------------------------------
-
-
-def yield_token_arrays(arrays: list[np.ndarray]) -> Iterator[np.ndarray]:
-    """litdata.optimize item function (top level, so worker processes can import it)."""
-    yield from arrays
+# --- tokenizing into flat arrays ---------------------------------------------------------------
 
 
 def tokenize_documents(
     tokenizer: TextTokenizer, documents: Sequence[str], dtype: str
-) -> list[np.ndarray]:
-    """One EOS-terminated token array per document; encoded in batches (in parallel for BPE)."""
-    arrays = []
-    for ids in tokenizer.encode_batch(documents):
-        tokens = np.empty(len(ids) + 1, dtype=dtype)
-        tokens[:-1] = ids
-        tokens[-1] = tokenizer.eos_id
-        arrays.append(tokens)
-    return arrays
+) -> tuple[np.ndarray, np.ndarray]:
+    """All documents' tokens, each EOS-terminated, joined; and the offset of each document
+    (length n + 1). Encoded in batches (in parallel for BPE)."""
+    encoded = tokenizer.encode_batch(documents)
+    offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
+    offsets[1:] = np.cumsum([len(ids) + 1 for ids in encoded])
+    tokens = np.empty(int(offsets[-1]), dtype=dtype)
+    for start, ids in zip(offsets[:-1], encoded, strict=True):
+        tokens[start:start + len(ids)] = ids
+        tokens[start + len(ids)] = tokenizer.eos_id
+    return tokens, offsets
 
 
-def _groups(arrays: list[np.ndarray]) -> list[list[np.ndarray]]:
-    """Hand arrays to litdata in groups of about GROUP_TOKENS, not one queue message each."""
-    groups: list[list[np.ndarray]] = [[]]
-    size = 0
-    for array in arrays:
-        if size >= GROUP_TOKENS:
-            groups.append([])
-            size = 0
-        groups[-1].append(array)
-        size += len(array)
-    return groups
+def write_token_dataset(tokens: np.ndarray, offsets: np.ndarray, output_dir: Path) -> int:
+    """Write one split's `tokens.npy` and `documents.npy`; returns the number of tokens."""
+    output_dir.mkdir(parents=True)
+    np.save(output_dir / TOKENS_FILE, tokens)
+    np.save(output_dir / DOCUMENTS_FILE, offsets)
+    return len(tokens)
 
 
-@contextmanager
-def _isolated_optimize(staging_dir: Path) -> Iterator[None]:
-    """Undo what `litdata.optimize` does to the calling (training) process.
-
-    It stages files in `$TMPDIR/chunks`, shared by every run, and wipes it first: give each run
-    its own folder. It reseeds `random`, numpy and torch: restore their states, so a run that
-    prepares data trains exactly like one that reuses it. It installs a SIGINT handler that
-    exits with status 0: restore the previous one, so Ctrl-C still stops training normally.
-    """
-    environment = {
-        "DATA_OPTIMIZER_CACHE_FOLDER": str(staging_dir / "chunks"),
-        "DATA_OPTIMIZER_DATA_CACHE_FOLDER": str(staging_dir / "data"),
-        "TOKENIZERS_PARALLELISM": "false",  # else `tokenizers` warns in the forked worker
-    }
-    saved_environment = {name: os.environ.get(name) for name in environment}
-    os.environ.update(environment)
-    python_state, numpy_state = random.getstate(), np.random.get_state()
-    sigint_handler = signal.getsignal(signal.SIGINT)
-    cuda_devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
-    try:
-        with torch.random.fork_rng(devices=cuda_devices):
-            yield
-    finally:
-        signal.signal(signal.SIGINT, sigint_handler)
-        random.setstate(python_state)
-        np.random.set_state(numpy_state)
-        for name, value in saved_environment.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-
-
-def write_token_dataset(arrays: list[np.ndarray], output_dir: Path, staging_dir: Path) -> int:
-    """Write token arrays as litdata chunks at `output_dir`; returns the number of tokens.
-
-    One worker keeps the chunk layout, and so the shuffled reading order, identical on every
-    run; it only copies bytes, the tokenizing is done by then.
-    """
-    from litdata import TokensLoader, optimize  # heavy import, only needed while preparing
-
-    with _isolated_optimize(staging_dir):
-        optimize(
-            fn=yield_token_arrays,
-            inputs=_groups(arrays),
-            output_dir=str(output_dir),
-            chunk_bytes=CHUNK_BYTES,
-            item_loader=TokensLoader(),
-            num_workers=1,
-            keep_data_ordered=True,
-            reorder_files=False,
-            verbose=False,
-            # fork: the worker starts in milliseconds; spawn re-imports torch, ~5 s a call.
-            start_method="fork" if sys.platform == "linux" else "spawn",
-        )
-    index = json.loads((output_dir / "index.json").read_text())
-    return sum(chunk["dim"] for chunk in index["chunks"])
+def read_split(split_dir: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Memory-mapped tokens and the document offsets of one prepared split."""
+    return (np.load(split_dir / TOKENS_FILE, mmap_mode="r"),
+            np.load(split_dir / DOCUMENTS_FILE))
 
 
 # --- the whole preparation --------------------------------------------------------------------
@@ -255,9 +226,22 @@ def prepare(
     started = time.perf_counter()
     val_fraction, seed = settings["val_fraction"], settings["seed"]
     splits: dict[str, dict[str, list[str]]] = {}
+    near_duplicates: dict[str, dict[str, int]] = {}
     for domain, docs in documents.items():
-        train, val = split_indices(len(docs), val_fraction, seed)
+        dedup_started = time.perf_counter()
+        groups = near_duplicate_groups(docs, settings["near_duplicates"]["jaccard"])
+        try:
+            train, val = split_indices(len(docs), val_fraction, seed, groups)
+        except ValueError as error:
+            raise ValueError(f"domain {domain!r}: {error}") from None
         splits[domain] = {"train": [docs[i] for i in train], "val": [docs[i] for i in val]}
+        near_duplicates[domain] = _near_duplicate_summary(groups, len(docs), val_fraction, seed, val)
+        rank_zero_info(
+            f"[bam data] {domain}: {near_duplicates[domain]['documents_in_groups']} documents in "
+            f"{near_duplicates[domain]['groups']} near-duplicate groups; an ungrouped split would "
+            f"have validated on {near_duplicates[domain]['val_leaks_without_grouping']} documents with "
+            f"a near-duplicate in training ({time.perf_counter() - dedup_started:.1f} s)"
+        )
 
     data_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = data_dir.parent / f".{data_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -279,9 +263,8 @@ def prepare(
             summary[domain] = {}
             for split, docs in by_split.items():
                 split_started = time.perf_counter()
-                arrays = tokenize_documents(tokenizer, docs, dtype)
                 tokens = write_token_dataset(
-                    arrays, staging / domain / split, staging / ".optimizer"
+                    *tokenize_documents(tokenizer, docs, dtype), staging / domain / split
                 )
                 n_bytes = sum(len(doc.encode("utf-8")) for doc in docs)
                 summary[domain][split] = {
@@ -293,7 +276,6 @@ def prepare(
                     f"[bam data] {domain}/{split}: {len(docs)} documents, {n_bytes / 1e6:.2f} MB "
                     f"-> {tokens:,} tokens ({time.perf_counter() - split_started:.1f} s)"
                 )
-        shutil.rmtree(staging / ".optimizer", ignore_errors=True)
         manifest = {
             "settings": settings,
             "tokenizer": {
@@ -304,6 +286,7 @@ def prepare(
             },
             "token_dtype": dtype,
             "domains": summary,
+            "near_duplicates": near_duplicates,
             "prepare_seconds": round(time.perf_counter() - started, 2),
         }
         (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1))
@@ -311,6 +294,28 @@ def prepare(
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return read_manifest(data_dir) or manifest
+
+
+def _near_duplicate_summary(
+    groups: list[int], n_documents: int, val_fraction: float, seed: int, val: list[int]
+) -> dict[str, int]:
+    """What the grouping changed: how many validation documents a plain per-document split
+    would have had with a near-duplicate on the training side (now 0 by construction)."""
+    sizes: dict[int, int] = {}
+    for group in groups:
+        sizes[group] = sizes.get(group, 0) + 1
+    _, plain_val = split_indices(n_documents, val_fraction, seed)
+    plain_held = set(plain_val)
+    leaks = sum(
+        1 for i in plain_val
+        if any(groups[j] == groups[i] and j not in plain_held for j in range(n_documents))
+    ) if len(sizes) < n_documents else 0
+    return {
+        "groups": sum(1 for size in sizes.values() if size > 1),
+        "documents_in_groups": sum(size for size in sizes.values() if size > 1),
+        "val_documents": len(val),
+        "val_leaks_without_grouping": leaks,
+    }
 
 
 def _publish(staging: Path, data_dir: Path) -> None:

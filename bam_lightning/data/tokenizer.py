@@ -13,6 +13,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Protocol
 
+import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 EOS_TOKEN = "<|endoftext|>"
@@ -29,6 +30,8 @@ class TextTokenizer(Protocol):
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]: ...
 
     def decode(self, ids: Iterable[int]) -> str: ...
+
+    def token_byte_lengths(self) -> np.ndarray: ...
 
 
 class ByteTokenizer:
@@ -47,6 +50,12 @@ class ByteTokenizer:
     def decode(self, ids: Iterable[int]) -> str:
         # A window cut from the stream can split a character: replace it rather than fail.
         return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+
+    def token_byte_lengths(self) -> np.ndarray:
+        """Bytes of text each id stands for: 1 for a byte, 0 for EOS."""
+        lengths = np.ones(self.vocab_size, dtype=np.int64)
+        lengths[self.eos_id] = 0
+        return lengths
 
 
 class BPETokenizer:
@@ -72,6 +81,20 @@ class BPETokenizer:
 
     def decode(self, ids: Iterable[int]) -> str:
         return self._tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    def token_byte_lengths(self) -> np.ndarray:
+        """Bytes of text each id stands for (0 for special tokens). A byte-level BPE spells each
+        byte as one printable character, so a token's byte count is its string's length."""
+        alphabet = set(pre_tokenizers.ByteLevel.alphabet())
+        special = set(self._tokenizer.get_added_tokens_decoder())
+        lengths = np.zeros(self.vocab_size, dtype=np.int64)
+        for token, token_id in self._tokenizer.get_vocab(with_added_tokens=True).items():
+            if token_id in special:
+                continue
+            if not set(token) <= alphabet:
+                raise ValueError(f"{self.path}: token {token!r} is not byte-level; cannot count its bytes")
+            lengths[token_id] = len(token)
+        return lengths
 
 
 def train_bpe(texts: Sequence[str], vocab_size: int, path: str | Path) -> BPETokenizer:

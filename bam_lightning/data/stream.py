@@ -1,0 +1,146 @@
+"""The training stream as a pure function of (order seed, sample index), and the validation windows.
+
+Resuming exactly is then a matter of one integer (samples trained so far): no per-worker reader
+state to replay, and the stream is the same for any number of loader workers, because each
+worker computes whole batches by index and the DataLoader hands them out in index order.
+
+Sample i's domain is a seeded weighted draw (drawn in blocks of `BLOCK` samples, each block from
+its own generator, so any block can be recomputed alone); sample i is then the j-th visit of its
+domain, where j counts the earlier samples of that domain. Visit j reads window
+`permutation_e[j mod n]` of the domain's split, where n is its number of windows and e = j // n
+its pass: every window once per pass, in a fresh seeded order each pass.
+"""
+
+from __future__ import annotations
+
+import zlib
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from bam_lightning.data.prepare import read_split
+
+BLOCK = 4096  # samples whose domain draws come from one generator
+
+
+def domain_key(name: str) -> int:
+    """A stable number per domain name: a domain's window order does not depend on which other
+    domains are trained beside it."""
+    return zlib.crc32(name.encode())
+
+
+class TrainStream:
+    """(domain, window) of every training sample, for given window counts and weights."""
+
+    def __init__(self, names: list[str], window_counts: list[int], weights: list[float], order_seed: int):
+        if min(window_counts) < 1:
+            raise ValueError(f"every trained domain needs at least one window, got {window_counts}")
+        self.names, self.window_counts, self.order_seed = list(names), list(window_counts), order_seed
+        total = float(sum(weights))
+        self.cumulative = np.cumsum(np.asarray(weights, dtype=np.float64) / total)
+        self._counts_before = [np.zeros(len(names), dtype=np.int64)]  # visits before block b
+        self._permutations: dict[tuple[int, int], np.ndarray] = {}
+
+    def block_domains(self, block: int) -> np.ndarray:
+        """The domain index of each of block `block`'s samples."""
+        uniform = np.random.default_rng([self.order_seed, block]).random(BLOCK)
+        return np.minimum(np.searchsorted(self.cumulative, uniform, side="right"), len(self.names) - 1)
+
+    def counts_before(self, block: int) -> np.ndarray:
+        while len(self._counts_before) <= block:
+            done = len(self._counts_before) - 1
+            visits = np.bincount(self.block_domains(done), minlength=len(self.names))
+            self._counts_before.append(self._counts_before[-1] + visits)
+        return self._counts_before[block]
+
+    def visits(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+        """Domain index and visit number j of samples start..stop-1."""
+        domains, visits = [], []
+        for block in range(start // BLOCK, (stop - 1) // BLOCK + 1):
+            drawn = self.block_domains(block)
+            rank = np.empty(BLOCK, dtype=np.int64)
+            for d in range(len(self.names)):
+                mask = drawn == d
+                rank[mask] = np.arange(int(mask.sum()))
+            rank += self.counts_before(block)[drawn]
+            lo, hi = max(start, block * BLOCK) - block * BLOCK, min(stop, (block + 1) * BLOCK) - block * BLOCK
+            domains.append(drawn[lo:hi])
+            visits.append(rank[lo:hi])
+        return np.concatenate(domains), np.concatenate(visits)
+
+    def window(self, domain: int, visit: int) -> int:
+        """Which window of `domain`'s split its `visit`-th sample reads."""
+        n = self.window_counts[domain]
+        key = (domain, visit // n)
+        if key not in self._permutations:
+            if len(self._permutations) > 4 * len(self.names):
+                self._permutations.clear()
+            generator = np.random.default_rng([self.order_seed, domain_key(self.names[domain]), key[1]])
+            self._permutations[key] = generator.permutation(n)
+        return int(self._permutations[key][visit % n])
+
+    def samples(self, start: int, stop: int) -> list[tuple[int, int]]:
+        """(domain index, window index) of samples start..stop-1."""
+        domains, visits = self.visits(start, stop)
+        return [(int(d), self.window(int(d), int(j))) for d, j in zip(domains, visits, strict=True)]
+
+
+class TrainBatchesByIndex(Dataset):
+    """Map-style dataset whose item k is the k-th training batch (LongTensor[B, L + 1]).
+
+    Token arrays are memory-mapped lazily in each process, so workers never receive a copy."""
+
+    def __init__(self, split_dirs: list[Path], stream: TrainStream, batch_size: int, block: int):
+        self.split_dirs, self.stream, self.batch_size, self.block = split_dirs, stream, batch_size, block
+        self._tokens: list[np.ndarray] | None = None
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_tokens": None}
+
+    def __getitem__(self, batch_index: int) -> torch.Tensor:
+        if self._tokens is None:
+            self._tokens = [read_split(d)[0] for d in self.split_dirs]
+        start = batch_index * self.batch_size
+        rows = [self._tokens[d][w * self.block:(w + 1) * self.block]
+                for d, w in self.stream.samples(start, start + self.batch_size)]
+        return torch.from_numpy(np.stack(rows).astype(np.int64))
+
+    def __len__(self) -> int:  # only so that a DataLoader accepts it; indices come from a range
+        return 1 << 62
+
+
+def validation_windows(n_windows: int, cap: int) -> np.ndarray:
+    """`cap` window indices spread evenly over all `n_windows` (all of them if fewer): the split's
+    documents are in shuffled order, so evenly spaced windows sample across every document."""
+    count = min(n_windows, cap)
+    return (np.arange(count, dtype=np.int64) * n_windows) // count
+
+
+class ValidationWindows(Dataset):
+    """Evenly spread windows of one validation split; each item is {"tokens": [L + 1],
+    "documents": [L]}, the document of every target token (for per-document results)."""
+
+    def __init__(self, split_dir: Path, block: int, cap_windows: int):
+        self.split_dir, self.block = split_dir, block
+        tokens, offsets = read_split(split_dir)
+        self.n_documents = len(offsets) - 1
+        self.windows = validation_windows(len(tokens) // block, cap_windows)
+        self._tokens: np.ndarray | None = None
+        self.offsets = offsets
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_tokens": None}
+
+    def __len__(self) -> int:
+        return len(self.windows)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        if self._tokens is None:
+            self._tokens = read_split(self.split_dir)[0]
+        start = int(self.windows[index]) * self.block
+        tokens = torch.from_numpy(self._tokens[start:start + self.block].astype(np.int64))
+        positions = np.arange(start + 1, start + self.block)
+        documents = np.searchsorted(self.offsets, positions, side="right") - 1
+        return {"tokens": tokens, "documents": torch.from_numpy(documents.astype(np.int64))}

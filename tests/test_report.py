@@ -1,0 +1,109 @@
+"""The report's spreads and intervals on synthetic stage records: no fake "sd 0.000" with one
+seed, a paired document bootstrap next to the seed spread, and a plain list of what it cannot
+resolve."""
+
+import math
+
+import numpy as np
+import pytest
+
+from bam_lightning.report import (
+    evaluation_interval,
+    paired_margin,
+    summarise,
+    unresolved_reasons,
+    write_report,
+)
+
+DOMAINS = ("code", "legal")
+
+
+def record(row, seed, per_document_loss):
+    """A stage record whose metrics are computed from per-document losses (tokens: 100 each)."""
+    final, documents = {}, {}
+    for domain, losses in per_document_loss.items():
+        tokens = [100] * len(losses)
+        loss_sum = [loss * t for loss, t in zip(losses, tokens, strict=True)]
+        final[f"val/{domain}/ppl"] = math.exp(sum(loss_sum) / sum(tokens))
+        documents[domain] = {"document": list(range(len(losses))), "loss_sum": loss_sum,
+                             "tokens": tokens, "bytes": [300] * len(losses)}
+    final["val/avg/ppl"] = sum(final[f"val/{d}/ppl"] for d in per_document_loss) / len(per_document_loss)
+    return {"row": row, "seed": seed, "name": f"{row}_{seed}", "final": final, "val_documents": documents,
+            "params_total": 1, "params_active": 1, "training_flops": 1.0, "tokens": 1, "steps": 1,
+            "wall_time_s": 1.0}
+
+
+def losses(rng, shift, n=40):
+    base = rng.uniform(1.5, 2.5, size=n)  # documents differ a lot; both models share them
+    return {d: (base + shift + rng.normal(0, 0.01, size=n)).tolist() for d in DOMAINS}
+
+
+def brute_force_interval(pairs, samples, seed):
+    """The bootstrap written directly: resample documents, recompute every ppl from scratch."""
+    rng = np.random.default_rng(seed)
+    domains = list(pairs[0][1]["val_documents"])
+    draws = {}
+    margins = np.zeros(samples)
+    for domain in domains:
+        n = len(pairs[0][1]["val_documents"][domain]["document"])
+        draws[domain] = rng.integers(0, n, size=(samples, n))
+    for s in range(samples):
+        total = 0.0
+        for row, reference in pairs:
+            for domain in domains:
+                index = draws[domain][s]
+                ppl = [math.exp(sum(r["val_documents"][domain]["loss_sum"][i] for i in index)
+                                / sum(r["val_documents"][domain]["tokens"][i] for i in index))
+                       for r in (row, reference)]
+                total += (ppl[0] - ppl[1]) / len(domains) / len(pairs)
+        margins[s] = total
+    return np.percentile(margins, [2.5, 97.5]).tolist()
+
+
+def test_the_bootstrap_matches_a_direct_implementation():
+    rng = np.random.default_rng(0)
+    pairs = [(record("bam", s, losses(rng, -0.02)), record("btx", s, losses(rng, 0.0))) for s in range(2)]
+    fast = evaluation_interval(pairs, samples=200, seed=5)
+    assert fast["documents"] == 80
+    assert fast["interval"] == pytest.approx(brute_force_interval(pairs, 200, 5), rel=1e-9)
+
+
+def test_one_seed_has_no_spread_and_a_clear_margin_is_resolved(tmp_path):
+    rng = np.random.default_rng(1)
+    shared = losses(rng, 0.0)
+    better = {d: [x - 0.3 for x in v] for d, v in shared.items()}  # every document clearly better
+    records = [record("btx", 0, shared), record("bam", 0, better)]
+    table = summarise(records)
+    assert all(entry["avg_ppl_std"] is None for entry in table)
+    margin = paired_margin(records, "bam")
+    assert margin["sd"] is None and margin["eval_interval"][1] < 0
+    assert unresolved_reasons(margin) == ["one seed only"]
+    report = write_report(tmp_path, records).read_text()
+    assert "sd 0.000" not in report and "± 0.000" not in report
+    assert "one seed: no seed spread" in report and "evaluation-sampling 95% interval" in report
+
+
+def test_a_margin_inside_the_document_noise_is_listed_as_unresolved(tmp_path):
+    rng = np.random.default_rng(2)
+    records = []
+    for seed in range(3):
+        shared = losses(rng, 0.0)
+        # per-document differences of +-0.05 that cancel on average: no real difference
+        noise = {d: [x + 0.05 * (-1) ** i for i, x in enumerate(v)] for d, v in shared.items()}
+        records += [record("btx", seed, shared), record("bam", seed, noise)]
+    margin = paired_margin(records, "bam")
+    low, high = margin["eval_interval"]
+    assert low < 0 < high and margin["sd"] is not None and margin["seeds"] == 3
+    assert "its evaluation-sampling interval contains 0" in unresolved_reasons(margin)
+    report = write_report(tmp_path, records).read_text()
+    assert "cannot resolve" in report and "- BAM DM Expert-KV vs BTX: its evaluation-sampling interval contains 0" in report
+
+
+def test_records_without_per_document_results_say_so():
+    rng = np.random.default_rng(3)
+    records = [record("btx", 0, losses(rng, 0)), record("bam", 0, losses(rng, 0))]
+    for r in records:
+        del r["val_documents"]
+    margin = paired_margin(records, "bam")
+    assert margin["eval_interval"] is None
+    assert "no evaluation-sampling interval" in unresolved_reasons(margin)
