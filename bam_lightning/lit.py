@@ -9,6 +9,7 @@ The mixture module only adds the router losses and their statistics.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -65,6 +66,7 @@ class BaseLM(L.LightningModule):
         self.val_domain_names: list[str] = []
         self.bytes_per_token: dict[str, float] = {}
         self.tokenizer_fingerprint: str | None = None
+        self.tokenizer_json: str | None = None  # a BPE's tokenizer.json text, for `bam generate`
         self.val_loss = nn.ModuleDict()
         self.initial_val_metrics: dict[str, float] = {}
         self._init_from_done = False
@@ -89,6 +91,9 @@ class BaseLM(L.LightningModule):
             self.val_domain_names = list(datamodule.val_domain_names)
             self.bytes_per_token = dict(datamodule.bytes_per_token)
             self.tokenizer_fingerprint = datamodule.tokenizer_fingerprint
+            if self.tokenizer_fingerprint != "byte":  # bytes need no file
+                path = getattr(getattr(datamodule, "tokenizer", None), "path", None)
+                self.tokenizer_json = Path(path).read_bytes().decode("utf-8") if path else None
         for name in self.val_domain_names:
             if name not in self.val_loss:
                 self.val_loss[name] = MeanMetric()
@@ -234,6 +239,7 @@ class BaseLM(L.LightningModule):
         checkpoint.setdefault(CHECKPOINT_KEY, {}).update({
             "kind": "moe" if self.config.is_moe else "dense",
             "tokenizer": self.tokenizer_fingerprint,
+            "tokenizer_json": self.tokenizer_json,
             "val_domains": self.val_domain_names,
             "initial_val_metrics": self.initial_val_metrics,
         })

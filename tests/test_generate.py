@@ -238,3 +238,26 @@ def test_bam_generate_command(tmp_path, capsys):
                           (["--prompt", "a", "--top-p", "0"], r"top_p must be in \(0, 1\]")]:
         with pytest.raises(SystemExit, match=message):
             main(["--ckpt", str(path), *argv])
+
+
+def test_trained_checkpoints_carry_their_bpe_tokenizer(tmp_path):
+    """DenseLM/MoELM store the BPE's tokenizer.json text, so the .ckpt alone decodes."""
+    from types import SimpleNamespace
+
+    from bam_lightning.lit import DenseLM
+
+    bpe = train_bpe(["alpha beta gamma delta"] * 30, 280, tmp_path / "tokenizer.json")
+    config = ModelConfig(**{**BYTE_MODEL, "vocab_size": bpe.vocab_size})
+    module = DenseLM(config)
+    datamodule = SimpleNamespace(vocab_size=bpe.vocab_size, val_domain_names=["a"], bytes_per_token={"a": 3.0},
+                                 tokenizer_fingerprint=bpe.fingerprint, tokenizer=bpe)
+    module._trainer = SimpleNamespace(datamodule=datamodule)
+    module.setup("fit")
+    checkpoint = {"state_dict": {f"model.{k}": v for k, v in module.model.state_dict().items()},
+                  "hyper_parameters": {"config": config.to_dict()}}
+    module.on_save_checkpoint(checkpoint)
+    torch.save(checkpoint, tmp_path / "last.ckpt")
+    (tmp_path / "tokenizer.json").unlink()  # nothing beside the checkpoint: it must carry the text
+    _, tokenizer = load_for_generation(tmp_path / "last.ckpt")
+    assert tokenizer.fingerprint == bpe.fingerprint
+    assert tokenizer.decode(tokenizer.encode("beta gamma")) == "beta gamma"
