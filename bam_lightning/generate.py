@@ -6,9 +6,11 @@ kind, so dense seeds, experts and every mixture decode the same way. The per-tok
 lean: a preallocated cache, logits of the last position only, no tensor built that the step does
 not need, and `torch.inference_mode`.
 
-A checkpoint names its tokenizer: `byte`, or a BPE whose `tokenizer.json` text travels in the
-checkpoint (`.ckpt`: `checkpoint["bam_lightning"]["tokenizer_json"]`; `.safetensors`: the
-metadata key `bam_lightning.tokenizer_json`, or a `tokenizer.json` beside the file).
+A checkpoint names its tokenizer by fingerprint: `byte` needs nothing more; a BPE (`bpe-...`) or
+an imported model's tokenizer (`hf-...`) is read from the files a `.ckpt` carries
+(`checkpoint["bam_lightning"]["tokenizer_files"]`, written by `lit.py`), else from the folder a
+`.safetensors` names in its metadata (`bam_lightning.tokenizer_dir`, written by `bam import-hf`),
+else from a `tokenizer.json` beside the file. The fingerprint must match in every case.
 """
 
 from __future__ import annotations
@@ -24,10 +26,15 @@ from pathlib import Path
 import torch
 
 from bam_lightning.checkpoint import SourceCheckpoint, read_checkpoint
-from bam_lightning.data.tokenizer import TOKENIZER_FILE, ByteTokenizer, TextTokenizer, load_tokenizer
+from bam_lightning.data.tokenizer import (
+    TOKENIZER_FILE,
+    ByteTokenizer,
+    TextTokenizer,
+    load_tokenizer,
+)
 from bam_lightning.model import GPT
 
-TOKENIZER_JSON_KEY = "tokenizer_json"  # in checkpoint["bam_lightning"] and as "bam_lightning.tokenizer_json"
+TOKENIZER_DIR_KEY = "bam_lightning.tokenizer_dir"  # safetensors metadata: a folder relative to the file
 
 
 def check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, top_p: float) -> None:
@@ -145,20 +152,39 @@ def load_for_generation(path: str | Path, tokenizer: str | None = None, device: 
     return model.to(device=device, dtype=dtype).eval(), text_tokenizer
 
 
-def stored_tokenizer_json(path: str | Path) -> str | None:
-    """The BPE `tokenizer.json` text a checkpoint carries, if any."""
-    path = Path(path)
+def stored_tokenizer_files(path: Path) -> dict[str, str]:
+    """name -> text of the tokenizer files a `.ckpt` carries ({} for none or a `.safetensors`)."""
     if path.suffix == ".safetensors":
-        with open(path, "rb") as handle:
-            header = json.loads(handle.read(int.from_bytes(handle.read(8), "little")))
-        return (header.get("__metadata__") or {}).get(f"bam_lightning.{TOKENIZER_JSON_KEY}")
+        return {}
     raw = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    return (raw.get("bam_lightning") or {}).get(TOKENIZER_JSON_KEY)
+    return dict((raw.get("bam_lightning") or {}).get("tokenizer_files") or {})
+
+
+def stored_tokenizer_dir(path: Path) -> Path | None:
+    """The tokenizer folder a `.safetensors` file's metadata names (imported models), if any."""
+    if path.suffix != ".safetensors":
+        return None
+    with open(path, "rb") as handle:
+        header = json.loads(handle.read(int.from_bytes(handle.read(8), "little")))
+    folder = (header.get("__metadata__") or {}).get(TOKENIZER_DIR_KEY)
+    return path.parent / folder if folder else None
+
+
+def tokenizer_from_file(path: str | Path, fingerprint: str | None) -> TextTokenizer:
+    """Load `path` (a tokenizer.json or its folder) as the kind its fingerprint names."""
+    if fingerprint and fingerprint.startswith("hf-"):
+        from bam_lightning.data.hf_tokenizer import (
+            HFTokenizer,  # an imported model's (bam import-hf)
+        )
+
+        path = Path(path)
+        return HFTokenizer(path / TOKENIZER_FILE if path.is_dir() else path)
+    return load_tokenizer(str(path))
 
 
 def checkpoint_tokenizer(source: SourceCheckpoint, override: str | None = None) -> TextTokenizer:
     """The tokenizer a checkpoint was trained with: `override` ("byte" or a tokenizer.json path,
-    checked against the stored fingerprint), else what the checkpoint carries, else a
+    checked against the stored fingerprint), else what the checkpoint carries or names, else a
     `tokenizer.json` beside it; a clear error when none of these exists."""
     path, fingerprint = Path(source.path), source.tokenizer
 
@@ -172,17 +198,22 @@ def checkpoint_tokenizer(source: SourceCheckpoint, override: str | None = None) 
         return tokenizer
 
     if override:
-        return checked(load_tokenizer(override), f"--tokenizer {override}")
+        tokenizer = ByteTokenizer() if override == "byte" else tokenizer_from_file(override, fingerprint)
+        return checked(tokenizer, f"--tokenizer {override}")
     if fingerprint == "byte":
         return ByteTokenizer()
-    text = stored_tokenizer_json(path)
-    if text:
+    files = stored_tokenizer_files(path)
+    if TOKENIZER_FILE in files:
         with tempfile.TemporaryDirectory() as tmp:
-            (Path(tmp) / TOKENIZER_FILE).write_bytes(text.encode("utf-8"))
-            return checked(load_tokenizer(str(Path(tmp) / TOKENIZER_FILE)), "the tokenizer it carries")
+            for name, text in files.items():
+                (Path(tmp) / Path(name).name).write_bytes(text.encode("utf-8"))
+            return checked(tokenizer_from_file(Path(tmp) / TOKENIZER_FILE, fingerprint), "the tokenizer it carries")
+    folder = stored_tokenizer_dir(path)
+    if folder is not None and (folder / TOKENIZER_FILE).is_file():
+        return checked(tokenizer_from_file(folder / TOKENIZER_FILE, fingerprint), str(folder / TOKENIZER_FILE))
     beside = path.with_name(TOKENIZER_FILE)
     if beside.is_file():
-        return checked(load_tokenizer(str(beside)), str(beside))
+        return checked(tokenizer_from_file(beside, fingerprint), str(beside))
     raise ValueError(f"{path}: the checkpoint carries no tokenizer (fingerprint {fingerprint!r}) and there is no "
                      f"{TOKENIZER_FILE} beside it; pass --tokenizer byte or --tokenizer PATH/{TOKENIZER_FILE} "
                      "(the data_dir of the run that trained it holds it)")

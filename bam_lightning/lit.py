@@ -23,6 +23,7 @@ from bam_lightning.flops import training_flops_per_token
 from bam_lightning.model import GPT, RouterStats
 
 CHECKPOINT_KEY = "bam_lightning"  # our own section of a Lightning checkpoint
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")  # the second names an imported model's EOS
 
 
 class BaseLM(L.LightningModule):
@@ -66,7 +67,7 @@ class BaseLM(L.LightningModule):
         self.val_domain_names: list[str] = []
         self.bytes_per_token: dict[str, float] = {}
         self.tokenizer_fingerprint: str | None = None
-        self.tokenizer_json: str | None = None  # a BPE's tokenizer.json text, for `bam generate`
+        self.tokenizer_files: dict[str, str] = {}  # name -> text of a non-byte tokenizer, for `bam generate`
         self.val_loss = nn.ModuleDict()
         self.initial_val_metrics: dict[str, float] = {}
         self._init_from_done = False
@@ -93,7 +94,8 @@ class BaseLM(L.LightningModule):
             self.tokenizer_fingerprint = datamodule.tokenizer_fingerprint
             if self.tokenizer_fingerprint != "byte":  # bytes need no file
                 path = getattr(getattr(datamodule, "tokenizer", None), "path", None)
-                self.tokenizer_json = Path(path).read_bytes().decode("utf-8") if path else None
+                self.tokenizer_files = {name: (Path(path).parent / name).read_bytes().decode("utf-8")
+                                        for name in TOKENIZER_FILES if path and (Path(path).parent / name).is_file()}
         for name in self.val_domain_names:
             if name not in self.val_loss:
                 self.val_loss[name] = MeanMetric()
@@ -239,7 +241,7 @@ class BaseLM(L.LightningModule):
         checkpoint.setdefault(CHECKPOINT_KEY, {}).update({
             "kind": "moe" if self.config.is_moe else "dense",
             "tokenizer": self.tokenizer_fingerprint,
-            "tokenizer_json": self.tokenizer_json,
+            "tokenizer_files": self.tokenizer_files,
             "val_domains": self.val_domain_names,
             "initial_val_metrics": self.initial_val_metrics,
         })

@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 from helpers import random_dense_state_dict, save_lightning_checkpoint, tiny_config
+from safetensors.torch import save_file
 
 from bam_lightning.checkpoint import read_checkpoint, save_safetensors
 from bam_lightning.config import ModelConfig
@@ -196,7 +197,8 @@ def test_tokenizer_travels_in_ckpt_and_beside_safetensors(tmp_path):
     torch.save({"state_dict": {f"model.{k}": v for k, v in state.items()},
                 "hyper_parameters": {"config": config.to_dict()},
                 "bam_lightning": {"tokenizer": bpe.fingerprint,
-                                  "tokenizer_json": (tmp_path / "tokenizer.json").read_bytes().decode()}}, ckpt)
+                                  "tokenizer_files": {"tokenizer.json": (tmp_path / "tokenizer.json").read_bytes().decode()}}},
+               ckpt)
     model, tokenizer = load_for_generation(ckpt)
     assert tokenizer.fingerprint == bpe.fingerprint
     assert tokenizer.encode(texts[0]) == bpe.encode(texts[0])
@@ -211,6 +213,12 @@ def test_tokenizer_travels_in_ckpt_and_beside_safetensors(tmp_path):
     assert checkpoint_tokenizer(read_checkpoint(seed)).fingerprint == bpe.fingerprint
     with pytest.raises(ValueError, match="trained with tokenizer 'bpe-"):
         checkpoint_tokenizer(read_checkpoint(seed), "byte")
+    (seed.parent / "tokenizer.json").rename(tmp_path / "tokenizer.json")  # an imported seed's layout:
+    save_file({k: v.contiguous() for k, v in state.items()}, seed.parent / "imported.safetensors",
+              metadata={"bam_lightning.config": json.dumps(config.to_dict()), "bam_lightning.tokenizer": bpe.fingerprint,
+                        "bam_lightning.tokenizer_dir": ".."})  # as `bam import-hf` writes: the folder it names
+    imported = checkpoint_tokenizer(read_checkpoint(seed.parent / "imported.safetensors"))
+    assert imported.fingerprint == bpe.fingerprint
 
 
 def test_bam_generate_command(tmp_path, capsys):

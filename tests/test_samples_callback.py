@@ -5,11 +5,11 @@ from __future__ import annotations
 import lightning as L
 import pytest
 import torch
+from bam_lightning.callbacks import GenerationSamples
 from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils.data import DataLoader
 
-from bam_lightning.callbacks import GenerationSamples
 from bam_lightning.config import ModelConfig
 from bam_lightning.data.tokenizer import ByteTokenizer
 from bam_lightning.generate import generate

@@ -20,7 +20,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from bam_lightning.config import ModelConfig
-from bam_lightning.model.layers import RouterStats, apply_rope, init_router, rope_tables, router_probs
+from bam_lightning.model.layers import (
+    RouterStats,
+    apply_rope,
+    init_router,
+    rope_tables,
+    router_probs,
+)
 
 
 class MixtureOfAttention(nn.Module):
@@ -53,6 +59,23 @@ class MixtureOfAttention(nn.Module):
             probs = torch.zeros_like(probs).scatter(-1, idx, top / top.sum(-1, keepdim=True))
         return probs
 
+    def bank_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """W_q [E*H*hd, d] and W_o [d, E*H*hd] with the heads in the bank's order."""
+        E, d, H, hd = self.wq.shape[0], self.config.d_model, self.config.n_head, self.config.head_dim
+        # The bank is one wide multi-head attention with E * H query heads, laid out exactly like
+        # a dense one: every projection is one GEMM and [B, T, heads, hd] -> [B, heads, T, hd] is
+        # a free transpose. Expert-KV orders the heads (expert, head), so expert e's query heads
+        # meet its own K/V heads. Shared-KV orders them (head, expert), so that grouped-query
+        # attention maps every expert's head h onto the shared K/V head of h; reordering the
+        # (small) weights costs less than reordering the activations.
+        wq, wo = self.wq, self.wo.view(E, d, H, hd)
+        if self.wk.shape[0] < E:  # Shared-KV
+            wq, wo = wq.view(E, H, hd, d).transpose(0, 1), wo.permute(1, 2, 0, 3)  # (head, expert)
+        else:
+            wo = wo.permute(1, 0, 2, 3)  # (expert, head)
+        # a copy where the order changes (E > 1): decoding keeps it in the cache, built once
+        return wq.reshape(E * H * hd, d), wo.reshape(d, E * H * hd)
+
     def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None,
                 layer: int = 0) -> tuple[torch.Tensor, RouterStats]:
         """`cache`: decoding (see `GPT.forward`); h holds the new tokens only, their K/V go into
@@ -61,18 +84,8 @@ class MixtureOfAttention(nn.Module):
         B, T, d = h.shape
         E, E_kv, H, H_kv, hd = self.wq.shape[0], self.wk.shape[0], cfg.n_head, cfg.n_kv_head, cfg.head_dim
         shared_kv = E_kv < E
-        # The bank is one wide multi-head attention with E * H query heads, laid out exactly like
-        # a dense one: every projection is one GEMM and [B, T, heads, hd] -> [B, heads, T, hd] is
-        # a free transpose. Expert-KV orders the heads (expert, head), so expert e's query heads
-        # meet its own K/V heads. Shared-KV orders them (head, expert), so that grouped-query
-        # attention maps every expert's head h onto the shared K/V head of h; reordering the
-        # (small) weights costs less than reordering the activations.
-        wq, wo = self.wq, self.wo.view(E, d, H, hd)
-        if shared_kv:
-            wq, wo = wq.view(E, H, hd, d).transpose(0, 1), wo.permute(1, 2, 0, 3)  # (head, expert)
-        else:
-            wo = wo.permute(1, 0, 2, 3)  # (expert, head)
-        q = (h @ wq.reshape(E * H * hd, d).T).view(B, T, E * H, hd).transpose(1, 2)
+        wq, wo = self.bank_weights() if cache is None else cache.constant(("attn", layer), self.bank_weights)
+        q = (h @ wq.T).view(B, T, E * H, hd).transpose(1, 2)
         k = (h @ self.wk.reshape(E_kv * H_kv * hd, d).T).view(B, T, E_kv * H_kv, hd).transpose(1, 2)
         v = (h @ self.wv.reshape(E_kv * H_kv * hd, d).T).view(B, T, E_kv * H_kv, hd).transpose(1, 2)
         cos, sin = cos.to(q.dtype), sin.to(q.dtype)
@@ -89,7 +102,7 @@ class MixtureOfAttention(nn.Module):
             o = _GatedHeads.apply(o, gates.to(o.dtype), E, not shared_kv)
             stats.attn_gate_mean = gates.detach().mean(dim=(0, 1))
         # sum_e W_o,e (g_e o_e) as one GEMM over the concatenated expert outputs.
-        return o @ wo.reshape(d, E * H * hd).T, stats
+        return o @ wo.T, stats
 
 
 class _GatedHeads(torch.autograd.Function):
@@ -156,6 +169,14 @@ class KVCache:
         self.max_len, self.length, self.padded = max_len, 0, False
         self._start, self._attn_mask, self._causal = 0, None, False
         self._gqa = config.n_attn_banks * config.n_head != shape[1]
+        self._constants: dict = {}  # per-layer values that depend only on the weights
+
+    def constant(self, key, make):
+        """`make()` once per cache: weights do not change while a cache decodes."""
+        value = self._constants.get(key)
+        if value is None:
+            value = self._constants[key] = make()
+        return value
 
     def bytes(self) -> int:
         """Bytes held by the keys and values (the mask and RoPE tables are negligible)."""
