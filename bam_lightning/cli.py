@@ -21,6 +21,7 @@ LIGHTNING_COMMANDS = {
 # name -> (module, function, one-line help). Each function takes argv (the words after the name).
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "pipeline": ("bam_lightning.pipeline", "main", "run a whole study (seed, experts, mixtures, report) from one file"),
+    "generate": ("bam_lightning.generate", "main", "sample text from a checkpoint with its KV cache (greedy, top-k/p)"),
 }
 
 

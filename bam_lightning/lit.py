@@ -10,6 +10,7 @@ older step). The mixture module only adds the router losses and their statistics
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -23,6 +24,7 @@ from bam_lightning.flops import forward_flops_per_token, training_flops_per_toke
 from bam_lightning.model import GPT, RouterStats
 
 CHECKPOINT_KEY = "bam_lightning"  # our own section of a Lightning checkpoint
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")  # the second names an imported model's EOS
 
 
 class BaseLM(L.LightningModule):
@@ -69,6 +71,7 @@ class BaseLM(L.LightningModule):
         self.val_documents: dict[str, int] = {}  # validation documents per domain
         self.val_sums = nn.ModuleDict()
         self.val_document_stats: dict[str, dict[str, list]] = {}  # of the last full validation
+        self.tokenizer_files: dict[str, str] = {}  # name -> text of a non-byte tokenizer, for `bam generate`
         self.initial_val_metrics: dict[str, float] = {}
         self._init_from_done = False
         self.validated_step: int | None = None  # global step of the last (non-sanity) validation
@@ -98,6 +101,10 @@ class BaseLM(L.LightningModule):
             self.token_bytes = torch.from_numpy(datamodule.token_byte_lengths())
             self.val_documents = dict(datamodule.val_document_counts)
             self.tokenizer_fingerprint = datamodule.tokenizer_fingerprint
+            if self.tokenizer_fingerprint != "byte":  # bytes need no file
+                path = getattr(getattr(datamodule, "tokenizer", None), "path", None)
+                self.tokenizer_files = {name: (Path(path).parent / name).read_bytes().decode("utf-8")
+                                        for name in TOKENIZER_FILES if path and (Path(path).parent / name).is_file()}
         for name in self.val_domain_names:
             if name not in self.val_sums:
                 self.val_sums[name] = DocumentSums(self.val_documents.get(name, 1))
@@ -311,6 +318,7 @@ class BaseLM(L.LightningModule):
         checkpoint.setdefault(CHECKPOINT_KEY, {}).update({
             "kind": "moe" if self.config.is_moe else "dense",
             "tokenizer": self.tokenizer_fingerprint,
+            "tokenizer_files": self.tokenizer_files,
             "val_domains": self.val_domain_names,
             "initial_val_metrics": self.initial_val_metrics,
             # which step this is, of how many, and whether the fit ended here: the next stage

@@ -20,7 +20,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from bam_lightning.config import ModelConfig
-from bam_lightning.model.layers import RouterStats, apply_rope, init_router, router_probs
+from bam_lightning.model.layers import (
+    RouterStats,
+    apply_rope,
+    init_router,
+    rope_tables,
+    router_probs,
+)
 
 
 class MixtureOfAttention(nn.Module):
@@ -53,11 +59,9 @@ class MixtureOfAttention(nn.Module):
             probs = torch.zeros_like(probs).scatter(-1, idx, top / top.sum(-1, keepdim=True))
         return probs
 
-    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, RouterStats]:
-        cfg = self.config
-        B, T, d = h.shape
-        E, E_kv, H, H_kv, hd = self.wq.shape[0], self.wk.shape[0], cfg.n_head, cfg.n_kv_head, cfg.head_dim
-        shared_kv = E_kv < E
+    def bank_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """W_q [E*H*hd, d] and W_o [d, E*H*hd] with the heads in the bank's order."""
+        E, d, H, hd = self.wq.shape[0], self.config.d_model, self.config.n_head, self.config.head_dim
         # The bank is one wide multi-head attention with E * H query heads, laid out exactly like
         # a dense one: every projection is one GEMM and [B, T, heads, hd] -> [B, heads, T, hd] is
         # a free transpose. Expert-KV orders the heads (expert, head), so expert e's query heads
@@ -65,16 +69,31 @@ class MixtureOfAttention(nn.Module):
         # attention maps every expert's head h onto the shared K/V head of h; reordering the
         # (small) weights costs less than reordering the activations.
         wq, wo = self.wq, self.wo.view(E, d, H, hd)
-        if shared_kv:
+        if self.wk.shape[0] < E:  # Shared-KV
             wq, wo = wq.view(E, H, hd, d).transpose(0, 1), wo.permute(1, 2, 0, 3)  # (head, expert)
         else:
             wo = wo.permute(1, 0, 2, 3)  # (expert, head)
-        q = (h @ wq.reshape(E * H * hd, d).T).view(B, T, E * H, hd).transpose(1, 2)
+        # a copy where the order changes (E > 1): decoding keeps it in the cache, built once
+        return wq.reshape(E * H * hd, d), wo.reshape(d, E * H * hd)
+
+    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None,
+                layer: int = 0) -> tuple[torch.Tensor, RouterStats]:
+        """`cache`: decoding (see `GPT.forward`); h holds the new tokens only, their K/V go into
+        the cache's slots for `layer` and the queries read every cached position."""
+        cfg = self.config
+        B, T, d = h.shape
+        E, E_kv, H, H_kv, hd = self.wq.shape[0], self.wk.shape[0], cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        shared_kv = E_kv < E
+        wq, wo = self.bank_weights() if cache is None else cache.constant(("attn", layer), self.bank_weights)
+        q = (h @ wq.T).view(B, T, E * H, hd).transpose(1, 2)
         k = (h @ self.wk.reshape(E_kv * H_kv * hd, d).T).view(B, T, E_kv * H_kv, hd).transpose(1, 2)
         v = (h @ self.wv.reshape(E_kv * H_kv * hd, d).T).view(B, T, E_kv * H_kv, hd).transpose(1, 2)
         cos, sin = cos.to(q.dtype), sin.to(q.dtype)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=E * H != E_kv * H_kv)
+        if cache is None:
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=E * H != E_kv * H_kv)
+        else:
+            o = cache.attend(layer, q, k, v)
         gates = self.gates(h)
         stats = RouterStats()
         if gates is None:
@@ -83,7 +102,7 @@ class MixtureOfAttention(nn.Module):
             o = _GatedHeads.apply(o, gates.to(o.dtype), E, not shared_kv)
             stats.attn_gate_mean = gates.detach().mean(dim=(0, 1))
         # sum_e W_o,e (g_e o_e) as one GEMM over the concatenated expert outputs.
-        return o @ wo.reshape(d, E * H * hd).T, stats
+        return o @ wo.T, stats
 
 
 class _GatedHeads(torch.autograd.Function):
@@ -121,3 +140,106 @@ class _GatedHeads(torch.autograd.Function):
         grad_o = (grad5 * g5).view(B, T, heads, hd).transpose(1, 2)
         grad_g = (grad5 * o5).sum(head_dims) if ctx.needs_input_grad[1] else None
         return grad_o, grad_g, None, None
+
+
+class KVCache:
+    """Preallocated keys and values of every layer, for decoding one token at a time.
+
+    Layer l's keys are one tensor [B, kv_heads, max_len, head_dim], written in place (no
+    per-token concatenation); kv_heads is E * n_kv_head for Expert-KV (every attention expert
+    keeps its own keys) and n_kv_head for Shared-KV and dense attention, so Shared-KV's cache is
+    exactly 1/E of Expert-KV's. Columns are shared by the batch: a left-padded batch marks its
+    padding in `mask` and each row's RoPE positions count only its real tokens, so every row
+    sees exactly what it would see alone. Build with `GPT.new_cache`.
+    """
+
+    def __init__(self, config: ModelConfig, batch_size: int, max_len: int, dtype: torch.dtype,
+                 device: torch.device | str):
+        if not 1 <= max_len <= config.max_seq_len:
+            raise ValueError(f"KVCache: max_len {max_len} must be between 1 and max_seq_len {config.max_seq_len}")
+        if batch_size < 1:
+            raise ValueError(f"KVCache: batch_size must be positive, got {batch_size}")
+        shape = (batch_size, config.n_kv_banks * config.n_kv_head, max_len, config.head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layer)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layer)]
+        self.mask = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)  # real token?
+        self.next_position = torch.zeros(batch_size, dtype=torch.long, device=device)  # per row
+        # RoPE tables for every position, built as the training forward builds them (same values)
+        self.cos, self.sin = rope_tables(max_len, config.head_dim, config.rope_base, device, dtype)
+        self.max_len, self.length, self.padded = max_len, 0, False
+        self._start, self._attn_mask, self._causal = 0, None, False
+        self._gqa = config.n_attn_banks * config.n_head != shape[1]
+        self._constants: dict = {}  # per-layer values that depend only on the weights
+
+    def constant(self, key, make):
+        """`make()` once per cache: weights do not change while a cache decodes."""
+        value = self._constants.get(key)
+        if value is None:
+            value = self._constants[key] = make()
+        return value
+
+    def bytes(self) -> int:
+        """Bytes held by the keys and values (the mask and RoPE tables are negligible)."""
+        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
+
+    def bytes_per_token(self) -> int:
+        """Cache bytes one token position costs, per sequence."""
+        return self.bytes() // (self.keys[0].shape[0] * self.max_len)
+
+    def advance(self, idx: torch.Tensor, attention_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Claim columns for the new tokens `idx` [B, T]; returns their RoPE tables.
+
+        `attention_mask` [B, T] (1 = token, 0 = left padding) is needed only for a padded prefill;
+        without it every new token is real. Positions start at each row's first real token.
+        """
+        B, T = idx.shape
+        start = self.length
+        if B != self.mask.shape[0]:
+            raise ValueError(f"KVCache: built for batch {self.mask.shape[0]}, got {B} rows")
+        if start + T > self.max_len:
+            raise ValueError(f"KVCache: {start} cached + {T} new tokens exceed its max_len {self.max_len}")
+        if attention_mask is not None:
+            real = attention_mask.to(device=self.mask.device, dtype=torch.bool)
+            if real.shape != idx.shape:
+                raise ValueError(f"attention_mask shape {tuple(real.shape)} != tokens {tuple(idx.shape)}")
+            self.padded = self.padded or not bool(real.all())
+        self.length, self._start = start + T, start
+        if not self.padded:  # every row has the same positions: views, no new tensors
+            self.mask[:, start:start + T] = True
+            self.next_position += T
+            self._attn_mask, self._causal = None, start == 0 and T > 1
+            if T > 1 and start > 0:  # a second chunk of a prompt: causal within, all before
+                self._attn_mask = self._causal_mask(start, T)
+            return self.cos[start:start + T], self.sin[start:start + T]
+        if attention_mask is None:  # decoding after a padded prefill: every new token is real
+            self.mask[:, start:start + T] = True
+            positions = self.next_position[:, None] + torch.arange(T, device=idx.device)
+            self.next_position += T
+        else:
+            self.mask[:, start:start + T] = real
+            positions = (self.next_position[:, None] + real.cumsum(1) - 1).clamp(min=0)
+            self.next_position += real.sum(1)
+        self._causal = False
+        if T == 1:  # a view: the row's real columns so far
+            self._attn_mask = self.mask[:, None, None, :start + 1]
+        else:  # a padding query sees only itself: finite values nobody reads, instead of a NaN row
+            self._attn_mask = ((self._causal_mask(start, T) & self.mask[:, None, None, :start + T])
+                               | self._causal_mask(start, T, diagonal_only=True))
+        return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
+
+    def _causal_mask(self, start: int, T: int, diagonal_only: bool = False) -> torch.Tensor:
+        """[T, start + T]: query t (column start + t) sees columns <= start + t (or only its own)."""
+        columns = torch.arange(start + T, device=self.mask.device)
+        if diagonal_only:
+            return columns[None, :] == columns[start:, None]
+        return columns[None, :] <= columns[start:, None]
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Store this step's k, v [B, kv_heads, T, hd] in `layer`'s slots and attend over all
+        cached columns."""
+        start, end = self._start, self.length
+        keys, values = self.keys[layer], self.values[layer]
+        keys[:, :, start:end] = k
+        values[:, :, start:end] = v
+        return F.scaled_dot_product_attention(q, keys[:, :, :end], values[:, :, :end], attn_mask=self._attn_mask,
+                                              is_causal=self._causal, enable_gqa=self._gqa)

@@ -36,8 +36,18 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     makes about nine memory passes and seven allocations forward, more backward; `_Rotary` makes
     four fused passes into one tensor each way (its backward is the inverse rotation). Measured
     on the attention bank's fwd+bwd (E 4, `benchmarks/bench_rope.py`): 0.95-1.00x the
-    plain formula's time with `bam`'s heap malloc, 0.93x with glibc's default."""
-    return _Rotary.apply(x, cos, sin)
+    plain formula's time with `bam`'s heap malloc, 0.93x with glibc's default. Without autograd
+    (decoding, validation) the rotation runs directly: a Function's bookkeeping costs more than
+    the rotation of one token."""
+    if torch.is_grad_enabled():
+        return _Rotary.apply(x, cos, sin)
+    _check_rope_shapes(x, cos)
+    return _rotate(x, cos, sin, 1.0)
+
+
+def _check_rope_shapes(x: torch.Tensor, cos: torch.Tensor) -> None:
+    if x.shape[-1] % 2 or cos.shape[-1] * 2 != x.shape[-1]:
+        raise ValueError(f"RoPE: head_dim {x.shape[-1]} must be even and twice the tables' last dim {cos.shape[-1]}")
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: float) -> torch.Tensor:
@@ -54,9 +64,7 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: float) 
 class _Rotary(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] % 2 or cos.shape[-1] * 2 != x.shape[-1]:
-            raise ValueError(f"RoPE: head_dim {x.shape[-1]} must be even and twice the tables' "
-                             f"last dim {cos.shape[-1]}")
+        _check_rope_shapes(x, cos)
         ctx.save_for_backward(cos, sin)
         return _rotate(x, cos, sin, 1.0)
 
