@@ -257,9 +257,10 @@ def test_trained_checkpoints_carry_their_bpe_tokenizer(tmp_path):
     bpe = train_bpe(["alpha beta gamma delta"] * 30, 280, tmp_path / "tokenizer.json")
     config = ModelConfig(**{**BYTE_MODEL, "vocab_size": bpe.vocab_size})
     module = DenseLM(config)
-    datamodule = SimpleNamespace(vocab_size=bpe.vocab_size, val_domain_names=["a"], bytes_per_token={"a": 3.0},
+    datamodule = SimpleNamespace(vocab_size=bpe.vocab_size, val_domain_names=["a"], val_document_counts={"a": 1},
+                                 token_byte_lengths=bpe.token_byte_lengths, seq_len=config.max_seq_len,
                                  tokenizer_fingerprint=bpe.fingerprint, tokenizer=bpe)
-    module._trainer = SimpleNamespace(datamodule=datamodule)
+    module._trainer = SimpleNamespace(datamodule=datamodule, max_steps=1, global_step=1)
     module.setup("fit")
     checkpoint = {"state_dict": {f"model.{k}": v for k, v in module.model.state_dict().items()},
                   "hyper_parameters": {"config": config.to_dict()}}

@@ -19,12 +19,16 @@ from bam_lightning.lit import DenseLM
 class ByteBlocks(L.LightningDataModule):
     """Random byte blocks with what BAMDataModule exposes to the model and the callback."""
 
-    vocab_size, tokenizer_fingerprint, bytes_per_token = 257, "byte", {}
+    vocab_size, tokenizer_fingerprint, seq_len = 257, "byte", 8
 
     def __init__(self):
         super().__init__()
         self.tokenizer = ByteTokenizer()
         self.val_domain_names = ["math", "code", "mine"]
+        self.val_document_counts = {name: 1 for name in self.val_domain_names}
+
+    def token_byte_lengths(self):
+        return self.tokenizer.token_byte_lengths()
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(torch.randint(0, 256, (8, 9), generator=torch.Generator().manual_seed(0)), batch_size=4)
