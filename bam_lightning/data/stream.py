@@ -58,6 +58,7 @@ class TrainStream:
         self.cumulative = np.cumsum(np.asarray(weights, dtype=np.float64) / total)
         self._counts_before = [np.zeros(len(names), dtype=np.int64)]  # visits before block b
         self._permutations: dict[tuple[int, int], np.ndarray] = {}
+        self._block_visits: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
     def block_domains(self, block: int) -> np.ndarray:
         """The domain index of each of block `block`'s samples."""
@@ -71,16 +72,26 @@ class TrainStream:
             self._counts_before.append(self._counts_before[-1] + visits)
         return self._counts_before[block]
 
-    def visits(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
-        """Domain index and visit number j of samples start..stop-1."""
-        domains, visits = [], []
-        for block in range(start // BLOCK, (stop - 1) // BLOCK + 1):
+    def block_visits(self, block: int) -> tuple[np.ndarray, np.ndarray]:
+        """Domain index and visit number j of every sample of block `block` (the last two blocks
+        are kept: consecutive batches mostly fall in the same block)."""
+        if block not in self._block_visits:
             drawn = self.block_domains(block)
             rank = np.empty(BLOCK, dtype=np.int64)
             for d in range(len(self.names)):
                 mask = drawn == d
                 rank[mask] = np.arange(int(mask.sum()))
             rank += self.counts_before(block)[drawn]
+            if len(self._block_visits) >= 2:
+                self._block_visits.pop(next(iter(self._block_visits)))
+            self._block_visits[block] = (drawn, rank)
+        return self._block_visits[block]
+
+    def visits(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+        """Domain index and visit number j of samples start..stop-1."""
+        domains, visits = [], []
+        for block in range(start // BLOCK, (stop - 1) // BLOCK + 1):
+            drawn, rank = self.block_visits(block)
             lo, hi = max(start, block * BLOCK) - block * BLOCK, min(stop, (block + 1) * BLOCK) - block * BLOCK
             domains.append(drawn[lo:hi])
             visits.append(rank[lo:hi])
