@@ -10,14 +10,13 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
+from helpers import read_prepared_split
 
-from bam_lightning.data import BAMDataModule
+from bam_lightning.data import BAMDataModule, prepare
 from bam_lightning.data.dedup import minhash_signatures, near_duplicate_groups, shingle_hashes
-from bam_lightning.data import prepare
 from bam_lightning.data.prepare import split_indices
 from bam_lightning.data.stream import BLOCK, TrainStream, validation_windows
 from bam_lightning.data.tokenizer import ByteTokenizer, train_bpe
-from helpers import read_prepared_split
 
 SEQ_LEN, BATCH = 8, 4
 
@@ -238,7 +237,8 @@ def test_litdata_chunks_hold_every_document_and_windows_follow_them(tmp_path, mo
             tokens, chunks, offsets = read_prepared_split(data.data_dir / domain / split, "uint16")
             assert len(chunks) > 1 and chunks == data.chunk_tokens[domain, split]
             assert offsets[0] == 0 and offsets[-1] == len(tokens) and (tokens[offsets[1:] - 1] == eos).all()
-            stored += [ByteTokenizer().decode(tokens[a:b - 1].tolist()) for a, b in zip(offsets[:-1], offsets[1:])]
+            bounds = zip(offsets[:-1], offsets[1:], strict=True)
+            stored += [ByteTokenizer().decode(tokens[a:b - 1].tolist()) for a, b in bounds]
             # window starts, chunk by chunk, written out independently of window_starts()
             chunk_start, own = 0, []
             for n in chunks:

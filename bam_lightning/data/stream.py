@@ -30,9 +30,11 @@ MAPPED_CHUNKS = 64  # chunk files litdata keeps mapped per split (it remaps on e
 
 
 def open_windows(split_dir: Path, block: int):
-    """litdata's reader over one prepared split: item w is window w (`block` tokens, numpy).
+    """litdata's reader over one prepared split: item w is window w (`block` tokens).
 
-    Built lazily in each process that reads (a loader worker builds its own)."""
+    Built lazily in each process that reads (a loader worker builds its own). Window counts come
+    from the manifest (`window_starts`), never from `len()`: under DDP litdata's length counts
+    one rank's share, while random access stays global."""
     from litdata import StreamingDataset, TokensLoader
 
     return StreamingDataset(
@@ -130,7 +132,7 @@ class TrainBatchesByIndex(Dataset):
         if self._windows is None:
             self._windows = [open_windows(d, self.block) for d in self.split_dirs]
         start = batch_index * self.batch_size
-        rows = [self._windows[d][w] for d, w in self.stream.samples(start, start + self.batch_size)]
+        rows = [np.asarray(self._windows[d][w]) for d, w in self.stream.samples(start, start + self.batch_size)]
         return torch.from_numpy(np.stack(rows).astype(np.int64))
 
     def __len__(self) -> int:  # only so that a DataLoader accepts it; indices come from a range
@@ -166,7 +168,7 @@ class ValidationWindows(Dataset):
         if self._reader is None:
             self._reader = open_windows(self.split_dir, self.block)
         window = int(self.windows[index])
-        tokens = torch.from_numpy(self._reader[window].astype(np.int64))
+        tokens = torch.from_numpy(np.asarray(self._reader[window]).astype(np.int64))
         start = int(self.starts[window])
         positions = np.arange(start + 1, start + self.block)
         documents = np.searchsorted(self.offsets, positions, side="right") - 1
