@@ -1,10 +1,13 @@
-"""Tiny fixtures shared by tests: configs, random dense weights and dense checkpoint files."""
+"""Tiny fixtures shared by tests: configs, random dense weights, dense checkpoint files, and a
+reader of prepared data that does not use litdata."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from bam_lightning.config import ModelConfig
@@ -53,3 +56,18 @@ def reference_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tor
     `apply_rope`."""
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+
+
+def read_prepared_split(split_dir: Path, dtype: str) -> tuple[np.ndarray, list[int], np.ndarray]:
+    """A prepared split read without litdata, as an independent reference: litdata's chunk file
+    is a uint32 item count, count + 1 uint32 byte offsets, then the items' raw tokens. Returns the
+    split's whole token sequence, the tokens per chunk and the document offsets."""
+    index = json.loads((split_dir / "index.json").read_text())
+    parts, chunk_tokens = [], []
+    for chunk in index["chunks"]:
+        raw = (split_dir / chunk["filename"]).read_bytes()
+        count = int(np.frombuffer(raw, dtype=np.uint32, count=1)[0])
+        assert count == chunk["chunk_size"]
+        parts.append(np.frombuffer(raw, dtype=dtype, offset=4 * (count + 2)))
+        chunk_tokens.append(len(parts[-1]))
+    return np.concatenate(parts), chunk_tokens, np.load(split_dir / "documents.npy")

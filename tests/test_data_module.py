@@ -264,10 +264,10 @@ def test_prepare_is_atomic_and_leaves_the_process_alone(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=r"holds data prepared with other settings"):
         BAMDataModule(domains=domains, data_dir=str(data_dir), seed=1).prepare_data()
     manifest = json.loads((data_dir / "manifest.json").read_text())
-    manifest["settings"]["format"] = 1  # litdata chunks: never read as today's arrays
+    manifest["settings"]["format"] = 2  # flat .npy arrays: never read as litdata chunks
     (data_dir / "manifest.json").write_text(json.dumps(manifest))
     for step in ("prepare_data", "setup"):
-        with pytest.raises(ValueError, match=r"older bam_lightning \(format 1, this version reads format 2\)"):
+        with pytest.raises(ValueError, match=r"older bam_lightning \(format 2, this version reads format 3\)"):
             getattr(BAMDataModule(domains=domains, data_dir=str(data_dir)), step)()
     (tmp_path / "foreign").mkdir()
     (tmp_path / "foreign" / "notes.txt").write_text("mine")

@@ -10,8 +10,9 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
+from helpers import read_prepared_split
 
-from bam_lightning.data import BAMDataModule
+from bam_lightning.data import BAMDataModule, prepare
 from bam_lightning.data.dedup import minhash_signatures, near_duplicate_groups, shingle_hashes
 from bam_lightning.data.prepare import split_indices
 from bam_lightning.data.stream import BLOCK, TrainStream, validation_windows
@@ -106,9 +107,10 @@ def test_batches_do_not_depend_on_num_workers(domains):
     assert torch.equal(batches[0], batches[1])
     # and they are the stream's windows
     data = make(domains)
-    tokens = [np.load(data.data_dir / d / "train" / "tokens.npy") for d in data.train_stream().names]
-    block = SEQ_LEN + 1
-    expected = [tokens[d][w * block:(w + 1) * block] for d, w in data.train_stream().samples(0, 3 * BATCH)]
+    splits = [read_prepared_split(data.data_dir / d / "train", "uint16") for d in data.train_stream().names]
+    assert all(len(chunks) == 1 for _, chunks, _ in splits)  # small splits: one chunk, so window w is
+    block = SEQ_LEN + 1                                          # the w-th block of the sequence
+    expected = [splits[d][0][w * block:(w + 1) * block] for d, w in data.train_stream().samples(0, 3 * BATCH)]
     assert np.array_equal(batches[0][:3].reshape(-1, block).numpy(), np.stack(expected))
 
 
@@ -200,8 +202,7 @@ def test_validation_windows_spread_over_every_document(tmp_path, monkeypatch):
     domains = write_domains(tmp_path, 1)
     data = make(domains, val_fraction=0.5, val_tokens_per_domain=10 * (SEQ_LEN + 1))
     (loader,) = data.val_dataloader()
-    tokens = np.load(data.data_dir / "d0" / "val" / "tokens.npy")
-    offsets = np.load(data.data_dir / "d0" / "val" / "documents.npy")
+    tokens, _, offsets = read_prepared_split(data.data_dir / "d0" / "val", "uint16")
     batches = list(loader)
     windows = torch.cat([b["tokens"] for b in batches])
     documents = torch.cat([b["documents"] for b in batches])
@@ -217,6 +218,53 @@ def test_validation_windows_spread_over_every_document(tmp_path, monkeypatch):
     assert set(documents.flatten().tolist()) == set(range(len(offsets) - 1))  # all 3 documents
     assert validation_windows(100, 4).tolist() == [0, 25, 50, 75]
     assert validation_windows(3, 10).tolist() == [0, 1, 2]
+
+
+def test_litdata_chunks_hold_every_document_and_windows_follow_them(tmp_path, monkeypatch):
+    """Chunks far smaller than a split: every document is stored once, in order, EOS-ended;
+    windows are numbered chunk by chunk (a chunk's partial tail is never read); training batches
+    and tagged validation windows are those windows, read back through litdata."""
+    monkeypatch.setenv("BAM_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(prepare, "CHUNK_BYTES", 256)  # a few documents per chunk
+    domains = write_domains(tmp_path, 2)
+    data = make(domains, val_fraction=0.5, val_tokens_per_domain=10**6)
+    block, eos = SEQ_LEN + 1, ByteTokenizer.eos_id
+    sources = {d: {f.read_text() for f in tmp_path.glob(f"{d}/*.txt")} for d in domains}
+    sequences, starts = {}, {}
+    for domain in domains:
+        stored = []
+        for split in ("train", "val"):
+            tokens, chunks, offsets = read_prepared_split(data.data_dir / domain / split, "uint16")
+            assert len(chunks) > 1 and chunks == data.chunk_tokens[domain, split]
+            assert offsets[0] == 0 and offsets[-1] == len(tokens) and (tokens[offsets[1:] - 1] == eos).all()
+            bounds = zip(offsets[:-1], offsets[1:], strict=True)
+            stored += [ByteTokenizer().decode(tokens[a:b - 1].tolist()) for a, b in bounds]
+            # window starts, chunk by chunk, written out independently of window_starts()
+            chunk_start, own = 0, []
+            for n in chunks:
+                own += [chunk_start + k * block for k in range(n // block)]
+                chunk_start += n
+            sequences[domain, split], starts[domain, split] = tokens, own
+        assert sorted(stored) == sorted(sources[domain])
+
+    names = data.train_stream().names
+    batches = torch.cat(list(itertools.islice(iter(data.train_dataloader()), 3)))
+    for row, (d, w) in zip(batches, data.train_stream().samples(0, 3 * BATCH), strict=True):
+        start = starts[names[d], "train"][w]
+        assert row.tolist() == sequences[names[d], "train"][start:start + block].tolist()
+    assert data.train_stream().window_counts == [len(starts[d, "train"]) for d in names]
+
+    for domain, loader in zip(data.val_domain_names, data.val_dataloader(), strict=True):
+        tokens, own = sequences[domain, "val"], starts[domain, "val"]
+        _, _, offsets = read_prepared_split(data.data_dir / domain / "val", "uint16")
+        batches = list(loader)
+        windows = torch.cat([b["tokens"] for b in batches])
+        documents = torch.cat([b["documents"] for b in batches])
+        assert len(windows) == len(own)  # the cap exceeds the split: every window, in order
+        for k, start in enumerate(own):
+            assert windows[k].tolist() == tokens[start:start + block].tolist()
+            owners = np.searchsorted(offsets, np.arange(start + 1, start + block), side="right") - 1
+            assert documents[k].tolist() == owners.tolist()
 
 
 def test_token_byte_lengths_count_the_bytes_of_decoded_tokens(tmp_path):

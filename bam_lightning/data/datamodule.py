@@ -10,6 +10,7 @@ keeps per-document sums so the report can bootstrap over validation documents.
 
 Batches are `LongTensor[batch_size, seq_len + 1]`: the model takes inputs `[:, :-1]` and
 targets `[:, 1:]`. Documents are joined by the tokenizer's EOS id, so windows cross them.
+The prepared splits are litdata datasets, and litdata reads the windows (see prepare.py).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from bam_lightning.data.prepare import (
     prepare,
     prepare_settings,
     read_manifest,
+    window_starts,
 )
 from bam_lightning.data.stream import TrainBatchesByIndex, TrainStream, ValidationWindows
 from bam_lightning.data.tokenizer import TOKENIZER_FILE, load_tokenizer
@@ -158,6 +160,7 @@ class BAMDataModule(L.LightningDataModule):
         self.vocab_size: int | None = 257 if tokenizer == "byte" else None
         self.tokenizer_fingerprint: str | None = "byte" if tokenizer == "byte" else None
         self.train_token_counts: dict[str, int] = {}
+        self.chunk_tokens: dict[tuple[str, str], list[int]] = {}  # (domain, split) -> litdata chunk sizes
         self.val_document_counts: dict[str, int] = {}
         # Stream position, in batches: handed out, trained (in a Trainer), restored (on resume).
         self._yielded: int | None = None
@@ -210,9 +213,10 @@ class BAMDataModule(L.LightningDataModule):
         counts = manifest["domains"]
         self.train_token_counts = {d: counts[d]["train"]["tokens"] for d in self.domains}
         self.val_document_counts = {d: counts[d]["val"]["documents"] for d in self.domains}
+        self.chunk_tokens = {(d, s): counts[d][s]["chunk_tokens"] for d in self.domains for s in ("train", "val")}
         used = [(d, "train") for d in self.domains if self.train_weights[d] > 0]
         for domain, split in used + [(d, "val") for d in self.val_domain_names]:
-            if counts[domain][split]["tokens"] < self.seq_len + 1:
+            if len(window_starts(self.chunk_tokens[domain, split], self.seq_len + 1)) < 1:
                 raise ValueError(
                     f"domain {domain!r}: the {split} split has {counts[domain][split]['tokens']} "
                     f"tokens, fewer than one window of seq_len + 1 = {self.seq_len + 1}"
@@ -243,7 +247,7 @@ class BAMDataModule(L.LightningDataModule):
         block = self.seq_len + 1
         return TrainStream(
             trained,
-            [self.train_token_counts[d] // block for d in trained],
+            [len(window_starts(self.chunk_tokens[d, "train"], block)) for d in trained],
             [self.train_weights[d] for d in trained],
             self.order_seed,
         )
@@ -260,7 +264,8 @@ class BAMDataModule(L.LightningDataModule):
         return [
             DataLoader(
                 ValidationWindows(
-                    self._split_dir(domain, "val"), block, max(1, self.val_tokens_per_domain // block)
+                    self._split_dir(domain, "val"), block, max(1, self.val_tokens_per_domain // block),
+                    self.chunk_tokens[domain, "val"],
                 ),
                 batch_size=self.batch_size,
                 num_workers=self.num_workers,

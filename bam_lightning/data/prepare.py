@@ -1,21 +1,27 @@
-"""From domains to tokenized, memory-mappable token arrays on disk, once per distinct setting.
+"""From domains to tokenized litdata datasets on disk, once per distinct setting.
 
 Layout of a prepared data dir (the manifest is written last, so its presence means "complete";
 the whole tree is built under a temporary name and renamed into place):
 
-    <data_dir>/manifest.json                   settings, tokenizer, documents/bytes/tokens per split
-    <data_dir>/tokenizer.json                  only for the BPE tokenizer
-    <data_dir>/<domain>/{train,val}/tokens.npy     every document's tokens, each EOS-ended, joined
-    <data_dir>/<domain>/{train,val}/documents.npy  int64 offsets: document k is tokens[o[k]:o[k+1]]
+    <data_dir>/manifest.json                 settings, tokenizer, documents/bytes/tokens per split
+    <data_dir>/tokenizer.json                only for the BPE tokenizer
+    <data_dir>/<domain>/{train,val}/         written by `litdata.optimize` with its TokensLoader:
+        index.json, chunk-*.bin              every document's tokens, each EOS-ended, in order
+        documents.npy                        ours, beside litdata's files: int64 offsets in the
+                                             split's token sequence, document k is [o[k], o[k+1])
 
-Flat `.npy` arrays are memory-mapped at read time: any window is a slice, so the training stream
-can be a pure function of (order seed, sample index), whatever the number of loader workers, and
-validation can tag every scored token with its document. Format 1 (litdata chunks) is never read:
-the format number is part of the settings, so old data dirs hash elsewhere or are refused.
+litdata stores and reads the tokens (`StreamingDataset` + `TokensLoader(block_size)`, random
+access by window); which window is read when stays ours (stream.py), so the training stream is a
+pure function of (order seed, sample index). litdata keeps whole documents in a chunk and numbers
+windows chunk by chunk (a chunk's last partial window is never read), so window w starts at
+`window_starts(chunk_tokens, block)[w]` in the split's token sequence; the manifest records each
+split's chunk sizes. Formats 1 (litdata, before the stream was ours) and 2 (flat `.npy` arrays)
+are never read: the format number is part of the settings, so old data dirs hash elsewhere or
+are refused.
 
 The default data dir is `<cache>/prepared/<hash of the settings>`: the sources (built-in corpus
-ids, or user files with their sizes and modification times), tokenizer, byte cap, split and
-seed. `seq_len` and the validation token cap are read-time choices and not part of it.
+ids, or user files with their sizes and modification times), tokenizer, byte cap, split, seed
+and chunk size. `seq_len` and the validation token cap are read-time choices and not part of it.
 """
 
 from __future__ import annotations
@@ -25,13 +31,17 @@ import json
 import os
 import random
 import shutil
+import signal
+import sys
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from bam_lightning.data.corpora import (
@@ -43,10 +53,11 @@ from bam_lightning.data.corpora import (
 from bam_lightning.data.dedup import JACCARD_THRESHOLD, SHINGLE_WORDS, near_duplicate_groups
 from bam_lightning.data.tokenizer import TextTokenizer, build_tokenizer
 
-PREPARED_FORMAT_VERSION = 2
+PREPARED_FORMAT_VERSION = 3  # 1: litdata, our reading order not yet ours; 2: flat .npy arrays
 MANIFEST_FILE = "manifest.json"
-TOKENS_FILE = "tokens.npy"
 DOCUMENTS_FILE = "documents.npy"
+CHUNK_BYTES = 1 << 22  # 4 MiB of tokens per litdata chunk file
+GROUP_TOKENS = 1 << 20  # tokens handed to the optimize worker per input (not one message per document)
 
 
 # --- settings and the data dir ----------------------------------------------------------------
@@ -80,6 +91,7 @@ def prepare_settings(
         "val_fraction": val_fraction,
         "max_bytes_per_domain": max_bytes_per_domain,
         "seed": seed,
+        "chunk_bytes": CHUNK_BYTES,  # where litdata's chunks end decides which windows exist
         # near-duplicates stay on one side of the split (see dedup.py)
         "near_duplicates": {"shingle_words": SHINGLE_WORDS, "jaccard": JACCARD_THRESHOLD},
     }
@@ -159,7 +171,7 @@ def split_indices(
     return [i for i in range(n_documents) if i not in held], val
 
 
-# --- tokenizing into flat arrays ---------------------------------------------------------------
+# --- tokenizing into litdata chunks ------------------------------------------------------------
 
 
 def tokenize_documents(
@@ -177,18 +189,102 @@ def tokenize_documents(
     return tokens, offsets
 
 
-def write_token_dataset(tokens: np.ndarray, offsets: np.ndarray, output_dir: Path) -> int:
-    """Write one split's `tokens.npy` and `documents.npy`; returns the number of tokens."""
-    output_dir.mkdir(parents=True)
-    np.save(output_dir / TOKENS_FILE, tokens)
+def yield_token_arrays(arrays: list[np.ndarray]) -> Iterator[np.ndarray]:
+    """litdata.optimize item function (top level, so worker processes can import it)."""
+    yield from arrays
+
+
+def _document_groups(tokens: np.ndarray, offsets: np.ndarray) -> list[list[np.ndarray]]:
+    """Each document's tokens as one litdata item, handed over in groups of about GROUP_TOKENS."""
+    groups: list[list[np.ndarray]] = [[]]
+    size = 0
+    for start, stop in zip(offsets[:-1], offsets[1:], strict=True):
+        if size >= GROUP_TOKENS:
+            groups.append([])
+            size = 0
+        groups[-1].append(tokens[start:stop])
+        size += int(stop - start)
+    return groups
+
+
+@contextmanager
+def _isolated_optimize(staging_dir: Path) -> Iterator[None]:
+    """Undo what `litdata.optimize` does to the calling (training) process.
+
+    It stages files in `$TMPDIR/chunks`, shared by every run, and wipes it first: give each run
+    its own folder. It reseeds `random`, numpy and torch: restore their states, so a run that
+    prepares data trains exactly like one that reuses it. It installs a SIGINT handler that
+    exits with status 0: restore the previous one, so Ctrl-C still stops training normally.
+    """
+    environment = {
+        "DATA_OPTIMIZER_CACHE_FOLDER": str(staging_dir / "chunks"),
+        "DATA_OPTIMIZER_DATA_CACHE_FOLDER": str(staging_dir / "data"),
+        "TOKENIZERS_PARALLELISM": "false",  # else `tokenizers` warns in the forked worker
+    }
+    saved_environment = {name: os.environ.get(name) for name in environment}
+    os.environ.update(environment)
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    sigint_handler = signal.getsignal(signal.SIGINT)
+    cuda_devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    try:
+        with torch.random.fork_rng(devices=cuda_devices):
+            yield
+    finally:
+        signal.signal(signal.SIGINT, sigint_handler)
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
+        for name, value in saved_environment.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def write_token_dataset(
+    tokens: np.ndarray, offsets: np.ndarray, output_dir: Path, staging_dir: Path
+) -> list[int]:
+    """Write one split with `litdata.optimize` (a TokensLoader dataset, a document per item) and
+    its document offsets beside it; returns the tokens in each chunk, in order.
+
+    One worker keeps the documents in order, so the chunks joined are exactly `tokens` and the
+    offsets hold for them; it only copies bytes, the tokenizing is done by then.
+    """
+    from litdata import TokensLoader, optimize  # heavy import, only needed while preparing
+
+    with _isolated_optimize(staging_dir):
+        optimize(
+            fn=yield_token_arrays,
+            inputs=_document_groups(tokens, offsets),
+            output_dir=str(output_dir),
+            chunk_bytes=CHUNK_BYTES,
+            item_loader=TokensLoader(),
+            num_workers=1,
+            keep_data_ordered=True,
+            reorder_files=False,
+            verbose=False,
+            # fork: the worker starts in milliseconds; spawn re-imports torch, ~5 s a call.
+            start_method="fork" if sys.platform == "linux" else "spawn",
+        )
+    chunk_tokens = [int(chunk["dim"]) for chunk in json.loads((output_dir / "index.json").read_text())["chunks"]]
+    if sum(chunk_tokens) != len(tokens):
+        raise RuntimeError(f"litdata wrote {sum(chunk_tokens)} tokens to {output_dir}, expected {len(tokens)}")
     np.save(output_dir / DOCUMENTS_FILE, offsets)
-    return len(tokens)
+    return chunk_tokens
 
 
-def read_split(split_dir: Path) -> tuple[np.ndarray, np.ndarray]:
-    """Memory-mapped tokens and the document offsets of one prepared split."""
-    return (np.load(split_dir / TOKENS_FILE, mmap_mode="r"),
-            np.load(split_dir / DOCUMENTS_FILE))
+def window_starts(chunk_tokens: Sequence[int], block: int) -> np.ndarray:
+    """Where each window of `block` tokens starts in the split's token sequence, in litdata's
+    TokensLoader numbering: chunk by chunk, whole windows only."""
+    chunk_starts = np.concatenate([[0], np.cumsum(chunk_tokens)[:-1]]).astype(np.int64)
+    return np.concatenate([
+        start + block * np.arange(n // block, dtype=np.int64)
+        for start, n in zip(chunk_starts, chunk_tokens, strict=True)
+    ])
+
+
+def read_document_offsets(split_dir: Path) -> np.ndarray:
+    """Document k of a prepared split is tokens [o[k], o[k+1]) of its token sequence."""
+    return np.load(split_dir / DOCUMENTS_FILE)
 
 
 # --- the whole preparation --------------------------------------------------------------------
@@ -263,19 +359,23 @@ def prepare(
             summary[domain] = {}
             for split, docs in by_split.items():
                 split_started = time.perf_counter()
-                tokens = write_token_dataset(
-                    *tokenize_documents(tokenizer, docs, dtype), staging / domain / split
+                chunk_tokens = write_token_dataset(
+                    *tokenize_documents(tokenizer, docs, dtype), staging / domain / split,
+                    staging / ".optimizer",
                 )
+                tokens = sum(chunk_tokens)
                 n_bytes = sum(len(doc.encode("utf-8")) for doc in docs)
                 summary[domain][split] = {
                     "documents": len(docs),
                     "bytes": n_bytes,
                     "tokens": tokens,
+                    "chunk_tokens": chunk_tokens,
                 }
                 rank_zero_info(
                     f"[bam data] {domain}/{split}: {len(docs)} documents, {n_bytes / 1e6:.2f} MB "
                     f"-> {tokens:,} tokens ({time.perf_counter() - split_started:.1f} s)"
                 )
+        shutil.rmtree(staging / ".optimizer", ignore_errors=True)
         manifest = {
             "settings": settings,
             "tokenizer": {

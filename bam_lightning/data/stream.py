@@ -9,6 +9,9 @@ its own generator, so any block can be recomputed alone); sample i is then the j
 domain, where j counts the earlier samples of that domain. Visit j reads window
 `permutation_e[j mod n]` of the domain's split, where n is its number of windows and e = j // n
 its pass: every window once per pass, in a fresh seeded order each pass.
+
+The windows themselves are read by litdata (`StreamingDataset` with `TokensLoader(block_size)`,
+random access `dataset[w]`), which maps the prepared chunks in place.
 """
 
 from __future__ import annotations
@@ -20,9 +23,24 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from bam_lightning.data.prepare import read_split
+from bam_lightning.data.prepare import read_document_offsets, window_starts
 
 BLOCK = 4096  # samples whose domain draws come from one generator
+MAPPED_CHUNKS = 64  # chunk files litdata keeps mapped per split (it remaps on every switch otherwise)
+
+
+def open_windows(split_dir: Path, block: int):
+    """litdata's reader over one prepared split: item w is window w (`block` tokens).
+
+    Built lazily in each process that reads (a loader worker builds its own). Window counts come
+    from the manifest (`window_starts`), never from `len()`: under DDP litdata's length counts
+    one rank's share, while random access stays global."""
+    from litdata import StreamingDataset, TokensLoader
+
+    return StreamingDataset(
+        str(split_dir), item_loader=TokensLoader(block_size=block), shuffle=False,
+        max_pre_download=MAPPED_CHUNKS,
+    )
 
 
 def domain_key(name: str) -> int:
@@ -42,6 +60,7 @@ class TrainStream:
         self.cumulative = np.cumsum(np.asarray(weights, dtype=np.float64) / total)
         self._counts_before = [np.zeros(len(names), dtype=np.int64)]  # visits before block b
         self._permutations: dict[tuple[int, int], np.ndarray] = {}
+        self._block_visits: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
     def block_domains(self, block: int) -> np.ndarray:
         """The domain index of each of block `block`'s samples."""
@@ -55,16 +74,26 @@ class TrainStream:
             self._counts_before.append(self._counts_before[-1] + visits)
         return self._counts_before[block]
 
-    def visits(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
-        """Domain index and visit number j of samples start..stop-1."""
-        domains, visits = [], []
-        for block in range(start // BLOCK, (stop - 1) // BLOCK + 1):
+    def block_visits(self, block: int) -> tuple[np.ndarray, np.ndarray]:
+        """Domain index and visit number j of every sample of block `block` (the last two blocks
+        are kept: consecutive batches mostly fall in the same block)."""
+        if block not in self._block_visits:
             drawn = self.block_domains(block)
             rank = np.empty(BLOCK, dtype=np.int64)
             for d in range(len(self.names)):
                 mask = drawn == d
                 rank[mask] = np.arange(int(mask.sum()))
             rank += self.counts_before(block)[drawn]
+            if len(self._block_visits) >= 2:
+                self._block_visits.pop(next(iter(self._block_visits)))
+            self._block_visits[block] = (drawn, rank)
+        return self._block_visits[block]
+
+    def visits(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+        """Domain index and visit number j of samples start..stop-1."""
+        domains, visits = [], []
+        for block in range(start // BLOCK, (stop - 1) // BLOCK + 1):
+            drawn, rank = self.block_visits(block)
             lo, hi = max(start, block * BLOCK) - block * BLOCK, min(stop, (block + 1) * BLOCK) - block * BLOCK
             domains.append(drawn[lo:hi])
             visits.append(rank[lo:hi])
@@ -90,21 +119,20 @@ class TrainStream:
 class TrainBatchesByIndex(Dataset):
     """Map-style dataset whose item k is the k-th training batch (LongTensor[B, L + 1]).
 
-    Token arrays are memory-mapped lazily in each process, so workers never receive a copy."""
+    litdata's readers are opened lazily in each process, so workers never receive a copy."""
 
     def __init__(self, split_dirs: list[Path], stream: TrainStream, batch_size: int, block: int):
         self.split_dirs, self.stream, self.batch_size, self.block = split_dirs, stream, batch_size, block
-        self._tokens: list[np.ndarray] | None = None
+        self._windows: list | None = None
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_tokens": None}
+        return {**self.__dict__, "_windows": None}
 
     def __getitem__(self, batch_index: int) -> torch.Tensor:
-        if self._tokens is None:
-            self._tokens = [read_split(d)[0] for d in self.split_dirs]
+        if self._windows is None:
+            self._windows = [open_windows(d, self.block) for d in self.split_dirs]
         start = batch_index * self.batch_size
-        rows = [self._tokens[d][w * self.block:(w + 1) * self.block]
-                for d, w in self.stream.samples(start, start + self.batch_size)]
+        rows = [np.asarray(self._windows[d][w]) for d, w in self.stream.samples(start, start + self.batch_size)]
         return torch.from_numpy(np.stack(rows).astype(np.int64))
 
     def __len__(self) -> int:  # only so that a DataLoader accepts it; indices come from a range
@@ -122,25 +150,26 @@ class ValidationWindows(Dataset):
     """Evenly spread windows of one validation split; each item is {"tokens": [L + 1],
     "documents": [L]}, the document of every target token (for per-document results)."""
 
-    def __init__(self, split_dir: Path, block: int, cap_windows: int):
+    def __init__(self, split_dir: Path, block: int, cap_windows: int, chunk_tokens: list[int]):
         self.split_dir, self.block = split_dir, block
-        tokens, offsets = read_split(split_dir)
-        self.n_documents = len(offsets) - 1
-        self.windows = validation_windows(len(tokens) // block, cap_windows)
-        self._tokens: np.ndarray | None = None
-        self.offsets = offsets
+        self.offsets = read_document_offsets(split_dir)
+        self.n_documents = len(self.offsets) - 1
+        self.starts = window_starts(chunk_tokens, block)  # of every window, in the token sequence
+        self.windows = validation_windows(len(self.starts), cap_windows)
+        self._reader = None
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_tokens": None}
+        return {**self.__dict__, "_reader": None}
 
     def __len__(self) -> int:
         return len(self.windows)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        if self._tokens is None:
-            self._tokens = read_split(self.split_dir)[0]
-        start = int(self.windows[index]) * self.block
-        tokens = torch.from_numpy(self._tokens[start:start + self.block].astype(np.int64))
+        if self._reader is None:
+            self._reader = open_windows(self.split_dir, self.block)
+        window = int(self.windows[index])
+        tokens = torch.from_numpy(np.asarray(self._reader[window]).astype(np.int64))
+        start = int(self.starts[window])
         positions = np.arange(start + 1, start + self.block)
         documents = np.searchsorted(self.offsets, positions, side="right") - 1
         return {"tokens": tokens, "documents": torch.from_numpy(documents.astype(np.int64))}
