@@ -34,7 +34,11 @@ from bam_lightning.config import ModelConfig
 from bam_lightning.data.hf_tokenizer import HFTokenizer, eos_token_of, find_tokenizer_json
 from bam_lightning.interop.hf_import import TOKENIZER_DIR_KEY, TOKENIZER_FILES
 from bam_lightning.interop.names import HF, dense_name_map, is_banked
-from bam_lightning.interop.safetensors_stream import PlannedTensor, write_safetensors
+from bam_lightning.interop.safetensors_stream import (
+    PlannedTensor,
+    progress_printer,
+    write_safetensors,
+)
 
 TARGETS = ("auto", "llama", "qwen2_moe", "bam")
 REMOTE_CODE_FILES = ("configuration_bam.py", "modeling_bam.py")
@@ -88,7 +92,7 @@ def export_hf(src: str | Path, out_dir: str | Path, *, tokenizer: str | Path | N
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
-        report = _progress(f"exporting {src.name} as {kind}") if progress else None
+        report = progress_printer(f"[bam export] exporting {src.name} as {kind}") if progress else None
         write_safetensors(staging / "model.safetensors", planned, {"format": "pt"}, report)
         (staging / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
         (staging / "generation_config.json").write_text(json.dumps({**special, "do_sample": False}, indent=2) + "\n")
@@ -140,7 +144,7 @@ def plan_tensors(kind: str, checkpoint: SourceCheckpoint, dtype: torch.dtype) ->
             tensors += [
                 planned(prefix + "gate.weight", *ours(mine + "router.weight")),
                 planned(prefix + "experts.gate_up_proj", lambda g=gate, u=up: torch.cat([g, u], dim=1), (E, 2 * f, d)),
-                planned(prefix + "experts.down_proj", lambda w=down: w.float() * scale, (E, d, f)),
+                planned(prefix + "experts.down_proj", lambda w=down, s=scale: w.float() * s, (E, d, f)),
                 planned(prefix + "shared_expert.gate_proj.weight", lambda: torch.zeros(0, d), (0, d)),
                 planned(prefix + "shared_expert.up_proj.weight", lambda: torch.zeros(0, d), (0, d)),
                 planned(prefix + "shared_expert.down_proj.weight", lambda: torch.zeros(d, 0), (d, 0)),
@@ -346,14 +350,6 @@ def _swap_into_place(staging: Path, out_dir: Path) -> None:
     os.replace(staging, out_dir)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
-
-
-def _progress(label: str):
-    def report(number: int, total: int, name: str) -> None:
-        if number == total or number % max(1, total // 10) == 0:
-            print(f"[bam export] {label}: {number}/{total} tensors", flush=True)
-
-    return report
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -33,7 +33,11 @@ from bam_lightning.checkpoint import SAFETENSORS_CONFIG_KEY, SAFETENSORS_DTYPES
 from bam_lightning.config import ModelConfig
 from bam_lightning.data.hf_tokenizer import TOKENIZER_CONFIG_FILE, HFTokenizer
 from bam_lightning.interop.names import GGUF, HF, dense_name_map, is_banked
-from bam_lightning.interop.safetensors_stream import PlannedTensor, write_safetensors
+from bam_lightning.interop.safetensors_stream import (
+    PlannedTensor,
+    progress_printer,
+    write_safetensors,
+)
 
 TOKENIZER_DIR_KEY = "bam_lightning.tokenizer_dir"  # metadata: the tokenizer folder, relative to the file
 IMPORTED_FROM_KEY = "bam_lightning.imported_from"
@@ -89,7 +93,7 @@ def import_hf(src: str | Path, out: str | Path, *, dtype: torch.dtype | None = N
                     "bam_lightning.tokenizer": tokenizer.fingerprint,
                     TOKENIZER_DIR_KEY: token_dir.name, IMPORTED_FROM_KEY: str(src), "format": "pt"}
         planned = [_planned(key, plan.tensors[key], shape, dtype) for key, shape in shapes.items()]
-        report = _progress_printer(f"importing {src.name}") if progress else None
+        report = progress_printer(f"[bam import-hf] importing {src.name}") if progress else None
         write_safetensors(out, planned, metadata, report)
         if token_dir.exists():
             shutil.rmtree(token_dir)
@@ -378,20 +382,6 @@ def _planned(key: str, source: SourceTensor, shape: tuple[int, ...], dtype: torc
 def _ensure_dir(folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     return folder
-
-
-def _progress_printer(label: str) -> Callable[[int, int, str], None]:
-    step = 0
-
-    def report(number: int, total: int, name: str) -> None:
-        nonlocal step
-        percent = number * 100 // total
-        if percent >= step or number == total:
-            print(f"\r[bam import-hf] {label}: {number}/{total} tensors", end="\n" if number == total else "",
-                  flush=True)
-            step = percent + 10
-
-    return report
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -74,3 +74,16 @@ def _numel(shape: tuple[int, ...]) -> int:
     for size in shape:
         count *= size
     return count
+
+
+def progress_printer(label: str) -> Callable[[int, int, str], None]:
+    """A `progress` callback printing `label: n/N tensors` at every quarter of the way."""
+    printed = set()
+
+    def report(number: int, total: int, name: str) -> None:
+        quarter = number * 4 // total
+        if quarter not in printed and (quarter > 0 or number == total):
+            printed.add(quarter)
+            print(f"{label}: {number}/{total} tensors", flush=True)
+
+    return report

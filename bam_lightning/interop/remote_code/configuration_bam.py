@@ -48,5 +48,5 @@ class BamConfig(_BaseConfig):
         self.intermediate_size = d_ff
         # the embedding is tied inside the model itself, not by transformers' tying machinery
         kwargs["tie_word_embeddings"] = False
-        kwargs.setdefault("use_cache", True)
+        self.use_cache = kwargs.pop("use_cache", True)
         super().__init__(**kwargs)

@@ -24,6 +24,9 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .configuration_bam import BamConfig
 
+# the cache's name in model outputs and generation inputs: `cache` from transformers 5.x on
+_CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
 
 def _norm(config):
     if config.norm == "rmsnorm":
@@ -153,7 +156,7 @@ class BamPreTrainedModel(PreTrainedModel):
         """Only for weights a checkpoint lacks (all of them are exported)."""
         std = getattr(self.config, "initializer_range", 0.02)
         if isinstance(module, (BamAttention, BamFFN)):
-            for name, param in module.named_parameters(recurse=False):
+            for param in module.parameters(recurse=False):
                 nn.init.normal_(param, std=std)
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, std=std)
@@ -179,9 +182,9 @@ class BamForCausalLM(BamPreTrainedModel, GenerationMixin):
     def get_output_embeddings(self):
         return self.lm_head
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, past_key_values=None,
                 inputs_embeds=None, labels=None, use_cache=None, **kwargs):
-        cache = past_key_values if past_key_values is not None else kwargs.get("cache")
+        cache = cache if cache is not None else past_key_values  # transformers 5.x renamed it `cache`
         use_cache = self.config.use_cache if use_cache is None else use_cache
         x = self.tok_emb(input_ids) if inputs_embeds is None else inputs_embeds
         B, T = x.shape[:2]
@@ -201,7 +204,7 @@ class BamForCausalLM(BamPreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=cache if use_cache else None)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **{_CACHE_FIELD: cache if use_cache else None})
 
     @staticmethod
     def _mask(keep, past, T):
@@ -215,10 +218,12 @@ class BamForCausalLM(BamPreTrainedModel, GenerationMixin):
         mask = mask | (key_index == query_index)[None]
         return mask[:, None]
 
-    def prepare_inputs_for_generation(self, input_ids, past_key_values=None, attention_mask=None,
+    def prepare_inputs_for_generation(self, input_ids, cache=None, past_key_values=None, attention_mask=None,
                                       inputs_embeds=None, use_cache=True, **kwargs):
-        past = past_key_values.get_seq_length() if past_key_values is not None else 0
-        inputs = {"attention_mask": attention_mask, "past_key_values": past_key_values, "use_cache": use_cache}
+        """Only the tokens the cache has not seen; positions and mask come from attention_mask."""
+        cache = cache if cache is not None else past_key_values
+        past = cache.get_seq_length() if cache is not None else 0
+        inputs = {"attention_mask": attention_mask, "use_cache": use_cache, _CACHE_FIELD: cache}
         if inputs_embeds is not None and past == 0:
             inputs["inputs_embeds"] = inputs_embeds
         else:
