@@ -265,3 +265,28 @@ def test_gguf_with_an_unsupported_quantisation_or_architecture_is_refused(tmp_pa
     with pytest.raises(ValueError, match="general.architecture 'falcon'"):
         import_hf(tmp_path / "falcon.gguf", tmp_path / "seed.safetensors", progress=False)
     assert not (tmp_path / "seed.safetensors").exists()
+
+
+# ----- the imported tokenizer drives the data -----
+def test_imported_tokenizer_prepares_the_data_with_its_eos_and_fingerprint(tmp_path, monkeypatch):
+    from bam_lightning.data import BAMDataModule
+
+    monkeypatch.setenv("BAM_CACHE_DIR", str(tmp_path / "cache"))
+    tiny_llama(tmp_path / "hf")
+    seed = import_hf(tmp_path / "hf", tmp_path / "seed.safetensors", progress=False)
+    (tmp_path / "docs").mkdir()
+    for i in range(40):  # short documents in the tiny word-level vocabulary
+        (tmp_path / "docs" / f"{i}.txt").write_text(" ".join(f"w{(i * 7 + j) % 80}" for j in range(6)))
+    data = BAMDataModule(domains={"words": str(tmp_path / "docs" / "*.txt")},
+                         tokenizer=str(tmp_path / "seed.tokenizer"), seq_len=16, batch_size=2, val_fraction=0.2)
+    data.prepare_data()
+    data.setup("fit")
+    assert data.tokenizer_fingerprint == read_checkpoint(seed).tokenizer
+    assert isinstance(data.tokenizer, HFTokenizer) and data.tokenizer.fingerprint == data.tokenizer_fingerprint
+    window = next(iter(data.val_dataloader()[0]))[0]
+    eos = VOCAB - 7
+    assert eos in window.tolist()  # documents are separated by the seed's EOS
+    words = [i for i in window.tolist() if i != eos]
+    assert all(i < 80 for i in words)
+    with pytest.raises(ValueError, match="tokenizer must be .* path of a pretrained model's tokenizer.json"):
+        BAMDataModule(tokenizer=str(tmp_path / "nowhere"))

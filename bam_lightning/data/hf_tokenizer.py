@@ -95,3 +95,16 @@ def find_tokenizer_json(spec: str | Path) -> Path | None:
     if path.is_dir():
         path = path / "tokenizer.json"
     return path if path.is_file() else None
+
+
+def copy_hf_tokenizer(spec: str | Path, out_dir: str | Path) -> HFTokenizer:
+    """Copy the tokenizer named by `spec` into `out_dir` (prepared data carries its tokenizer),
+    with its EOS spelled out in tokenizer_config.json; the fingerprint stays the source's."""
+    source_path = find_tokenizer_json(spec)
+    if source_path is None:
+        raise FileNotFoundError(f"tokenizer {spec}: no tokenizer.json there")
+    source = HFTokenizer(source_path)
+    out_dir = Path(out_dir)
+    (out_dir / "tokenizer.json").write_bytes(source_path.read_bytes())
+    (out_dir / TOKENIZER_CONFIG_FILE).write_text(json.dumps({"eos_token": source.eos_token}))
+    return HFTokenizer(out_dir / "tokenizer.json")
