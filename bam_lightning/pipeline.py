@@ -36,8 +36,8 @@ from bam_lightning.callbacks.metrics_file import read_metrics
 from bam_lightning.config import ModelConfig
 from bam_lightning.flops import parameter_counts, training_flops_per_token
 
-PIPELINE_KEYS = {"run_dir", "seeds", "seed", "experts", "mixtures", "compute_matched", "dense_baseline",
-                 "checkpoint_every_n_steps"}
+PIPELINE_KEYS = {"run_dir", "seeds", "seed", "seed_checkpoint", "experts", "mixtures", "compute_matched",
+                 "dense_baseline", "checkpoint_every_n_steps"}
 MIXTURE_METHODS = {"bam", "bam_shared_kv", "btx", "sparse", "btx_param_matched"}
 
 
@@ -83,6 +83,9 @@ def load_pipeline_config(path: str) -> dict[str, Any]:
     for recipe in recipes:
         if not Path(recipe).is_file():
             raise FileNotFoundError(f"{path}: recipe {recipe} not found")
+    if config.get("seed_checkpoint") and not Path(config["seed_checkpoint"]).is_file():
+        raise FileNotFoundError(f"{path}: seed_checkpoint {config['seed_checkpoint']} not found "
+                                "(a pretrained seed: bam import-hf SRC --out CKPT)")
     matched = config["compute_matched"]
     if matched:
         if matched.get("reference") not in config["mixtures"]:
@@ -139,7 +142,11 @@ def compose_stage(stage: Stage, config: dict[str, Any], run_dir: Path) -> dict[s
     """The stage's recipe with this run's paths, sources and seed filled in."""
     recipe = copy.deepcopy(read_recipe(stage.recipe))
     stage_dir = run_dir / "stages" / stage.name
-    ckpt = lambda name: str(run_dir / "stages" / name / "checkpoints" / "last.ckpt")  # noqa: E731
+    # a pretrained seed (`seed_checkpoint`, from `bam import-hf`) replaces the seed stage's weights:
+    # the seed stage then only scores it (its recipe has max_steps: 0) and every later stage starts from it
+    seed_checkpoint = config.get("seed_checkpoint")
+    ckpt = lambda name: (str(Path(seed_checkpoint).resolve()) if name == "seed" and seed_checkpoint  # noqa: E731
+                         else str(run_dir / "stages" / name / "checkpoints" / "last.ckpt"))
     trainer = recipe.setdefault("trainer", {})
     if stage.max_steps is not None:
         trainer["max_steps"] = stage.max_steps
@@ -159,7 +166,7 @@ def compose_stage(stage: Stage, config: dict[str, Any], run_dir: Path) -> dict[s
             callback.setdefault("init_args", {})["sources"] = [ckpt(name) for name in stage.depends]
             callback["init_args"]["router_seed"] = stage.seed
     trainer["callbacks"] = callbacks
-    if stage.role in ("expert", "dense_baseline"):
+    if stage.role in ("expert", "dense_baseline") or (stage.role == "seed" and seed_checkpoint):
         recipe["model"].setdefault("init_args", {})["init_from"] = ckpt("seed")
     if stage.role == "mixture" and stage.seed:
         # a repeat: another data order and router initialisation; the same documents, split and

@@ -290,3 +290,36 @@ def test_imported_tokenizer_prepares_the_data_with_its_eos_and_fingerprint(tmp_p
     assert all(i < 80 for i in words)
     with pytest.raises(ValueError, match="tokenizer must be .* path of a pretrained model's tokenizer.json"):
         BAMDataModule(tokenizer=str(tmp_path / "nowhere"))
+
+
+# ----- an imported checkpoint as the pipeline's seed -----
+def test_pipeline_starts_every_stage_from_an_imported_seed(tmp_path):
+    import yaml
+
+    from bam_lightning.pipeline import compose_stage, load_pipeline_config, plan
+
+    recipes = __import__("pathlib").Path(__file__).resolve().parents[1] / "recipes" / "smollm2_135m"
+    pipeline = yaml.safe_load((recipes / "pipeline.yaml").read_text())
+    pipeline.update(run_dir=str(tmp_path / "run"), seed_checkpoint=str(tmp_path / "missing.safetensors"))
+    path = tmp_path / "pipeline.yaml"
+    for key in ("seed", "experts", "mixtures"):  # recipe paths relative to the repository
+        value = pipeline[key]
+        pipeline[key] = {k: str(recipes.parents[1] / v) for k, v in value.items()} if isinstance(value, dict) \
+            else str(recipes.parents[1] / value)
+    path.write_text(yaml.safe_dump(pipeline))
+    with pytest.raises(FileNotFoundError, match="seed_checkpoint .*missing.safetensors not found"):
+        load_pipeline_config(str(path))
+    seed = tmp_path / "smollm2.safetensors"
+    seed.write_bytes(b"")
+    pipeline["seed_checkpoint"] = str(seed)
+    path.write_text(yaml.safe_dump(pipeline))
+    config = load_pipeline_config(str(path))
+    stages = {s.name: s for s in plan(config)}
+    composed = {name: compose_stage(stage, config, tmp_path / "run") for name, stage in stages.items()}
+    assert composed["seed"]["trainer"]["max_steps"] == 0
+    assert composed["seed"]["model"]["init_args"]["init_from"] == str(seed)
+    assert composed["expert_code"]["model"]["init_args"]["init_from"] == str(seed)
+    for method in ("btx", "bam", "bam_shared_kv"):
+        upcycling = next(c for c in composed[method]["trainer"]["callbacks"] if "Upcycling" in c["class_path"])
+        sources = upcycling["init_args"]["sources"]
+        assert sources[0] == str(seed) and sources[1].endswith("expert_code/checkpoints/last.ckpt")
