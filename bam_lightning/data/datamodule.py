@@ -25,6 +25,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from bam_lightning.data.corpora import BUILTIN, BUILTIN_DOMAINS, default_cache_dir
+from bam_lightning.data.hf_tokenizer import find_tokenizer_json
 from bam_lightning.data.prepare import (
     check_reusable,
     default_data_dir,
@@ -33,7 +34,6 @@ from bam_lightning.data.prepare import (
     prepare_settings,
     read_manifest,
 )
-from bam_lightning.data.hf_tokenizer import find_tokenizer_json
 from bam_lightning.data.tokenizer import TOKENIZER_FILE, load_tokenizer
 
 _DOMAIN_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")  # it becomes a folder and a metric name
