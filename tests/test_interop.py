@@ -323,3 +323,41 @@ def test_pipeline_starts_every_stage_from_an_imported_seed(tmp_path):
         upcycling = next(c for c in composed[method]["trainer"]["callbacks"] if "Upcycling" in c["class_path"])
         sources = upcycling["init_args"]["sources"]
         assert sources[0] == str(seed) and sources[1].endswith("expert_code/checkpoints/last.ckpt")
+
+
+# ----- imported models as upcycling sources; the commands -----
+def test_imported_fine_tunes_upcycle_into_bam_and_their_tokenizers_must_agree(tmp_path):
+    """"Train experts elsewhere, merge them here": two imports of one architecture are sources."""
+    import dataclasses
+
+    from bam_lightning.upcycle import upcycle_from_checkpoints
+
+    tiny_llama(tmp_path / "base")
+    tiny_llama(tmp_path / "tune")
+    base = import_hf(tmp_path / "base", tmp_path / "base.safetensors", progress=False)
+    tune = import_hf(tmp_path / "tune", tmp_path / "tune.safetensors", progress=False)
+    mixture = dataclasses.replace(read_checkpoint(base).config, n_experts=2, attn_experts=2)
+    state, provenance = upcycle_from_checkpoints([base, tune], mixture, "bam")
+    assert torch.equal(state["blocks.1.attn.wq"][1], read_checkpoint(tune).state_dict["blocks.1.attn.wq"][0])
+    assert [e["source"] for e in provenance["experts"]] == [str(base), str(tune)]
+
+    write_tokenizer(tmp_path / "tune", size=VOCAB - 10)  # another vocabulary
+    other = import_hf(tmp_path / "tune", tmp_path / "other.safetensors", progress=False)
+    with pytest.raises(ValueError, match="other.safetensors: trained with tokenizer 'hf-86-"):
+        upcycle_from_checkpoints([base, other], mixture, "bam")
+
+
+def test_bam_import_hf_and_bam_export_commands(tmp_path, capsys):
+    from bam_lightning.cli import main
+
+    reference = tiny_llama(tmp_path / "hf", tied=True)
+    main(["import-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "seed.safetensors"), "--dtype", "bfloat16"])
+    assert '"block_layout": "sequential"' in capsys.readouterr().out  # the config to paste into recipes
+    assert read_checkpoint(tmp_path / "seed.safetensors").state_dict["tok_emb.weight"].dtype == torch.bfloat16
+    main(["export", str(tmp_path / "seed.safetensors"), "--out", str(tmp_path / "out"), "--dtype", "float32"])
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
+    ids = torch.randint(0, PAD, (1, 12), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():  # bf16 storage in between: close, not equal
+        assert (exported(ids).logits - reference(ids).logits).abs().max().item() < 0.05
+    main(["--help"])
+    assert "import-hf" in capsys.readouterr().out
