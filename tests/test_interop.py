@@ -156,6 +156,15 @@ def test_export_without_a_fitting_home_names_the_field(tmp_path):
     assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
 
 
+def test_export_refuses_a_tokenizer_the_checkpoint_was_not_trained_with(tmp_path):
+    tiny_llama(tmp_path / "hf")
+    seed = import_hf(tmp_path / "hf", tmp_path / "seed.safetensors", progress=False)
+    write_tokenizer(tmp_path / "other", size=VOCAB - 20)
+    with pytest.raises(ValueError, match="not the checkpoint's tokenizer 'hf-90-"):
+        export_hf(seed, tmp_path / "out", tokenizer=tmp_path / "other", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
 # ----- bad inputs: each refused before any output is written, naming the field or key -----
 @pytest.mark.parametrize("edit, message", [
     ({"model_type": "gpt2"}, "model_type 'gpt2'"),
