@@ -205,6 +205,7 @@ def checkpoint_info(path: Path) -> dict[str, Any]:
     for name, state in (raw.get("callbacks") or {}).items():
         if name.startswith("UpcyclingCallback") and isinstance(state, dict):
             info["provenance"] = state.get("upcycled_from")
+            info["function_preservation"] = state.get("function_preservation")
     info["init_from"] = (raw.get("hyper_parameters") or {}).get("init_from")
     info["initial_val_metrics"] = (raw.get("bam_lightning") or {}).get("initial_val_metrics") or {}
     result = path.parent.parent / "result.json"  # a pipeline stage's final numbers
@@ -317,6 +318,10 @@ def model_card(src: Path, config: ModelConfig, kind: str, info: dict[str, Any], 
                      f"{'Shared-KV' if config.attn_shared_kv else 'Expert-KV'} |")
     lines.append(f"| tokenizer | {fingerprint or 'not recorded'}"
                  f"{'' if token_json else ' (no tokenizer files shipped)'} |")
+    preserved = info.get("function_preservation")
+    if preserved:
+        lines.append(f"| validation loss at initialisation | {preserved['mixture_val_loss']:.4f} "
+                     f"(its seed: {preserved['seed_val_loss']:.4f}) |")
     if info.get("imported_from"):
         lines.append(f"| imported from | `{info['imported_from']}` |")
     if provenance:
