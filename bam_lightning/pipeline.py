@@ -47,8 +47,8 @@ from bam_lightning.flops import (
 )
 from bam_lightning.lit import BaseLM
 
-PIPELINE_KEYS = {"run_dir", "seeds", "seed", "experts", "mixtures", "compute_matched", "dense_baseline",
-                 "checkpoint_every_n_steps"}
+PIPELINE_KEYS = {"run_dir", "seeds", "seed", "seed_checkpoint", "experts", "mixtures", "compute_matched",
+                 "dense_baseline", "checkpoint_every_n_steps"}
 MIXTURE_METHODS = {"bam", "bam_shared_kv", "btx", "sparse", "btx_param_matched"}
 ERROR_FILE = "error.txt"  # a stage's exception, for the pipeline's failure line
 DEFAULT_WARMUP_STEPS = inspect.signature(BaseLM.__init__).parameters["warmup_steps"].default
@@ -97,9 +97,16 @@ def load_pipeline_config(path: str) -> dict[str, Any]:
         if not Path(recipe).is_file():
             raise FileNotFoundError(f"{path}: recipe {recipe} not found")
         steps = (read_recipe(recipe).get("trainer") or {}).get("max_steps")
-        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        if recipe == config["seed"] and config.get("seed_checkpoint"):
+            if steps != 0:
+                raise ValueError(f"{recipe}: with seed_checkpoint the seed stage only scores the imported model; "
+                                 f"set its trainer.max_steps to 0 (got {steps!r})")
+        elif not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
             raise ValueError(f"{recipe}: trainer.max_steps must be a positive number of steps, got {steps!r} "
                              "(every stage of a pipeline trains a fixed number of steps)")
+    if config.get("seed_checkpoint") and not Path(config["seed_checkpoint"]).is_file():
+        raise FileNotFoundError(f"{path}: seed_checkpoint {config['seed_checkpoint']} not found "
+                                "(a pretrained seed: bam import-hf SRC --out CKPT)")
     matched = config["compute_matched"]
     if matched:
         if matched.get("reference") not in config["mixtures"]:
@@ -152,7 +159,11 @@ def compose_stage(stage: Stage, config: dict[str, Any], run_dir: Path) -> dict[s
     """The stage's recipe with this run's paths, sources and seed filled in."""
     recipe = copy.deepcopy(read_recipe(stage.recipe))
     stage_dir = run_dir / "stages" / stage.name
-    ckpt = lambda name: str(run_dir / "stages" / name / "checkpoints" / "last.ckpt")  # noqa: E731
+    # a pretrained seed (`seed_checkpoint`, from `bam import-hf`) replaces the seed stage's weights:
+    # the seed stage then only scores it (its recipe has max_steps: 0) and every later stage starts from it
+    seed_checkpoint = config.get("seed_checkpoint")
+    ckpt = lambda name: (str(Path(seed_checkpoint).resolve()) if name == "seed" and seed_checkpoint  # noqa: E731
+                         else str(run_dir / "stages" / name / "checkpoints" / "last.ckpt"))
     trainer = recipe.setdefault("trainer", {})
     if stage.max_steps is not None:
         # CM: fewer steps; the warm-up keeps its share of the run, as the cosine after it does
@@ -176,7 +187,7 @@ def compose_stage(stage: Stage, config: dict[str, Any], run_dir: Path) -> dict[s
             callback.setdefault("init_args", {})["sources"] = [ckpt(name) for name in stage.depends]
             callback["init_args"]["router_seed"] = stage.seed
     trainer["callbacks"] = callbacks
-    if stage.role in ("expert", "dense_baseline"):
+    if stage.role in ("expert", "dense_baseline") or (stage.role == "seed" and seed_checkpoint):
         recipe["model"].setdefault("init_args", {})["init_from"] = ckpt("seed")
     if stage.role == "mixture" and stage.seed:
         # a repeat: another data order and router initialisation; the same documents, split and
@@ -274,7 +285,8 @@ def run_pipeline(path: str, force: bool = False, seeds: list[int] | None = None)
         if returncode != 0:
             raise SystemExit(failure_message(label, returncode, stage, config_path))
         record = json.loads((stage_dir / "result.json").read_text())
-        check_stage_checkpoint(label, stage_dir / "checkpoints" / "last.ckpt", record["steps"])
+        if composed["trainer"]["max_steps"] > 0:  # a score-only seed (seed_checkpoint) writes none
+            check_stage_checkpoint(label, stage_dir / "checkpoints" / "last.ckpt", record["steps"])
         record.update(fingerprint=prints[stage.name], name=stage.name, row=stage.row, role=stage.role,
                       seed=stage.seed, budget=stage.budget)
         write_json_atomic(done, record)
@@ -347,13 +359,17 @@ def _run_stage(config_path: str) -> None:
     stage_dir = Path(config_path).parent
     last = stage_dir / "checkpoints" / "last.ckpt"
     ckpt_path = str(last) if last.exists() else None
-    check_before_fit(cli.trainer, cli.model, cli.datamodule, ckpt_path)
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path)
+    score_only = cli.trainer.max_steps == 0  # an imported seed (seed_checkpoint): scored, not trained
+    if score_only:
+        cli.model.load_init_from()
+    else:
+        check_before_fit(cli.trainer, cli.model, cli.datamodule, ckpt_path)
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path)
     metrics_file = next(c for c in cli.trainer.callbacks if type(c).__name__ == "MetricsFile")
     steps = cli.trainer.global_step
     records = read_metrics(metrics_file.path) if metrics_file.path.exists() else []
     final = {k: v for k, v in records[-1].items() if k.startswith("val/")} if records else {}
-    if (not records or records[-1]["step"] != steps or records[-1]["stage"] != "fit" or not final
+    if (score_only or not records or records[-1]["step"] != steps or records[-1]["stage"] != "fit" or not final
             or not cli.model.val_document_stats):
         # the fit's last validation was before its last step (or in a killed process, so its
         # per-document sums are lost): score the final weights once more

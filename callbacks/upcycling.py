@@ -15,6 +15,14 @@ before the first training step, with the file and key in the message.
 
 Provenance (which source became which expert) is the callback's state, saved in
 `checkpoint["callbacks"]["UpcyclingCallback"]["upcycled_from"]` and restored on resume.
+
+Function preservation: a mixture of a *pretrained* seed should start where the seed is. With the
+paper's gate (softmax, top-1, no renormalisation) every FFN output is scaled by p_top ~ 1/E, and
+over many layers that wrecks a pretrained model (SmolLM2 x4: LM loss 4.31 -> 14.5 at
+initialisation); `ffn_gate_scale: E` or `ffn_renormalize: true` keeps it (4.31). So at the first
+validation after upcycling (the step-0 one: `num_sanity_val_steps: -1`) the seed itself is run
+on the same batches and both losses are logged side by side: a "function preservation" line in
+the log and `upcycling/{seed,mixture}_val_loss` in TensorBoard.
 """
 
 from __future__ import annotations
@@ -23,16 +31,18 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.distributed.tensor import DTensor
 
-from bam_lightning.checkpoint import load_model_weights
+from bam_lightning.checkpoint import load_model_weights, read_checkpoint
 from bam_lightning.config import ModelConfig
 from bam_lightning.lit import BaseLM
 from bam_lightning.upcycle import METHODS, read_sources, upcycle_from_checkpoints
 
 
 class UpcyclingCallback(L.Callback):
-    def __init__(self, sources: list[str], method: str = "bam", seed_index: int = 0, router_seed: int = 0):
+    def __init__(self, sources: list[str], method: str = "bam", seed_index: int = 0, router_seed: int = 0,
+                 check_function_preservation: bool = True):
         """
         Args:
             sources: dense checkpoint paths (`.ckpt` or `.safetensors`) in expert order; expert j
@@ -41,6 +51,8 @@ class UpcyclingCallback(L.Callback):
             seed_index: which source is the seed (sparse copies it; parameter-matched BTX copies
                 its FFN into the extra experts).
             router_seed: seeds the routers' random initialisation.
+            check_function_preservation: at the step-0 validation, also run the seed (one dense
+                model more in memory, once) and log its loss next to the mixture's.
         """
         if method not in METHODS:  # fail when the recipe is parsed, not at the first step
             raise ValueError(f"unknown upcycling method {method!r}; choose one of {list(METHODS)}")
@@ -49,6 +61,10 @@ class UpcyclingCallback(L.Callback):
         self.seed_index = seed_index
         self.router_seed = router_seed
         self.provenance: dict[str, Any] | None = None
+        self.check_function_preservation = check_function_preservation
+        self.function_preservation: dict[str, float] | None = None
+        self._seed_model: torch.nn.Module | None = None
+        self._seed_losses: dict[int, list[float]] = {}  # dataloader -> [loss * tokens, tokens]
         self._pending = False  # True from setup until this fit has decided whether to upcycle
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -92,9 +108,64 @@ class UpcyclingCallback(L.Callback):
                 out=None if sharded else model.state_dict())
         if sharded:
             load_model_weights(model, state)
+        elif self.check_function_preservation:
+            self._load_seed(pl_module)
+
+    # ----- function preservation -----
+    def _load_seed(self, pl_module: BaseLM) -> None:
+        from bam_lightning.model import GPT
+
+        source = read_checkpoint(self.sources[self.seed_index])
+        with torch.device("meta"):
+            seed = GPT(source.config)
+        seed.load_state_dict(source.state_dict, assign=True)
+        self._seed_model = seed.to(device=pl_module.device, dtype=next(pl_module.model.parameters()).dtype).eval()
+        self._seed_losses = {}
+
+    def on_validation_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any,
+                                batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        if self._seed_model is None:
+            return
+        with torch.no_grad(), trainer.precision_plugin.forward_context():
+            logits, _ = self._seed_model(batch[:, :-1])
+            loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten())
+        tokens = batch[:, 1:].numel()
+        total = self._seed_losses.setdefault(dataloader_idx, [0.0, 0])
+        total[0] += loss.item() * tokens
+        total[1] += tokens
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._seed_model is None:
+            return
+        self._seed_model = None  # once: the first validation after upcycling
+        if trainer.global_step != 0 or not self._seed_losses:
+            rank_zero_info("[bam upcycling] function preservation not measured: the first validation came "
+                           "after training started (set num_sanity_val_steps: -1 for a step-0 validation)")
+            return
+        seed_loss = sum(s / n for s, n in self._seed_losses.values()) / len(self._seed_losses)
+        mixture_metrics = pl_module.initial_val_metrics if trainer.sanity_checking else trainer.callback_metrics
+        domain_losses = [float(v) for k, v in mixture_metrics.items()
+                         if k.startswith("val/") and k.endswith("/loss") and k != "val/avg/loss"]
+        if not domain_losses:
+            return
+        mixture_loss = sum(domain_losses) / len(domain_losses)  # val/avg/loss: the mean over domains
+        self.function_preservation = {"seed_val_loss": seed_loss, "mixture_val_loss": mixture_loss,
+                                      "gap": mixture_loss - seed_loss}
+        rank_zero_info(f"[bam upcycling] function preservation: mixture val/avg/loss {mixture_loss:.4f} at "
+                       f"initialisation vs seed {seed_loss:.4f} ({mixture_loss - seed_loss:+.4f})")
+        if mixture_loss - seed_loss > 0.5:
+            config = pl_module.config
+            rank_zero_warn(f"the upcycled mixture starts {mixture_loss - seed_loss:.2f} nats above its seed: with "
+                           f"ffn_top_k={config.ffn_top_k} and ffn_renormalize={config.ffn_renormalize} every FFN "
+                           f"output is scaled by its gate; for a pretrained seed set ffn_gate_scale: "
+                           f"{config.n_experts} or ffn_renormalize: true (README, 'Pretrained seeds')")
+        for logger in trainer.loggers:
+            logger.log_metrics({f"upcycling/{k}": v for k, v in self.function_preservation.items()},
+                               step=trainer.global_step)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"upcycled_from": self.provenance}
+        return {"upcycled_from": self.provenance, "function_preservation": self.function_preservation}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.provenance = state_dict.get("upcycled_from")
+        self.function_preservation = state_dict.get("function_preservation")

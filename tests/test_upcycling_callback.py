@@ -211,3 +211,34 @@ def test_fsdp2_on_two_processes_upcycles_like_one_process_and_resumes_without_up
     assert not torch.equal(trained["blocks.0.ffn.w_up"], expected["blocks.0.ffn.w_up"])
     assert_same_weights(load("resumed_start"), trained)
     assert load("provenance") == {"first": info, "resumed": info}
+
+
+@pytest.mark.parametrize("renormalize", [True, False])
+def test_function_preservation_is_measured_against_the_seed_at_the_first_validation(tmp_path, renormalize):
+    """N copies of one dense model: soft attention gates sum to one and a renormalised top-1
+    FFN gate is one, so the mixture is the seed's function exactly; the paper's gate is not."""
+    state = random_dense_state_dict(DENSE, seed=3)
+    paths = []
+    for j in range(N):
+        paths.append(str(tmp_path / f"copy{j}.ckpt"))
+        save_lightning_checkpoint(Path(paths[-1]), DENSE, state)
+    callback = UpcyclingCallback(paths, method="bam")
+    config = moe_config(DENSE, n_experts=N, attn_experts=N, ffn_renormalize=renormalize)
+    make_trainer(tmp_path, [callback], max_steps=1, sanity_check=True).fit(
+        MoELM(config, lr=1e-3, warmup_steps=0), token_blocks(), token_blocks())
+    # the seed's loss, computed here independently on the one sanity-check batch
+    from bam_lightning.model import GPT
+
+    seed = GPT(DENSE).eval()
+    seed.load_state_dict(state)
+    batch = next(iter(token_blocks()))
+    with torch.no_grad():
+        logits, _ = seed(batch[:, :-1])
+        expected = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten()).item()
+    measured = callback.function_preservation
+    assert measured["seed_val_loss"] == pytest.approx(expected, abs=1e-5)
+    if renormalize:
+        assert abs(measured["gap"]) < 1e-4
+    else:
+        assert abs(measured["gap"]) > 1e-3
+    assert callback._seed_model is None  # measured once, then freed

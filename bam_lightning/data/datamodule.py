@@ -27,6 +27,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from bam_lightning.data.corpora import BUILTIN, BUILTIN_DOMAINS, default_cache_dir
+from bam_lightning.data.hf_tokenizer import find_tokenizer_json
 from bam_lightning.data.prepare import (
     check_reusable,
     default_data_dir,
@@ -91,7 +92,8 @@ class BAMDataModule(L.LightningDataModule):
             weight; a domain left out of the dict is not trained on (weight 0).
         val_domains: domains with a validation loader, in this order. None means all domains.
         tokenizer: "byte" (UTF-8 bytes + EOS, 257 ids) or "bpe" (byte-level BPE trained on the
-            training split of all domains).
+            training split of all domains), or the path of a pretrained model's tokenizer.json
+            (or its folder, e.g. what `bam import-hf` writes): its vocabulary and EOS.
         bpe_vocab_size: vocabulary size for "bpe" (may come out smaller on tiny corpora).
         seq_len: tokens a model sees per window; batches hold `seq_len + 1` tokens.
         batch_size: windows per batch, for training and validation.
@@ -357,8 +359,9 @@ def _check_arguments(
             isinstance(source, list) and not all(isinstance(s, str) for s in source)
         ):
             raise ValueError(f"domains[{name!r}] must be 'builtin', a path/glob, or a list of them")
-    if tokenizer not in ("byte", "bpe"):
-        raise ValueError(f"tokenizer must be 'byte' or 'bpe', got {tokenizer!r}")
+    if tokenizer not in ("byte", "bpe") and find_tokenizer_json(tokenizer) is None:
+        raise ValueError(f"tokenizer must be 'byte' or 'bpe', got {tokenizer!r}; or the path of a "
+                         "pretrained model's tokenizer.json (or its folder)")
     if tokenizer == "bpe" and bpe_vocab_size <= 257:
         raise ValueError(f"bpe_vocab_size must exceed 257 (bytes + EOS), got {bpe_vocab_size}")
     positive = {

@@ -95,6 +95,11 @@ def prepare_settings(
         # near-duplicates stay on one side of the split (see dedup.py)
         "near_duplicates": {"shingle_words": SHINGLE_WORDS, "jaccard": JACCARD_THRESHOLD},
     }
+    if tokenizer not in ("byte", "bpe"):  # a tokenizer file: prepared data follows its contents
+        from bam_lightning.data.hf_tokenizer import HFTokenizer, find_tokenizer_json
+
+        path = find_tokenizer_json(tokenizer)
+        settings["tokenizer_fingerprint"] = HFTokenizer(path).fingerprint if path else None
     return json.loads(json.dumps(settings))  # tuples -> lists, as a manifest reads back
 
 

@@ -16,6 +16,13 @@ from typing import Protocol
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from bam_lightning.data.hf_tokenizer import (
+    TOKENIZER_CONFIG_FILE,
+    HFTokenizer,
+    copy_hf_tokenizer,
+    find_tokenizer_json,
+)
+
 EOS_TOKEN = "<|endoftext|>"
 TOKENIZER_FILE = "tokenizer.json"
 
@@ -119,16 +126,19 @@ def train_bpe(texts: Sequence[str], vocab_size: int, path: str | Path) -> BPETok
 
 def build_tokenizer(
     kind: str, train_texts: Sequence[str], bpe_vocab_size: int, out_dir: str | Path
-) -> ByteTokenizer | BPETokenizer:
-    """ "byte" -> `ByteTokenizer`; "bpe" -> a BPE trained on `train_texts`, saved in `out_dir`."""
+) -> ByteTokenizer | BPETokenizer | HFTokenizer:
+    """ "byte" -> `ByteTokenizer`; "bpe" -> a BPE trained on `train_texts`, saved in `out_dir`;
+    a tokenizer.json path -> that tokenizer, copied into `out_dir`."""
     if kind == "byte":
         return ByteTokenizer()
     if kind == "bpe":
         return train_bpe(train_texts, bpe_vocab_size, Path(out_dir) / TOKENIZER_FILE)
-    raise ValueError(f"tokenizer must be 'byte' or 'bpe', got {kind!r}")
+    if find_tokenizer_json(kind) is not None:  # a pretrained model's tokenizer (bam import-hf)
+        return copy_hf_tokenizer(kind, out_dir)
+    raise ValueError(f"tokenizer must be 'byte', 'bpe' or a path to a tokenizer.json, got {kind!r}")
 
 
-def load_tokenizer(spec: str) -> ByteTokenizer | BPETokenizer:
+def load_tokenizer(spec: str) -> ByteTokenizer | BPETokenizer | HFTokenizer:
     """ "byte", or the path of a BPE `tokenizer.json` (or of the folder that holds one)."""
     if spec == "byte":
         return ByteTokenizer()
@@ -137,4 +147,6 @@ def load_tokenizer(spec: str) -> ByteTokenizer | BPETokenizer:
         path = path / TOKENIZER_FILE
     if not path.is_file():
         raise FileNotFoundError(f"no tokenizer at {path} (expected 'byte' or a tokenizer.json)")
+    if path.with_name(TOKENIZER_CONFIG_FILE).is_file():  # a pretrained model's tokenizer, not our BPE
+        return HFTokenizer(path)
     return BPETokenizer(path)

@@ -1,0 +1,375 @@
+"""`bam export CKPT --out DIR`: a checkpoint becomes a Hugging Face model folder.
+
+Which home a model gets (`AutoModelForCausalLM.from_pretrained(DIR)` loads all three):
+- a dense model with a sequential block and RMSNorm -> native `LlamaForCausalLM`;
+- an FFN-only mixture (BTX, sparse, parameter-matched BTX) with that block -> native
+  `Qwen2MoeForCausalLM`: it holds the paper's gate and the renormalised one (`norm_topk_prob`),
+  its shared expert gets width 0, and `ffn_gate_scale` is folded into the down projections
+  (the gate weights multiply each expert's output linearly, so scaling W_down is exact);
+- anything else (BAM's attention experts, parallel blocks, LayerNorm) -> our own remote-code
+  package (`configuration_bam.py`, `modeling_bam.py`), loaded with `trust_remote_code=True`.
+
+The folder gets `model.safetensors` (written tensor by tensor), `config.json`, the tokenizer
+files, a `generation_config.json` and a model card (`README.md`: method, sources, which source
+became which expert, validation numbers). The folder is built beside its target and renamed
+into place, so an existing export is never left half-replaced.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bam_lightning.checkpoint import SourceCheckpoint, read_checkpoint
+from bam_lightning.config import ModelConfig
+from bam_lightning.data.hf_tokenizer import HFTokenizer, eos_token_of, find_tokenizer_json
+from bam_lightning.interop.hf_import import TOKENIZER_DIR_KEY, TOKENIZER_FILES
+from bam_lightning.interop.names import HF, dense_name_map, is_banked
+from bam_lightning.interop.safetensors_stream import (
+    PlannedTensor,
+    progress_printer,
+    write_safetensors,
+)
+
+TARGETS = ("auto", "llama", "qwen2_moe", "bam")
+REMOTE_CODE_FILES = ("configuration_bam.py", "modeling_bam.py")
+
+
+def choose_target(config: ModelConfig, wanted: str = "auto") -> str:
+    """The native class that holds `config` exactly, else our remote code; a forced `wanted` that
+    cannot hold it is an error naming the field."""
+    llama_like = config.block_layout == "sequential" and config.norm == "rmsnorm"
+    possible = {"bam": ""}
+    if not llama_like:
+        why = f"block_layout={config.block_layout!r}, norm={config.norm!r} (needs sequential + rmsnorm)"
+        possible.update(llama=why, qwen2_moe=why)
+    else:
+        possible["llama"] = "" if not config.is_moe else (
+            f"n_experts={config.n_experts}, attn_experts={config.attn_experts}: Llama is dense")
+        possible["qwen2_moe"] = "" if config.n_experts and not config.attn_experts else (
+            f"attn_experts={config.attn_experts}: Qwen2MoE has one attention" if config.attn_experts
+            else "n_experts=0: a dense model exports as llama")
+    if wanted == "auto":
+        return next(t for t in ("llama", "qwen2_moe", "bam") if not possible[t])
+    if wanted not in possible:
+        raise ValueError(f"--format must be one of {list(TARGETS)}, got {wanted!r}")
+    if possible[wanted]:
+        raise ValueError(f"cannot export as {wanted}: {possible[wanted]}")
+    return wanted
+
+
+def export_hf(src: str | Path, out_dir: str | Path, *, tokenizer: str | Path | None = None,
+              target: str = "auto", dtype: torch.dtype | None = None, overwrite: bool = False,
+              progress: bool = True) -> Path:
+    """Export our `.ckpt` or `.safetensors` checkpoint as a Hugging Face folder; returns it.
+
+    `tokenizer`: a tokenizer.json (or folder) to ship; default: the one recorded by
+    `bam import-hf` for this checkpoint or, for a trained stage, for the checkpoint it started
+    from (its upcycling sources or `init_from`). Its fingerprint must match the checkpoint's.
+    """
+    src, out_dir = Path(src).expanduser(), Path(out_dir).expanduser()
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out_dir}: exists and is not empty (pass --overwrite to replace it)")
+    checkpoint = read_checkpoint(src)
+    config = checkpoint.config
+    kind = choose_target(config, target)
+    info = checkpoint_info(src)
+    token_json = _resolve_tokenizer(src, checkpoint, tokenizer)
+    out_dtype = dtype or checkpoint.state_dict["tok_emb.weight"].dtype
+    planned = plan_tensors(kind, checkpoint, out_dtype)
+    hf_config = {"llama": llama_config, "qwen2_moe": qwen2_moe_config, "bam": bam_config}[kind](config)
+    special = _special_ids(token_json)
+    hf_config.update(special, dtype=str(out_dtype).removeprefix("torch."))
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        report = progress_printer(f"[bam export] exporting {src.name} as {kind}") if progress else None
+        write_safetensors(staging / "model.safetensors", planned, {"format": "pt"}, report)
+        (staging / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+        (staging / "generation_config.json").write_text(json.dumps({**special, "do_sample": False}, indent=2) + "\n")
+        if kind == "bam":
+            package = resources.files("bam_lightning.interop.remote_code")
+            for name in REMOTE_CODE_FILES:
+                (staging / name).write_text(package.joinpath(name).read_text())
+        if token_json is not None:
+            for name in TOKENIZER_FILES:
+                if (token_json.parent / name).is_file():
+                    shutil.copy2(token_json.parent / name, staging / name)
+            if kind == "bam":  # AutoTokenizer reads auto_map too; without one it uses the fast class
+                _tokenizer_config_without_auto_map(staging)
+        (staging / "README.md").write_text(model_card(src, config, kind, info, token_json, checkpoint.tokenizer))
+        _swap_into_place(staging, out_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    if progress:
+        print(f"[bam export] {out_dir} ({kind}{'' if kind != 'bam' else ', trust_remote_code=True'})", flush=True)
+    return out_dir
+
+
+# ----- tensors -----
+def plan_tensors(kind: str, checkpoint: SourceCheckpoint, dtype: torch.dtype) -> list[PlannedTensor]:
+    state, config = checkpoint.state_dict, checkpoint.config
+
+    def planned(name: str, make, shape) -> PlannedTensor:
+        return PlannedTensor(name, tuple(shape), dtype, lambda: make().to(dtype))
+
+    def ours(key: str, squeeze: bool = False) -> tuple:
+        tensor = state[key]
+        shape = tuple(tensor.shape[1:]) if squeeze else tuple(tensor.shape)
+        return (lambda: tensor.reshape(shape)), shape
+
+    if kind == "bam":
+        return [planned(key, *ours(key)) for key in state]
+    names = dense_name_map(config.n_layer, config.tie_embeddings, HF)
+    tensors = []
+    for key, theirs in names.items():
+        if kind == "qwen2_moe" and ".ffn." in key:
+            continue
+        tensors.append(planned(theirs, *ours(key, squeeze=is_banked(key))))
+    if kind == "qwen2_moe":
+        d, f, E = config.d_model, config.d_ff, config.n_experts
+        for i in range(config.n_layer):
+            prefix, mine = f"model.layers.{i}.mlp.", f"blocks.{i}.ffn."
+            gate, up, down = state[mine + "w_gate"], state[mine + "w_up"], state[mine + "w_down"]
+            scale = config.ffn_gate_scale
+            tensors += [
+                planned(prefix + "gate.weight", *ours(mine + "router.weight")),
+                planned(prefix + "experts.gate_up_proj", lambda g=gate, u=up: torch.cat([g, u], dim=1), (E, 2 * f, d)),
+                planned(prefix + "experts.down_proj", lambda w=down, s=scale: w.float() * s, (E, d, f)),
+                planned(prefix + "shared_expert.gate_proj.weight", lambda: torch.zeros(0, d), (0, d)),
+                planned(prefix + "shared_expert.up_proj.weight", lambda: torch.zeros(0, d), (0, d)),
+                planned(prefix + "shared_expert.down_proj.weight", lambda: torch.zeros(d, 0), (d, 0)),
+                planned(prefix + "shared_expert_gate.weight", lambda: torch.zeros(1, d), (1, d)),
+            ]
+    return tensors
+
+
+# ----- config.json -----
+def _llama_common(config: ModelConfig) -> dict[str, Any]:
+    return {
+        "vocab_size": config.vocab_size, "hidden_size": config.d_model, "intermediate_size": config.d_ff,
+        "num_hidden_layers": config.n_layer, "num_attention_heads": config.n_head,
+        "num_key_value_heads": config.n_kv_head, "head_dim": config.head_dim, "hidden_act": "silu",
+        "max_position_embeddings": config.max_seq_len, "rms_norm_eps": config.norm_eps,
+        "rope_theta": config.rope_base, "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_base},
+        "tie_word_embeddings": config.tie_embeddings, "attention_dropout": 0.0, "use_cache": True,
+    }
+
+
+def llama_config(config: ModelConfig) -> dict[str, Any]:
+    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", **_llama_common(config),
+            "attention_bias": False, "mlp_bias": False}
+
+
+def qwen2_moe_config(config: ModelConfig) -> dict[str, Any]:
+    return {"architectures": ["Qwen2MoeForCausalLM"], "model_type": "qwen2_moe", **_llama_common(config),
+            "moe_intermediate_size": config.d_ff, "num_experts": config.n_experts,
+            "num_experts_per_tok": config.ffn_top_k, "norm_topk_prob": config.ffn_renormalize,
+            "shared_expert_intermediate_size": 0, "decoder_sparse_step": 1, "mlp_only_layers": [],
+            "qkv_bias": False, "use_sliding_window": False, "output_router_logits": False}
+
+
+def bam_config(config: ModelConfig) -> dict[str, Any]:
+    from bam_lightning.interop.remote_code.configuration_bam import BamConfig
+
+    fields = {name: value for name, value in config.to_dict().items()
+              if name in BamConfig.__init__.__code__.co_varnames}
+    return {"architectures": ["BamForCausalLM"], "model_type": "bam",
+            "auto_map": {"AutoConfig": "configuration_bam.BamConfig",
+                         "AutoModelForCausalLM": "modeling_bam.BamForCausalLM"}, **fields}
+
+
+# ----- tokenizer -----
+def checkpoint_info(path: Path) -> dict[str, Any]:
+    """What a checkpoint says about where it came from: upcycling provenance, init_from, import
+    source, tokenizer folder, initial validation metrics."""
+    info: dict[str, Any] = {}
+    if path.suffix == ".safetensors":
+        with open(path, "rb") as handle:
+            size = int.from_bytes(handle.read(8), "little")
+            metadata = json.loads(handle.read(size)).get("__metadata__") or {}
+        if metadata.get(TOKENIZER_DIR_KEY):
+            info["tokenizer_dir"] = str(path.parent / metadata[TOKENIZER_DIR_KEY])
+        info["imported_from"] = metadata.get("bam_lightning.imported_from")
+        return info
+    raw = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    for name, state in (raw.get("callbacks") or {}).items():
+        if name.startswith("UpcyclingCallback") and isinstance(state, dict):
+            info["provenance"] = state.get("upcycled_from")
+            info["function_preservation"] = state.get("function_preservation")
+    info["init_from"] = (raw.get("hyper_parameters") or {}).get("init_from")
+    info["initial_val_metrics"] = (raw.get("bam_lightning") or {}).get("initial_val_metrics") or {}
+    result = path.parent.parent / "result.json"  # a pipeline stage's final numbers
+    if result.is_file():
+        info["final_val_metrics"] = json.loads(result.read_text()).get("final", {})
+    return info
+
+
+def _resolve_tokenizer(src: Path, checkpoint: SourceCheckpoint, explicit: str | Path | None) -> Path | None:
+    """The tokenizer.json to ship, checked against the checkpoint's fingerprint."""
+    wanted = checkpoint.tokenizer
+    if explicit is not None:
+        path = find_tokenizer_json(explicit)
+        if path is None:
+            raise FileNotFoundError(f"--tokenizer {explicit}: no tokenizer.json there")
+        candidates = [path]
+    else:
+        candidates = [p for p in _recorded_tokenizers(src, depth=3) if p is not None]
+    for path in candidates:
+        if wanted is None or wanted in _fingerprints(path):
+            return path
+    if explicit is not None:
+        raise ValueError(f"--tokenizer {explicit}: its fingerprint {sorted(_fingerprints(candidates[0]))} is "
+                         f"not the checkpoint's tokenizer {wanted!r}")
+    return None
+
+
+def _recorded_tokenizers(path: Path, depth: int):
+    if depth == 0 or not path.is_file():
+        return
+    info = checkpoint_info(path)
+    if info.get("tokenizer_dir"):
+        yield find_tokenizer_json(info["tokenizer_dir"])
+    sources = (info.get("provenance") or {}).get("sources") or []
+    for source in [*sources, info.get("init_from")]:
+        if source:
+            yield from _recorded_tokenizers(Path(source), depth - 1)
+
+
+def _fingerprints(path: Path) -> set[str]:
+    """The fingerprints a tokenizer.json can have here: as a pretrained model's tokenizer, or as
+    one of our trained BPEs."""
+    prints = set()
+    try:
+        prints.add(HFTokenizer(path).fingerprint)
+    except ValueError:
+        pass
+    from tokenizers import Tokenizer
+
+    vocab = Tokenizer.from_file(str(path)).get_vocab_size()
+    prints.add(f"bpe-{vocab}-{hashlib.sha256(path.read_bytes()).hexdigest()[:12]}")
+    return prints
+
+
+def _special_ids(token_json: Path | None) -> dict[str, int]:
+    if token_json is None:
+        return {}
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(token_json))
+    ids = {}
+    config_path = token_json.with_name("tokenizer_config.json")
+    config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    for role in ("bos", "eos", "pad"):
+        token = eos_token_of(token_json) if role == "eos" else config.get(f"{role}_token")
+        if isinstance(token, dict):
+            token = token.get("content")
+        if isinstance(token, str) and tokenizer.token_to_id(token) is not None:
+            ids[f"{role}_token_id"] = tokenizer.token_to_id(token)
+    return ids
+
+
+def _tokenizer_config_without_auto_map(folder: Path) -> None:
+    path = folder / "tokenizer_config.json"
+    if path.is_file():
+        config = json.loads(path.read_text())
+        config.pop("auto_map", None)
+        path.write_text(json.dumps(config, indent=2))
+
+
+# ----- model card -----
+METHOD_NAMES = {"bam": "BAM, Expert-KV attention experts", "bam_shared_kv": "BAM, Shared-KV attention experts",
+                "btx": "BTX (FFN experts, averaged attention)", "sparse": "sparse upcycling (FFN experts)"}
+
+
+def model_card(src: Path, config: ModelConfig, kind: str, info: dict[str, Any], token_json: Path | None,
+               fingerprint: str | None) -> str:
+    from bam_lightning.flops import parameter_counts
+
+    provenance = info.get("provenance") or {}
+    method = METHOD_NAMES.get(provenance.get("method"), "dense" if not config.is_moe else "mixture")
+    total, active = parameter_counts(config)
+    home = {"llama": "native `LlamaForCausalLM`", "qwen2_moe": "native `Qwen2MoeForCausalLM`",
+            "bam": "remote code (`modeling_bam.py`), load with `trust_remote_code=True`"}[kind]
+    remote = ", trust_remote_code=True" if kind == "bam" else ""
+    lines = ["---", "library_name: transformers", "pipeline_tag: text-generation",
+             "tags: [bam_lightning, " + ("mixture-of-experts" if config.is_moe else "dense") + "]", "---", "",
+             f"# {src.stem}", "", f"Exported by bam_lightning from `{src}` as {home}.", "",
+             "| | |", "|---|---|", f"| method | {method} |",
+             f"| parameters | {total / 1e6:.1f}M total, {active / 1e6:.1f}M active per token |",
+             f"| layers / width / heads | {config.n_layer} / {config.d_model} / {config.n_head} "
+             f"({config.n_kv_head} KV) |",
+             f"| block | {config.block_layout}, {config.norm} |"]
+    if config.n_experts:
+        gate = "renormalised top-k" if config.ffn_renormalize else "softmax then top-k (no renormalisation)"
+        lines.append(f"| FFN experts | {config.n_experts}, top-{config.ffn_top_k}, {gate}, "
+                     f"gate scale {config.ffn_gate_scale:g} |")
+    if config.attn_experts:
+        lines.append(f"| attention experts | {config.attn_experts}, {config.attn_routing} routing, "
+                     f"{'Shared-KV' if config.attn_shared_kv else 'Expert-KV'} |")
+    lines.append(f"| tokenizer | {fingerprint or 'not recorded'}"
+                 f"{'' if token_json else ' (no tokenizer files shipped)'} |")
+    preserved = info.get("function_preservation")
+    if preserved:
+        lines.append(f"| validation loss at initialisation | {preserved['mixture_val_loss']:.4f} "
+                     f"(its seed: {preserved['seed_val_loss']:.4f}) |")
+    if info.get("imported_from"):
+        lines.append(f"| imported from | `{info['imported_from']}` |")
+    if provenance:
+        lines += ["", "## Sources", "", f"Seed: `{provenance.get('seed')}`; shared weights: "
+                  f"{provenance.get('shared_weights')}; routers: {provenance.get('router_init')} "
+                  f"(seed {provenance.get('router_seed')}).", "", "| expert | source | parts |", "|---|---|---|"]
+        lines += [f"| {e['index']} | `{e['source']}` | {', '.join(e['parts'])} |" for e in provenance.get("experts", [])]
+    initial, final = info.get("initial_val_metrics") or {}, info.get("final_val_metrics") or {}
+    keys = sorted(k for k in set(initial) | set(final) if k.endswith(("/ppl", "/loss")))
+    if keys:
+        lines += ["", "## Validation", "", "| metric | at initialisation | final |", "|---|---|---|"]
+        lines += [f"| {k} | {_number(initial.get(k))} | {_number(final.get(k))} |" for k in keys]
+    lines += ["", "## Use", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
+              f'model = AutoModelForCausalLM.from_pretrained("path/to/this/folder"{remote})',
+              f'tokenizer = AutoTokenizer.from_pretrained("path/to/this/folder"{remote})', "```", ""]
+    return "\n".join(lines)
+
+
+def _number(value: Any) -> str:
+    return "" if value is None else f"{float(value):.4f}"
+
+
+# ----- helpers -----
+def _swap_into_place(staging: Path, out_dir: Path) -> None:
+    """Rename the finished folder over `out_dir`; an old export is removed only after that."""
+    old = None
+    if out_dir.exists():
+        old = out_dir.with_name(f".{out_dir.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out_dir, old)
+    os.replace(staging, out_dir)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="bam export", description=__doc__.split("\n\n")[0])
+    parser.add_argument("checkpoint", help="our checkpoint (.ckpt or .safetensors)")
+    parser.add_argument("--out", required=True, help="the Hugging Face folder to write")
+    parser.add_argument("--tokenizer", help="tokenizer.json (or its folder) to ship; default: the one "
+                        "recorded by `bam import-hf` for the checkpoint or its sources")
+    parser.add_argument("--format", default="auto", choices=TARGETS, help="auto: llama for dense, qwen2_moe "
+                        "for FFN-only mixtures, bam (remote code) for the rest")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), help="weights' dtype (default: the checkpoint's)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing folder")
+    args = parser.parse_args(argv)
+    export_hf(args.checkpoint, args.out, tokenizer=args.tokenizer, target=args.format,
+              dtype=DTYPES.get(args.dtype), overwrite=args.overwrite)

@@ -1,0 +1,400 @@
+"""`bam import-hf SRC --out CKPT`: a pretrained Llama-family model becomes a dense seed checkpoint.
+
+SRC is a Hugging Face folder (`config.json` + `*.safetensors`, sharded or not) or a `.gguf`
+file. The result is a self-describing `.safetensors` seed (`block_layout: sequential`, the
+model's GQA, tying, RoPE base and norm epsilon in its metadata, like any checkpoint we write)
+and the model's tokenizer in a folder beside it (`<name>.tokenizer/`), whose fingerprint the
+checkpoint records. Everything is checked before a tensor is read: an architecture or feature
+ModelConfig cannot express is refused with the config field that says so, a tokenizer larger
+than the embedding is refused, a missing tensor is named. Tensors are then read one at a time
+(memory-mapped safetensors; GGUF blocks dequantised per tensor) and written as they come, so
+peak memory is about one tensor, not the model.
+
+GGUF stores the query and key rows of each head in llama.cpp's interleaved-pair order for its
+rotary embedding; both Hugging Face and we rotate (first half, second half), so those rows are
+put back per head on import (without it the model runs, wrongly, with no error anywhere).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from bam_lightning.checkpoint import SAFETENSORS_CONFIG_KEY, SAFETENSORS_DTYPES
+from bam_lightning.config import ModelConfig
+from bam_lightning.data.hf_tokenizer import TOKENIZER_CONFIG_FILE, HFTokenizer
+from bam_lightning.interop.names import GGUF, HF, dense_name_map, is_banked
+from bam_lightning.interop.safetensors_stream import (
+    PlannedTensor,
+    progress_printer,
+    write_safetensors,
+)
+
+TOKENIZER_DIR_KEY = "bam_lightning.tokenizer_dir"  # metadata: the tokenizer folder, relative to the file
+IMPORTED_FROM_KEY = "bam_lightning.imported_from"
+HF_MODEL_TYPES = ("llama", "mistral")  # Llama-family configs that map onto ModelConfig exactly
+GGUF_ARCHITECTURES = ("llama",)
+TOKENIZER_FILES = ("tokenizer.json", TOKENIZER_CONFIG_FILE, "special_tokens_map.json", "chat_template.jinja")
+
+
+@dataclass
+class SourceTensor:
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    load: Callable[[], torch.Tensor]  # reads (and dequantises) the tensor; called once
+
+
+@dataclass
+class ImportPlan:
+    """Everything known before any tensor is read."""
+
+    config: ModelConfig
+    tensors: dict[str, SourceTensor]  # our key -> source tensor (those the source has)
+    names: dict[str, str]  # our key -> the source's name for it (for error messages)
+    write_tokenizer: Callable[[Path], None]  # writes the tokenizer files into a folder
+    source: str
+
+
+def import_hf(src: str | Path, out: str | Path, *, dtype: torch.dtype | None = None,
+              max_seq_len: int | None = None, progress: bool = True) -> Path:
+    """Import a Hugging Face Llama-family folder or a `.gguf` file as a dense seed; returns `out`.
+
+    `dtype`: the weights' dtype in the checkpoint (default: the source's; GGUF: float32).
+    `max_seq_len`: the context recorded in the config (default: the source's).
+    """
+    src, out = Path(src).expanduser(), Path(out).expanduser()
+    if out.suffix != ".safetensors":
+        raise ValueError(f"--out {out}: the imported seed is written as a .safetensors file")
+    if not src.exists():
+        raise FileNotFoundError(f"{src}: no such file or folder")
+    started = time.perf_counter()
+    plan = plan_gguf(src) if src.suffix == ".gguf" else plan_hf_folder(src)
+    if max_seq_len is not None:
+        plan.config.max_seq_len = max_seq_len
+    shapes = _check_all_present(plan, src)
+    token_dir = out.with_name(out.stem + ".tokenizer")
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.stem}.tokenizer.", dir=_ensure_dir(out.parent)))
+    try:
+        plan.write_tokenizer(staging)
+        tokenizer = HFTokenizer(staging / "tokenizer.json")
+        if tokenizer.vocab_size > plan.config.vocab_size:
+            raise ValueError(f"{src}: the tokenizer has {tokenizer.vocab_size} tokens, more than the model's "
+                             f"vocab_size {plan.config.vocab_size} (embedding rows): it does not fit this model")
+        metadata = {SAFETENSORS_CONFIG_KEY: json.dumps(plan.config.to_dict()),
+                    "bam_lightning.tokenizer": tokenizer.fingerprint,
+                    TOKENIZER_DIR_KEY: token_dir.name, IMPORTED_FROM_KEY: str(src), "format": "pt"}
+        planned = [_planned(key, plan.tensors[key], shape, dtype) for key, shape in shapes.items()]
+        report = progress_printer(f"[bam import-hf] importing {src.name}") if progress else None
+        write_safetensors(out, planned, metadata, report)
+        if token_dir.exists():
+            shutil.rmtree(token_dir)
+        staging.rename(token_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    if progress:
+        print(f"[bam import-hf] {out} ({sum(math.prod(p.shape) for p in planned) / 1e6:.1f}M parameters, "
+              f"{time.perf_counter() - started:.1f} s); tokenizer {token_dir} ({tokenizer.fingerprint})\n"
+              f"model config for a recipe:\n{json.dumps(plan.config.to_dict())}", flush=True)
+    return out
+
+
+# ----- Hugging Face folders -----
+def plan_hf_folder(folder: Path) -> ImportPlan:
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{folder}: no config.json (expected a Hugging Face model folder or a .gguf file)")
+    hf = json.loads(config_path.read_text())
+    config = config_from_hf(hf, str(config_path))
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{folder}: no *.safetensors weights (pytorch_model.bin is not read: "
+                                "it would need unpickling)")
+    tensors: dict[str, tuple[Path, str, tuple[int, ...], torch.dtype]] = {}
+    for file in files:
+        for name, (shape, dtype) in _safetensors_header(file).items():
+            tensors[name] = (file, name, shape, dtype)
+    biases = sorted(name for name in tensors if name.endswith(".bias"))
+    if biases:
+        raise ValueError(f"{folder}: tensor {biases[0]!r} is a bias; ModelConfig has no biases "
+                         "(config.json attention_bias / mlp_bias)")
+    names = dense_name_map(config.n_layer, config.tie_embeddings, HF)
+    plan = {}
+    for ours, theirs in names.items():
+        if theirs not in tensors:
+            continue
+        file, name, shape, dtype = tensors[theirs]
+        plan[ours] = SourceTensor(shape, dtype, _safetensors_loader(file, name))
+    return ImportPlan(config, plan, names, lambda out: _hf_tokenizer(folder, hf, out), str(folder))
+
+
+def _safetensors_loader(file: Path, name: str) -> Callable[[], torch.Tensor]:
+    def load() -> torch.Tensor:
+        from safetensors import safe_open
+
+        with safe_open(str(file), framework="pt") as handle:
+            return handle.get_tensor(name)
+
+    return load
+
+
+def config_from_hf(hf: dict, where: str) -> ModelConfig:
+    """ModelConfig for a Llama-family `config.json`; refuses what it cannot express, naming the field."""
+    model_type = hf.get("model_type")
+    if model_type not in HF_MODEL_TYPES:
+        raise ValueError(f"{where}: model_type {model_type!r} (architectures {hf.get('architectures')}) is not "
+                         f"supported; Llama-family types that load: {list(HF_MODEL_TYPES)}")
+    d_model, n_head = hf["hidden_size"], hf["num_attention_heads"]
+
+    def refuse(field: str, why: str) -> None:
+        raise ValueError(f"{where}: {field} = {hf.get(field)!r}: {why}; ModelConfig cannot express it")
+
+    if hf.get("hidden_act", "silu") != "silu":
+        refuse("hidden_act", "only SwiGLU (silu) FFNs exist here")
+    for field in ("attention_bias", "mlp_bias"):
+        if hf.get(field):
+            refuse(field, "our projections have no biases")
+    if hf.get("head_dim") not in (None, d_model // n_head):
+        refuse("head_dim", f"head_dim must be hidden_size / num_attention_heads = {d_model // n_head}")
+    rope = hf.get("rope_parameters") or {}
+    if hf.get("rope_scaling"):
+        refuse("rope_scaling", "only plain RoPE exists here")
+    if rope.get("rope_type", "default") != "default":
+        refuse("rope_parameters", f"rope_type {rope.get('rope_type')!r}: only plain RoPE exists here")
+    if model_type == "mistral" and hf.get("sliding_window") not in (None, 0):
+        refuse("sliding_window", "attention here is full causal")
+    return ModelConfig(
+        vocab_size=hf["vocab_size"], n_layer=hf["num_hidden_layers"], d_model=d_model, n_head=n_head,
+        n_kv_head=hf.get("num_key_value_heads") or n_head, d_ff=hf["intermediate_size"],
+        max_seq_len=hf.get("max_position_embeddings", 2048),
+        rope_base=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)), norm="rmsnorm",
+        norm_eps=float(hf.get("rms_norm_eps", 1e-6)), block_layout="sequential")
+
+
+def _hf_tokenizer(folder: Path, hf: dict, out: Path) -> None:
+    """Copy the tokenizer files; a folder with only a SentencePiece model is converted once by
+    transformers. The EOS is made explicit in tokenizer_config.json (data uses it as separator)."""
+    if (folder / "tokenizer.json").is_file():
+        for name in TOKENIZER_FILES:
+            if (folder / name).is_file():
+                shutil.copy2(folder / name, out / name)
+    else:
+        try:
+            from transformers import AutoTokenizer
+
+            AutoTokenizer.from_pretrained(str(folder)).save_pretrained(str(out))
+        except Exception as error:
+            raise FileNotFoundError(f"{folder}: no tokenizer.json, and transformers could not build one "
+                                    f"({type(error).__name__}: {error})") from error
+    eos_id = hf.get("eos_token_id")
+    _set_eos(out, eos_id[0] if isinstance(eos_id, list) else eos_id)
+
+
+def _set_eos(folder: Path, eos_id: int | None) -> None:
+    """Record the model's EOS token text in tokenizer_config.json unless it is there already."""
+    config_path = folder / TOKENIZER_CONFIG_FILE
+    config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    if config.get("eos_token") or eos_id is None:
+        return
+    from tokenizers import Tokenizer
+
+    token = Tokenizer.from_file(str(folder / "tokenizer.json")).id_to_token(int(eos_id))
+    if token is not None:
+        config["eos_token"] = token
+        config_path.write_text(json.dumps(config, indent=2))
+
+
+def _safetensors_header(file: Path) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    try:
+        with open(file, "rb") as handle:
+            size = int.from_bytes(handle.read(8), "little")
+            header = json.loads(handle.read(size))
+        header.pop("__metadata__", None)
+        return {name: (tuple(entry["shape"]), SAFETENSORS_DTYPES[entry["dtype"]]) for name, entry in header.items()}
+    except Exception as error:
+        raise ValueError(f"{file}: not a readable safetensors file ({type(error).__name__}: {error})") from error
+
+
+# ----- GGUF -----
+SUPPORTED_GGUF_TYPES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0",
+                        "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
+
+
+def plan_gguf(path: Path) -> ImportPlan:
+    try:
+        from gguf import GGUFReader
+    except ImportError as error:
+        raise ImportError("importing .gguf needs the `gguf` package: pip install 'bam_lightning[hf]'") from error
+    try:
+        reader = GGUFReader(str(path))
+    except Exception as error:
+        raise ValueError(f"{path}: not a readable GGUF file ({type(error).__name__}: {error})") from error
+    meta = {name: _field_value(field) for name, field in reader.fields.items()}
+    arch = meta.get("general.architecture")
+    if arch not in GGUF_ARCHITECTURES:
+        raise ValueError(f"{path}: general.architecture {arch!r} is not supported; architectures that load: "
+                         f"{list(GGUF_ARCHITECTURES)}")
+    tensors = {t.name: t for t in reader.tensors}
+    for tensor in reader.tensors:
+        kind = tensor.tensor_type.name
+        if kind not in SUPPORTED_GGUF_TYPES:
+            raise ValueError(f"{path}: tensor {tensor.name!r} uses quantisation {kind}, which is not supported "
+                             f"(supported: {', '.join(SUPPORTED_GGUF_TYPES)})")
+    biases = sorted(name for name in tensors if name.endswith(".bias"))
+    if biases:
+        raise ValueError(f"{path}: tensor {biases[0]!r} is a bias; ModelConfig has no biases")
+    config = config_from_gguf(meta, tensors, str(path))
+    names = dense_name_map(config.n_layer, config.tie_embeddings, GGUF)
+    heads = {"attn.wq": config.n_head, "attn.wk": config.n_kv_head}
+    plan = {}
+    for ours, theirs in names.items():
+        if theirs in tensors:
+            tensor = tensors[theirs]
+            shape = tuple(int(n) for n in reversed(tensor.shape.tolist()))  # GGUF lists dims fastest first
+            permuted = heads.get(ours.split(".", 2)[-1])
+            plan[ours] = SourceTensor(shape, torch.float32, _gguf_loader(tensor, shape, permuted))
+    return ImportPlan(config, plan, names, lambda out: _gguf_tokenizer(path, meta, out), str(path))
+
+
+def config_from_gguf(meta: dict, tensors: dict, where: str) -> ModelConfig:
+    arch = meta["general.architecture"]
+
+    def need(key: str):
+        if f"{arch}.{key}" not in meta:
+            raise KeyError(f"{where}: GGUF metadata has no {arch}.{key!r}")
+        return meta[f"{arch}.{key}"]
+
+    d_model, n_head = int(need("embedding_length")), int(need("attention.head_count"))
+    head_dim = d_model // n_head
+    for key in ("rope.dimension_count", "attention.key_length", "attention.value_length"):
+        value = meta.get(f"{arch}.{key}")
+        if value is not None and int(value) != head_dim:
+            raise ValueError(f"{where}: {arch}.{key} = {value}, but ModelConfig's head size is "
+                             f"embedding_length / head_count = {head_dim}")
+    scaling = meta.get(f"{arch}.rope.scaling.type")
+    if scaling not in (None, "none"):
+        raise ValueError(f"{where}: {arch}.rope.scaling.type = {scaling!r}: only plain RoPE exists here")
+    if "token_embd.weight" not in tensors:
+        raise KeyError(f"{where}: missing tensor 'token_embd.weight'")
+    return ModelConfig(
+        vocab_size=int(tensors["token_embd.weight"].shape[-1]), n_layer=int(need("block_count")),
+        d_model=d_model, n_head=n_head, n_kv_head=int(meta.get(f"{arch}.attention.head_count_kv", n_head)),
+        d_ff=int(need("feed_forward_length")), max_seq_len=int(meta.get(f"{arch}.context_length", 2048)),
+        rope_base=float(meta.get(f"{arch}.rope.freq_base", 10000.0)),
+        tie_embeddings="output.weight" not in tensors, norm="rmsnorm",
+        norm_eps=float(need("attention.layer_norm_rms_epsilon")), block_layout="sequential")
+
+
+def _field_value(field):
+    """A GGUF metadata value as a Python scalar, string or list (arrays of tokens stay unread)."""
+    from gguf import GGUFValueType
+
+    if not field.types:
+        return None
+    kind = field.types[0]
+    if kind == GGUFValueType.ARRAY:
+        return None  # token lists etc.: only the tokenizer needs them, through transformers
+    part = field.parts[field.data[0]]
+    if kind == GGUFValueType.STRING:
+        return bytes(part).decode("utf-8", errors="replace")
+    return part.tolist()[0]
+
+
+def _gguf_loader(tensor, shape: tuple[int, ...], permuted_heads: int | None) -> Callable[[], torch.Tensor]:
+    def load() -> torch.Tensor:
+        from gguf import GGMLQuantizationType
+        from gguf.quants import dequantize
+
+        kind = tensor.tensor_type
+        if kind == GGMLQuantizationType.F32:
+            values = torch.from_numpy(tensor.data.copy())
+        elif kind in (GGMLQuantizationType.F16, GGMLQuantizationType.BF16):
+            values = torch.from_numpy(tensor.data.copy())
+            values = values.view(torch.bfloat16) if kind == GGMLQuantizationType.BF16 else values
+        else:
+            values = torch.from_numpy(dequantize(tensor.data, kind))
+        values = values.to(torch.float32).reshape(shape)
+        return unpermute_rows(values, permuted_heads) if permuted_heads else values
+
+    return load
+
+
+def unpermute_rows(weight: torch.Tensor, heads: int) -> torch.Tensor:
+    """Undo llama.cpp's per-head row order for q/k: it stores each head's rows as interleaved
+    (first-half row i, second-half row i) pairs; we want all first-half rows, then the second."""
+    rows = weight.shape[0]
+    half = rows // heads // 2
+    return weight.reshape(heads, half, 2, -1).transpose(1, 2).reshape(rows, -1).contiguous()
+
+
+def _gguf_tokenizer(path: Path, meta: dict, out: Path) -> None:
+    """transformers turns the GGUF's embedded vocabulary into a tokenizer.json."""
+    try:
+        from transformers import AutoTokenizer
+    except ImportError as error:
+        raise ImportError("the GGUF tokenizer is converted by transformers: pip install 'bam_lightning[hf]'") \
+            from error
+    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    tokenizer.save_pretrained(str(out))
+    for name in list(out.iterdir()):
+        if name.name not in TOKENIZER_FILES:
+            name.unlink()
+    _set_eos(out, meta.get("tokenizer.ggml.eos_token_id"))
+
+
+# ----- shared -----
+def _check_all_present(plan: ImportPlan, src: Path) -> dict[str, tuple[int, ...]]:
+    """Every tensor our GPT needs is in the source with the shape the config implies; returns our
+    keys (in the GPT's own order, read off a meta-device model) and their shapes."""
+    from bam_lightning.model import GPT
+
+    with torch.device("meta"):
+        shapes = {key: tuple(value.shape) for key, value in GPT(plan.config).state_dict().items()}
+    for key, shape in shapes.items():
+        theirs = plan.names.get(key, key)
+        if key not in plan.tensors:
+            raise KeyError(f"{src}: missing tensor {theirs!r} (our {key!r})")
+        got = plan.tensors[key].shape
+        if ((1, *got) if is_banked(key) else tuple(got)) != shape:
+            raise ValueError(f"{src}: tensor {theirs!r} has shape {list(got)}, the config implies "
+                             f"{list(shape[1:] if is_banked(key) else shape)}")
+    return shapes
+
+
+def _planned(key: str, source: SourceTensor, shape: tuple[int, ...], dtype: torch.dtype | None) -> PlannedTensor:
+    out_dtype = dtype or source.dtype
+
+    def make() -> torch.Tensor:
+        return source.load().to(out_dtype).reshape(shape)
+
+    return PlannedTensor(key, shape, out_dtype, make)
+
+
+def _ensure_dir(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="bam import-hf", description=__doc__.split("\n\n")[0])
+    parser.add_argument("src", help="a Hugging Face model folder (config.json + *.safetensors) or a .gguf file")
+    parser.add_argument("--out", required=True, help="the seed checkpoint to write (.safetensors); the "
+                        "tokenizer goes to <name>.tokenizer/ beside it")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), help="weights' dtype (default: the source's; "
+                        "GGUF: float32)")
+    parser.add_argument("--max-seq-len", type=int, help="context length recorded in the config "
+                        "(default: the source's)")
+    args = parser.parse_args(argv)
+    import_hf(args.src, args.out, dtype=DTYPES.get(args.dtype), max_seq_len=args.max_seq_len)
