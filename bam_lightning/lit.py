@@ -161,10 +161,10 @@ class BaseLM(L.LightningModule):
     def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         """Sum each target token's loss (and its bytes) into its validation document."""
         domain = self._domain(dataloader_idx)
+        tokens = batch_tokens(batch)
         if isinstance(batch, dict):  # BAMDataModule: tokens plus the document of every target
-            tokens, documents = batch["tokens"], batch["documents"]
+            documents = batch["documents"]
         else:  # a plain token batch: one anonymous document
-            tokens = batch
             documents = torch.zeros_like(tokens[:, 1:])
         targets = tokens[:, 1:]
         logits, stats = self.model(tokens[:, :-1])
@@ -435,6 +435,12 @@ def check_optimizer_settings(lr: float, min_lr_ratio: float, warmup_steps: int, 
     except (ValueError, TypeError) as error:
         raise ValueError(f"model.init_args (lr={lr!r}, betas={betas!r}, weight_decay={weight_decay!r}): "
                          f"AdamW refuses it: {error}") from error
+
+
+def batch_tokens(batch: Any) -> torch.Tensor:
+    """The [B, T+1] token windows of a batch: BAMDataModule's validation batches are dicts that
+    also carry each target's document; training batches and plain loaders give the tensor."""
+    return batch["tokens"] if isinstance(batch, dict) else batch
 
 
 def check_seq_len(datamodule: Any, config: ModelConfig) -> None:

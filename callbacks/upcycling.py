@@ -36,7 +36,7 @@ from torch.distributed.tensor import DTensor
 
 from bam_lightning.checkpoint import load_model_weights, read_checkpoint
 from bam_lightning.config import ModelConfig
-from bam_lightning.lit import BaseLM
+from bam_lightning.lit import BaseLM, batch_tokens
 from bam_lightning.upcycle import METHODS, read_sources, upcycle_from_checkpoints
 
 
@@ -126,6 +126,7 @@ class UpcyclingCallback(L.Callback):
                                 batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         if self._seed_model is None:
             return
+        batch = batch_tokens(batch)
         with torch.no_grad(), trainer.precision_plugin.forward_context():
             logits, _ = self._seed_model(batch[:, :-1])
             loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten())

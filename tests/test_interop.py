@@ -292,7 +292,7 @@ def test_imported_tokenizer_prepares_the_data_with_its_eos_and_fingerprint(tmp_p
     data.setup("fit")
     assert data.tokenizer_fingerprint == read_checkpoint(seed).tokenizer
     assert isinstance(data.tokenizer, HFTokenizer) and data.tokenizer.fingerprint == data.tokenizer_fingerprint
-    window = next(iter(data.val_dataloader()[0]))[0]
+    window = next(iter(data.val_dataloader()[0]))["tokens"][0]
     eos = VOCAB - 7
     assert eos in window.tolist()  # documents are separated by the seed's EOS
     words = [i for i in window.tolist() if i != eos]
