@@ -14,6 +14,10 @@ Stages are idempotent: a stage whose fingerprint (its composed config plus its u
 fingerprints) matches a finished `stage.json` is skipped; an unfinished one resumes from its
 `last.ckpt`; a changed config moves the old stage aside (`<name>.stale`) and reruns it and every
 stage after it.
+
+The recipe is a study file (`bam_lightning/study.py`: every fact said once, stage recipes
+derived) or an older pipeline file that names one recipe file per stage. Either way every stage's
+recipe is composed and checked before the first stage runs (`check_stages`).
 """
 
 from __future__ import annotations
@@ -46,9 +50,11 @@ from bam_lightning.flops import (
     training_flops_per_token,
 )
 from bam_lightning.lit import BaseLM
+from bam_lightning.study import is_study, load_study, recipe_path_or_dict
 
 PIPELINE_KEYS = {"run_dir", "seeds", "seed", "experts", "mixtures", "compute_matched", "dense_baseline",
                  "checkpoint_every_n_steps"}
+SEED_CHECKPOINT = "checkpoint"  # study: `seed: {checkpoint: PATH}` upcycles an existing dense model as the seed
 MIXTURE_METHODS = {"bam", "bam_shared_kv", "btx", "sparse", "btx_param_matched"}
 ERROR_FILE = "error.txt"  # a stage's exception, for the pipeline's failure line
 DEFAULT_WARMUP_STEPS = inspect.signature(BaseLM.__init__).parameters["warmup_steps"].default
@@ -59,11 +65,13 @@ class Stage:
     name: str  # directory name and TensorBoard run name
     row: str  # the report's row key
     role: str  # seed | expert | mixture | dense_baseline
-    recipe: str
+    recipe: str | dict[str, Any]  # a recipe file (pipeline file) or a composed recipe (study file)
     depends: list[str] = field(default_factory=list)
     seed: int = 0  # mixture-phase seed (data order + router init)
     max_steps: int | None = None  # set for compute-matched rows
     budget: str = ""  # "DM" or "CM" for mixtures
+    mixture_steps: int | None = None  # mixtures: the data-matched length this row belongs to (the sweep's x)
+    source: str = ""  # where the stage's recipe comes from, for error messages
 
 
 # ----- loading and planning -----
@@ -74,6 +82,23 @@ def load_pipeline_config(path: str) -> dict[str, Any]:
     config = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
     if not isinstance(config, dict):
         raise ValueError(f"{path}: a pipeline recipe is a mapping of {sorted(PIPELINE_KEYS)}")
+    if is_study(config):
+        config = load_study(path, config)
+    else:
+        config = _load_recipe_files(path, config)
+    config.setdefault("seeds", [0])
+    seeds = config["seeds"]
+    if (not isinstance(seeds, list) or not seeds or not all(isinstance(x, int) and x >= 0 for x in seeds)
+            or len(set(seeds)) != len(seeds)):
+        raise ValueError(f"{path}: seeds must be a list of distinct non-negative integers, got {seeds!r}")
+    config.setdefault("compute_matched", {})
+    config.setdefault("checkpoint_every_n_steps", 50)
+    config["path"] = path
+    return config
+
+
+def _load_recipe_files(path: str, config: dict[str, Any]) -> dict[str, Any]:
+    """The older pipeline format: one `bam fit` recipe file per stage."""
     unknown = sorted(set(config) - PIPELINE_KEYS)
     if unknown:
         raise ValueError(f"{path}: unknown keys {unknown}; known: {sorted(PIPELINE_KEYS)}")
@@ -83,13 +108,7 @@ def load_pipeline_config(path: str) -> dict[str, Any]:
     unknown_methods = sorted(set(config["mixtures"]) - MIXTURE_METHODS)
     if unknown_methods:
         raise ValueError(f"{path}: mixtures: unknown {unknown_methods}; known: {sorted(MIXTURE_METHODS)}")
-    config.setdefault("seeds", [0])
-    seeds = config["seeds"]
-    if (not isinstance(seeds, list) or not seeds or not all(isinstance(x, int) and x >= 0 for x in seeds)
-            or len(set(seeds)) != len(seeds)):
-        raise ValueError(f"{path}: seeds must be a list of distinct non-negative integers, got {seeds!r}")
     config.setdefault("compute_matched", {})
-    config.setdefault("checkpoint_every_n_steps", 50)
     recipes = [config["seed"], *config["experts"].values(), *config["mixtures"].values()]
     if config.get("dense_baseline"):
         recipes.append(config["dense_baseline"])
@@ -110,8 +129,18 @@ def load_pipeline_config(path: str) -> dict[str, Any]:
     return config
 
 
-def read_recipe(path: str) -> dict[str, Any]:
-    return OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+def read_recipe(recipe: str | dict[str, Any]) -> dict[str, Any]:
+    return recipe_path_or_dict(recipe)
+
+
+def seed_checkpoint(config: dict[str, Any]) -> str | None:
+    """The existing dense checkpoint a study names as its seed (no seed stage), else None."""
+    seed = config["seed"]
+    return str(Path(seed[SEED_CHECKPOINT]).resolve()) if isinstance(seed, dict) and SEED_CHECKPOINT in seed else None
+
+
+def source_of(recipe: str | dict[str, Any], config: dict[str, Any], name: str) -> str:
+    return recipe if isinstance(recipe, str) else f"{config.get('path', 'study')} (stage {name})"
 
 
 def recipe_model_config(recipe: dict[str, Any]) -> ModelConfig:
@@ -119,40 +148,58 @@ def recipe_model_config(recipe: dict[str, Any]) -> ModelConfig:
 
 
 def plan(config: dict[str, Any]) -> list[Stage]:
-    stages = [Stage("seed", "seed", "seed", config["seed"])]
+    """Stages in run order. Sweep lengths (study `mixtures.sweep`) add the compute-matched
+    reference and methods, DM and CM, at each further length, on the same seed and experts."""
+    stages = [] if seed_checkpoint(config) else [Stage("seed", "seed", "seed", config["seed"])]
     for domain, recipe in config["experts"].items():
         stages.append(Stage(f"expert_{domain}", f"expert_{domain}", "expert", recipe, depends=["seed"]))
-    experts = [s.name for s in stages]
+    experts = ["seed", *(f"expert_{domain}" for domain in config["experts"])]
     matched = config["compute_matched"]
+    lengths = [(None, config["mixtures"])] + sorted((config.get("sweep") or {}).items())
     for seed in config["seeds"]:
         suffix = f"_s{seed}" if seed != 0 else ""  # seed 0's stages are shared by 1- and 3-seed runs
-        for method, recipe in config["mixtures"].items():
-            stages.append(Stage(f"{method}{suffix}", method, "mixture", recipe, experts, seed, budget="DM"))
-        for method in matched.get("methods", []):
-            steps = compute_matched_steps(config["mixtures"][matched["reference"]], config["mixtures"][method])
-            stages.append(Stage(f"{method}_cm{suffix}", f"{method}_cm", "mixture", config["mixtures"][method],
-                                experts, seed, max_steps=steps, budget="CM"))
+        for length, mixtures in lengths:
+            at = f"_L{length}" if length else ""  # the study's own length keeps the plain names
+            row_at = f"@{length}" if length else ""
+            for method, recipe in mixtures.items():
+                stages.append(Stage(f"{method}{at}{suffix}", f"{method}{row_at}", "mixture", recipe, experts, seed,
+                                    budget="DM", mixture_steps=read_recipe(recipe)["trainer"]["max_steps"]))
+            for method in matched.get("methods", []):
+                steps = compute_matched_steps(mixtures[matched["reference"]], mixtures[method])
+                stages.append(Stage(f"{method}_cm{at}{suffix}", f"{method}_cm{row_at}", "mixture", mixtures[method],
+                                    experts, seed, max_steps=steps, budget="CM",
+                                    mixture_steps=read_recipe(mixtures[method])["trainer"]["max_steps"]))
     if config.get("dense_baseline"):
         stages.append(Stage("dense_baseline", "dense_baseline", "dense_baseline", config["dense_baseline"], ["seed"]))
+    for stage in stages:
+        stage.source = source_of(stage.recipe, config, stage.name)
     return stages
 
 
-def compute_matched_steps(reference_recipe: str, recipe: str) -> int:
+def compute_matched_steps(reference_recipe: str | dict[str, Any], recipe: str | dict[str, Any]) -> int:
     """Steps that give `recipe` the training FLOPs `reference_recipe` spends (fewer tokens).
     Tokens per step count accumulation, devices and nodes on both sides."""
     ref, this = read_recipe(reference_recipe), read_recipe(recipe)
+    ref_name = reference_recipe if isinstance(reference_recipe, str) else "compute_matched.reference"
+    this_name = recipe if isinstance(recipe, str) else "compute_matched.methods"
     ref_flops = training_flops_per_token(recipe_model_config(ref), ref["data"].get("seq_len", 128))
     this_flops = training_flops_per_token(recipe_model_config(this), this["data"].get("seq_len", 128))
-    ref_total = ref_flops * recipe_tokens_per_step(ref, reference_recipe) * ref["trainer"]["max_steps"]
-    return max(1, math.floor(ref_total / (this_flops * recipe_tokens_per_step(this, recipe))))
+    ref_total = ref_flops * recipe_tokens_per_step(ref, ref_name) * ref["trainer"]["max_steps"]
+    return max(1, math.floor(ref_total / (this_flops * recipe_tokens_per_step(this, this_name))))
 
 
 # ----- composing one stage's config -----
 def compose_stage(stage: Stage, config: dict[str, Any], run_dir: Path) -> dict[str, Any]:
     """The stage's recipe with this run's paths, sources and seed filled in."""
-    recipe = copy.deepcopy(read_recipe(stage.recipe))
+    recipe = read_recipe(stage.recipe)
     stage_dir = run_dir / "stages" / stage.name
-    ckpt = lambda name: str(run_dir / "stages" / name / "checkpoints" / "last.ckpt")  # noqa: E731
+    existing_seed = seed_checkpoint(config)
+
+    def ckpt(name: str) -> str:
+        if name == "seed" and existing_seed:
+            return existing_seed
+        return str(run_dir / "stages" / name / "checkpoints" / "last.ckpt")
+
     trainer = recipe.setdefault("trainer", {})
     if stage.max_steps is not None:
         # CM: fewer steps; the warm-up keeps its share of the run, as the cosine after it does
@@ -184,6 +231,86 @@ def compose_stage(stage: Stage, config: dict[str, Any], run_dir: Path) -> dict[s
         recipe["seed_everything"] = int(recipe.get("seed_everything", 0)) + stage.seed
         recipe["data"]["order_seed"] = int(recipe["data"].get("seed", 1234)) + stage.seed
     return recipe
+
+
+# ----- checking every stage before the first one runs -----
+DATA_FIELDS_SHARED = ("domains", "val_domains", "tokenizer", "bpe_vocab_size", "seq_len", "val_fraction",
+                      "val_tokens_per_domain", "max_bytes_per_domain", "seed")
+
+
+def check_stages(stages: list[Stage], config: dict[str, Any], run_dir: Path) -> dict[str, dict[str, Any]]:
+    """Compose every stage and check it, before any stage trains: each recipe parses as `bam fit`
+    would parse it (no model or data is built), trains a positive number of steps, validates on
+    the same domains with the same tokenizer and split as every other stage, and each mixture's
+    expert counts fit its upcycling method and sources. Errors name the stage and the field.
+    Returns the composed recipes by stage name."""
+    from bam_lightning.upcycle import ARCHITECTURE_FIELDS, check_method
+
+    composed = {s.name: compose_stage(s, config, run_dir) for s in stages}
+    first = stages[0]
+    reference = composed[first.name]["data"]
+    dense_shape = None
+    for stage in stages:
+        recipe = composed[stage.name]
+
+        def fail(field: str, message: str) -> ValueError:
+            return ValueError(f"stage {stage.name} ({stage.source}): {field}: {message}")
+
+        parse_recipe(recipe, fail)
+        steps = recipe["trainer"].get("max_steps")
+        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+            raise fail("trainer.max_steps", f"a positive number of steps, got {steps!r}")
+        data = recipe.get("data") or {}
+        for key in DATA_FIELDS_SHARED:
+            if data.get(key) != reference.get(key):
+                raise fail(f"data.{key}", f"{data.get(key)!r}, but stage {first.name} has {reference.get(key)!r}: "
+                                          "every stage must read and validate on the same data")
+        unknown = sorted(set(data.get("train_weights") or {}) - set(data.get("domains") or {}))
+        if unknown:
+            raise fail("data.train_weights", f"{unknown} are not in data.domains {sorted(data.get('domains') or {})}")
+        try:
+            model_config = recipe_model_config(recipe)
+        except (TypeError, ValueError) as error:
+            raise fail("model.init_args.config", str(error)) from None
+        tokenizer = data.get("tokenizer", "byte")
+        if tokenizer == "bpe" and model_config.vocab_size != data.get("bpe_vocab_size", 4096):
+            raise fail("model.init_args.config.vocab_size", f"{model_config.vocab_size}, but the BPE tokenizer has "
+                                                            f"data.bpe_vocab_size {data.get('bpe_vocab_size', 4096)}")
+        if tokenizer == "byte" and model_config.vocab_size < 257:
+            raise fail("model.init_args.config.vocab_size", f"{model_config.vocab_size} < 257 byte-tokenizer ids")
+        shape = {k: getattr(model_config, k) for k in ARCHITECTURE_FIELDS}
+        dense_shape = dense_shape or shape
+        if shape != dense_shape:
+            changed = sorted(k for k in shape if shape[k] != dense_shape[k])
+            raise fail("model.init_args.config", f"{changed} differ from stage {stages[0].name}'s: the experts "
+                                                 "are upcycled from the same dense shape")
+        if stage.role == "mixture":
+            upcycling = [c for c in recipe["trainer"]["callbacks"] if c["class_path"].endswith("UpcyclingCallback")]
+            if len(upcycling) != 1:
+                raise fail("trainer.callbacks", "a mixture stage needs one UpcyclingCallback")
+            args = upcycling[0]["init_args"]
+            try:
+                check_method(args.get("method", "bam"), len(args["sources"]), model_config, args.get("seed_index", 0))
+            except ValueError as error:
+                raise fail("model.init_args.config", str(error)) from None
+    return composed
+
+
+def parse_recipe(recipe: dict[str, Any], fail) -> None:
+    """Parse a composed recipe with `bam fit`'s parser (types, unknown keys, class paths),
+    instantiating nothing."""
+    import contextlib
+    import io
+
+    from bam_lightning.lightning_cli import parse_only
+
+    errors = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(errors):
+            parse_only(recipe)
+    except SystemExit:
+        lines = [line for line in errors.getvalue().splitlines() if line.startswith("error:")]
+        raise fail("recipe", (lines[-1].removeprefix("error: ") if lines else errors.getvalue()[-500:])) from None
 
 
 def fingerprint(composed: dict[str, Any], upstream: list[str]) -> str:
@@ -247,10 +374,18 @@ def run_pipeline(path: str, force: bool = False, seeds: list[int] | None = None)
         config["seeds"] = list(seeds)
     run_dir = Path(config["run_dir"]).resolve()
     stages = plan(config)
-    prints = {}
+    existing_seed = seed_checkpoint(config)
+    if existing_seed and not Path(existing_seed).is_file():
+        raise FileNotFoundError(f"{path}: seed.checkpoint: {existing_seed} not found")
+    composed_stages = check_stages(stages, config, run_dir)
+    print(f"{len(stages)} stages composed and checked", flush=True)
+    # an existing seed checkpoint is fingerprinted by path, size and time, so replacing it reruns the rest
+    prints = {"seed": fingerprint({"checkpoint": existing_seed, "stat": [Path(existing_seed).stat().st_size,
+                                                                          Path(existing_seed).stat().st_mtime_ns]}, [])
+              } if existing_seed else {}
     started = time.perf_counter()
     for number, stage in enumerate(stages, 1):
-        composed = compose_stage(stage, config, run_dir)
+        composed = composed_stages[stage.name]
         prints[stage.name] = fingerprint(composed, [prints[d] for d in stage.depends])
         label = f"[{number}/{len(stages)}] {stage.name}"
         stage_dir = run_dir / "stages" / stage.name
@@ -276,7 +411,8 @@ def run_pipeline(path: str, force: bool = False, seeds: list[int] | None = None)
         record = json.loads((stage_dir / "result.json").read_text())
         check_stage_checkpoint(label, stage_dir / "checkpoints" / "last.ckpt", record["steps"])
         record.update(fingerprint=prints[stage.name], name=stage.name, row=stage.row, role=stage.role,
-                      seed=stage.seed, budget=stage.budget)
+                      seed=stage.seed, budget=stage.budget, mixture_steps=stage.mixture_steps,
+                      sources=stage.depends if stage.role == "mixture" else [])
         write_json_atomic(done, record)
         print(f"{label}: val/avg/ppl {record['final'].get('val/avg/ppl', float('nan')):.3f} "
               f"in {record['wall_time_s']:.0f} s", flush=True)
@@ -299,7 +435,7 @@ def failure_message(label: str, returncode: int, stage: Stage, config_path: Path
     error = error_file.read_text().strip()
     if error.startswith("KeyboardInterrupt"):
         return f"{label} was interrupted. Re-run the same command to resume from its last checkpoint."
-    return (f"{label} failed: {error}\nFix the stage's recipe {stage.recipe} (composed config: {config_path}), "
+    return (f"{label} failed: {error}\nFix the stage's recipe {stage.source} (composed config: {config_path}), "
             "then re-run the same command; finished stages are kept.")
 
 
