@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml constraints-cpu.txt
 	touch $(STAMP)
 
 study: $(STAMP)
-	$(BIN)/bam pipeline recipes/tiny/pipeline.yaml
+	$(BIN)/bam pipeline recipes/tiny/study.yaml
 
 test: $(STAMP)
 	$(BIN)/pytest -q

@@ -150,14 +150,16 @@ class ParseOnlyCLI(BAMCLI):
         pass
 
 
-def parse_only(recipe: dict[str, Any]) -> None:
-    """Raises SystemExit (the parser's error on stderr) for a recipe `bam fit` would refuse to parse."""
+def parse_only(recipe: dict[str, Any] | str) -> Any:
+    """The parsed config (a recipe dict, or a file path) as `bam fit` reads it; SystemExit with the
+    parser's error on stderr for a recipe `bam fit` would refuse."""
     saved_argv = sys.argv
     sys.argv = sys.argv[:1]
     try:
-        ParseOnlyCLI(BaseLM, BAMDataModule, subclass_mode_model=True,
-                     parser_kwargs={"parser_mode": "omegaconf", "allow_abbrev": False},
-                     save_config_callback=None, trainer_defaults=TRAINER_DEFAULTS, args=recipe, run=False)
+        args = ["--config", str(recipe)] if isinstance(recipe, (str, os.PathLike)) else recipe
+        return ParseOnlyCLI(BaseLM, BAMDataModule, subclass_mode_model=True,
+                            parser_kwargs={"parser_mode": "omegaconf", "allow_abbrev": False},
+                            save_config_callback=None, trainer_defaults=TRAINER_DEFAULTS, args=args, run=False).config
     finally:
         sys.argv = saved_argv
 

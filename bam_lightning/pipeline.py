@@ -50,7 +50,7 @@ from bam_lightning.flops import (
     training_flops_per_token,
 )
 from bam_lightning.lit import BaseLM
-from bam_lightning.study import is_study, load_study, recipe_path_or_dict
+from bam_lightning.study import is_study, load_study, load_yaml, recipe_path_or_dict
 
 PIPELINE_KEYS = {"run_dir", "seeds", "seed", "experts", "mixtures", "compute_matched", "dense_baseline",
                  "checkpoint_every_n_steps"}
@@ -79,7 +79,7 @@ def load_pipeline_config(path: str) -> dict[str, Any]:
     """Read and check a pipeline recipe before any stage runs; errors name the key or file."""
     if not Path(path).is_file():
         raise FileNotFoundError(f"{path}: pipeline recipe not found")
-    config = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    config = load_yaml(path)
     if not isinstance(config, dict):
         raise ValueError(f"{path}: a pipeline recipe is a mapping of {sorted(PIPELINE_KEYS)}")
     if is_study(config):
@@ -366,7 +366,7 @@ def write_json_atomic(path: Path, payload: Any) -> None:
     os.replace(tmp, path)
 
 
-def run_pipeline(path: str, force: bool = False, seeds: list[int] | None = None) -> Path:
+def run_pipeline(path: str, force: bool = False, seeds: list[int] | None = None, check_only: bool = False) -> Path | None:
     config = load_pipeline_config(path)
     if seeds is not None:
         if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
@@ -379,6 +379,14 @@ def run_pipeline(path: str, force: bool = False, seeds: list[int] | None = None)
         raise FileNotFoundError(f"{path}: seed.checkpoint: {existing_seed} not found")
     composed_stages = check_stages(stages, config, run_dir)
     print(f"{len(stages)} stages composed and checked", flush=True)
+    if check_only:
+        for stage in stages:
+            recipe = composed_stages[stage.name]
+            model = recipe_model_config(recipe)
+            experts = f", {model.n_experts} FFN / {model.attn_experts} attention experts" if model.is_moe else ""
+            print(f"  {stage.name}: {' '.join(filter(None, (stage.role, stage.budget)))}, {recipe['trainer']['max_steps']} steps{experts}"
+                  + (f", from {', '.join(stage.depends)}" if stage.depends else ""), flush=True)
+        return None
     # an existing seed checkpoint is fingerprinted by path, size and time, so replacing it reruns the rest
     prints = {"seed": fingerprint({"checkpoint": existing_seed, "stat": [Path(existing_seed).stat().st_size,
                                                                           Path(existing_seed).stat().st_mtime_ns]}, [])
@@ -516,19 +524,22 @@ def _run_stage(config_path: str) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="bam pipeline", description=__doc__.split("\n\n")[0])
-    parser.add_argument("recipe", nargs="?", help="pipeline YAML, e.g. recipes/tiny/pipeline.yaml")
+    parser.add_argument("recipe", nargs="?", help="study file, e.g. recipes/tiny/study.yaml (or an older "
+                                                  "pipeline file naming one recipe per stage)")
     parser.add_argument("--force", action="store_true", help="rerun every stage, even finished ones")
     parser.add_argument("--seeds", type=int, nargs="+", metavar="SEED",
                         help="mixture-phase repeats, overriding the recipe's `seeds` (e.g. --seeds 0 1 2); "
                              "seed 0's stages and the dense stages are shared, so finished ones are reused")
+    parser.add_argument("--check", action="store_true",
+                        help="compose and check every stage's recipe, print the stages, write and train nothing")
     parser.add_argument("--stage", help=argparse.SUPPRESS)  # internal: run one composed stage
     args = parser.parse_args(argv)
     if args.stage:
         run_stage(args.stage)
     elif args.recipe:
-        run_pipeline(args.recipe, force=args.force, seeds=args.seeds)
+        run_pipeline(args.recipe, force=args.force, seeds=args.seeds, check_only=args.check)
     else:
-        parser.error("give a pipeline recipe, e.g. `bam pipeline recipes/tiny/pipeline.yaml`")
+        parser.error("give a study file, e.g. `bam pipeline recipes/tiny/study.yaml`")
 
 
 if __name__ == "__main__":

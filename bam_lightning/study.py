@@ -271,6 +271,28 @@ def _steps(section: dict[str, Any], where: str, err) -> int:
     return steps
 
 
+def load_yaml(path: str) -> Any:
+    """A YAML file as plain containers; a key given twice is an error naming its dotted path
+    (YAML would otherwise keep one of the two silently, or fail naming only a line)."""
+    import yaml
+
+    try:
+        return OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    except yaml.constructor.ConstructorError as error:
+        if error.problem_mark is None or "duplicate key" not in str(error.problem):
+            raise
+        lines = Path(path).read_text().splitlines()
+        line = error.problem_mark.line
+        parts = [lines[line].split(":")[0].strip()]
+        indent = len(lines[line]) - len(lines[line].lstrip())
+        for text in reversed(lines[:line]):
+            stripped = text.lstrip()
+            if stripped and not stripped.startswith("#") and len(text) - len(stripped) < indent:
+                indent = len(text) - len(stripped)
+                parts.insert(0, stripped.split(":")[0].strip())
+        raise StudyError(f"{path}: {'.'.join(parts)}: named twice (line {line + 1})") from None
+
+
 def recipe_path_or_dict(recipe: str | dict[str, Any]) -> dict[str, Any]:
     """A stage recipe: a file (old pipeline format) or a dict composed from a study file."""
     if isinstance(recipe, dict):
