@@ -82,15 +82,15 @@ def load_pipeline_config(path: str) -> dict[str, Any]:
     config = load_yaml(path)
     if not isinstance(config, dict):
         raise ValueError(f"{path}: a pipeline recipe is a mapping of {sorted(PIPELINE_KEYS)}")
+    seeds = config.setdefault("seeds", [0])
+    if (not isinstance(seeds, list) or not seeds or not all(isinstance(x, int) and x >= 0 for x in seeds)
+            or len(set(seeds)) != len(seeds)):
+        raise ValueError(f"{path}: seeds must be a list of distinct non-negative integers, got {seeds!r}")
     if is_study(config):
         config = load_study(path, config)
     else:
         config = _load_recipe_files(path, config)
-    config.setdefault("seeds", [0])
-    seeds = config["seeds"]
-    if (not isinstance(seeds, list) or not seeds or not all(isinstance(x, int) and x >= 0 for x in seeds)
-            or len(set(seeds)) != len(seeds)):
-        raise ValueError(f"{path}: seeds must be a list of distinct non-negative integers, got {seeds!r}")
+    config["seeds"] = seeds
     config.setdefault("compute_matched", {})
     config.setdefault("checkpoint_every_n_steps", 50)
     config["path"] = path
@@ -307,7 +307,7 @@ def parse_recipe(recipe: dict[str, Any], fail) -> None:
     errors = io.StringIO()
     try:
         with contextlib.redirect_stderr(errors):
-            parse_only(recipe)
+            parse_only(copy.deepcopy(recipe))  # the parser puts Namespaces into what it is given
     except SystemExit:
         lines = [line for line in errors.getvalue().splitlines() if line.startswith("error:")]
         raise fail("recipe", (lines[-1].removeprefix("error: ") if lines else errors.getvalue()[-500:])) from None
