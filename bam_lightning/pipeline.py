@@ -313,6 +313,14 @@ def parse_recipe(recipe: dict[str, Any], fail) -> None:
         raise fail("recipe", (lines[-1].removeprefix("error: ") if lines else errors.getvalue()[-500:])) from None
 
 
+def upcycling_method(recipe: dict[str, Any]) -> str | None:
+    """The mixture's upcycling method (bam, bam_shared_kv, btx, sparse), None for a dense stage."""
+    for callback in (recipe.get("trainer") or {}).get("callbacks") or []:
+        if callback["class_path"].endswith("UpcyclingCallback"):
+            return (callback.get("init_args") or {}).get("method", "bam")
+    return None
+
+
 def fingerprint(composed: dict[str, Any], upstream: list[str]) -> str:
     text = json.dumps({"config": composed, "upstream": upstream}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
@@ -420,7 +428,7 @@ def run_pipeline(path: str, force: bool = False, seeds: list[int] | None = None,
         check_stage_checkpoint(label, stage_dir / "checkpoints" / "last.ckpt", record["steps"])
         record.update(fingerprint=prints[stage.name], name=stage.name, row=stage.row, role=stage.role,
                       seed=stage.seed, budget=stage.budget, mixture_steps=stage.mixture_steps,
-                      sources=stage.depends if stage.role == "mixture" else [])
+                      sources=stage.depends if stage.role == "mixture" else [], method=upcycling_method(composed))
         write_json_atomic(done, record)
         print(f"{label}: val/avg/ppl {record['final'].get('val/avg/ppl', float('nan')):.3f} "
               f"in {record['wall_time_s']:.0f} s", flush=True)
