@@ -1,8 +1,9 @@
-"""Tiny fixtures shared by tests: configs, random dense weights and dense checkpoint files."""
+"""Tiny fixtures shared by tests: configs, random dense weights, dense checkpoint files, text domains."""
 
 from __future__ import annotations
 
 import dataclasses
+import random
 from pathlib import Path
 
 import torch
@@ -53,3 +54,22 @@ def reference_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tor
     `apply_rope`."""
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+
+
+def write_domains(root: Path) -> dict[str, str]:
+    """Three small, distinct text domains."""
+    texts = {
+        # distinct documents: near-duplicates would be grouped on one side of the split
+        "alpha": [" ".join(random.Random(i).choices(["the", "cat", "sat", "on", "a", "mat"], k=120))
+                  for i in range(12)],
+        "digits": [" ".join(str((i * 7 + j) * (j + 3) % 97) for j in range(200)) for i in range(12)],
+        "code": [f"def f{i}(x):\n    return x * {i} + {i}\n" * 15 for i in range(12)],
+    }
+    domains = {}
+    for name, docs in texts.items():
+        folder = root / name
+        folder.mkdir(parents=True)
+        for i, doc in enumerate(docs):
+            (folder / f"{i}.txt").write_text(doc)
+        domains[name] = str(folder / "*.txt")
+    return domains

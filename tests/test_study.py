@@ -198,3 +198,45 @@ def test_a_capped_domain_says_how_much_it_kept(tmp_path, capsys):
     assert f"kept {len(kept)} of 10 documents, {used:,} of {total:,} bytes" in capsys.readouterr().err
     load_documents("words", str(folder / "*.txt"), max_bytes=10**9, seed=0)
     assert "kept" not in capsys.readouterr().err
+
+
+def test_a_study_file_runs_end_to_end_with_a_length_sweep_and_routing_in_the_report(tmp_path, monkeypatch):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from helpers import write_domains
+
+    monkeypatch.setenv("BAM_CACHE_DIR", str(tmp_path / "cache"))
+    domains = write_domains(tmp_path / "corpora")
+    schedule = {"lr": 0.003, "warmup_steps": 1}
+    study = {
+        "run_dir": str(tmp_path / "run"), "checkpoint_every_n_steps": 4, "seed_everything": 1,
+        "data": {"domains": domains, "seq_len": 16, "batch_size": 4, "val_tokens_per_domain": 256, "val_fraction": 0.2},
+        "trainer": {"accelerator": "cpu", "devices": 1, "check_val_every_n_epoch": None, "num_sanity_val_steps": -1,
+                    "enable_progress_bar": False, "enable_model_summary": False},
+        "model": {"vocab_size": 257, "n_layer": 1, "d_model": 16, "n_head": 2, "d_ff": 32, "max_seq_len": 16},
+        "seed": {"domain": "alpha", "train_weights": {"alpha": 0.8, "digits": 0.1, "code": 0.1}, "steps": 6, **schedule},
+        "experts": {"domains": ["digits"], "train_weights": {"own": 0.9, "seed": 0.1}, "steps": 4, **schedule},
+        "mixtures": {"methods": ["btx", "bam"], "steps": 4, "val_check_interval": 2, **schedule,
+                     "compute_matched": {"reference": "btx", "methods": ["bam"]}, "sweep": [4, 8]},
+    }
+    path = write(tmp_path / "study.yaml", study)
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    run = subprocess.run([sys.executable, "-m", "bam_lightning.cli", "pipeline", path], capture_output=True, text=True,
+                         env=env)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "8 stages composed and checked" in run.stdout
+    stages = {p.parent.name: json.loads(p.read_text()) for p in (tmp_path / "run" / "stages").glob("*/stage.json")}
+    assert set(stages) == {"seed", "expert_digits", "btx", "bam", "bam_cm", "btx_L8", "bam_L8", "bam_cm_L8"}
+    assert stages["btx_L8"]["steps"] == 8 and stages["bam_cm_L8"]["mixture_steps"] == 8
+    assert stages["bam_cm_L8"]["training_flops"] <= stages["btx_L8"]["training_flops"]
+    assert stages["bam"]["sources"] == ["seed", "expert_digits"] and stages["bam"]["method"] == "bam"
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "## Routing" in report and "## Mixture-length sweep" in report
+    assert "| BAM CM Expert-KV | 4 |" in report and "| BAM CM Expert-KV | 8 |" in report
+    assert (tmp_path / "run" / "routing_bam.png").stat().st_size > 0
+    assert (tmp_path / "run" / "sweep_ppl_vs_flops.png").stat().st_size > 0
+    # each stage is an ordinary `bam fit` recipe on disk
+    assert yaml.safe_load((tmp_path / "run" / "stages" / "bam_L8" / "config.yaml").read_text())["trainer"]["max_steps"] == 8
