@@ -428,7 +428,8 @@ def run_pipeline(path: str, force: bool = False, seeds: list[int] | None = None,
         check_stage_checkpoint(label, stage_dir / "checkpoints" / "last.ckpt", record["steps"])
         record.update(fingerprint=prints[stage.name], name=stage.name, row=stage.row, role=stage.role,
                       seed=stage.seed, budget=stage.budget, mixture_steps=stage.mixture_steps,
-                      sources=stage.depends if stage.role == "mixture" else [], method=upcycling_method(composed))
+                      sources=stage.depends if stage.role == "mixture" else [], method=upcycling_method(composed),
+                      seed_domain=(config.get("study") or {}).get("seed_domain"))
         write_json_atomic(done, record)
         print(f"{label}: val/avg/ppl {record['final'].get('val/avg/ppl', float('nan')):.3f} "
               f"in {record['wall_time_s']:.0f} s", flush=True)
@@ -509,7 +510,9 @@ def _run_stage(config_path: str) -> None:
             or not cli.model.val_document_stats):
         # the fit's last validation was before its last step (or in a killed process, so its
         # per-document sums are lost): score the final weights once more
-        final = cli.trainer.validate(cli.model, datamodule=cli.datamodule, verbose=False)[0]
+        # one dict per validation loader (domain); routing is logged per loader, so merge them all
+        results = cli.trainer.validate(cli.model, datamodule=cli.datamodule, verbose=False)
+        final = {key: value for result in results for key, value in result.items()}
     model_config = cli.model.config
     seq_len = cli.datamodule.seq_len
     tokens = steps * trainer_tokens_per_step(cli.trainer, cli.datamodule.batch_size, seq_len)

@@ -189,14 +189,25 @@ def routing_matrix(metrics: dict[str, float], domains: list[str], kind: str) -> 
     return matrix
 
 
-def expert_labels(record: dict[str, Any], kind: str, n_experts: int) -> list[str]:
-    """What each expert was upcycled from: the stage's sources in order (seed, experts); FFN
-    experts past them are copies of the seed's (parameter-matched BTX), and sparse upcycling
-    copies the seed's FFN into every expert."""
-    names = [s.removeprefix("expert_") for s in record.get("sources") or []]
+def expert_sources(record: dict[str, Any], kind: str, n_experts: int) -> list[tuple[str, str | None]]:
+    """(label, domain) per expert: what it was upcycled from and the domain that model was branched
+    for. Sources come in order (the seed, for the study's seed domain, then the experts); FFN experts
+    past them are copies of the seed's (parameter-matched BTX); sparse upcycling copies the seed's
+    FFN into every expert."""
     if kind == "ffn_load" and record.get("method") == "sparse":
-        return ["seed copy"] * n_experts
-    return [names[e] if e < len(names) else "seed copy" for e in range(n_experts)]
+        return [("seed copy", None)] * n_experts
+    seed_domain = record.get("seed_domain")
+    out = []
+    for source in (record.get("sources") or [])[:n_experts]:
+        if source == "seed":
+            out.append((f"seed ({seed_domain})" if seed_domain else "seed", seed_domain))
+        else:
+            out.append((source.removeprefix("expert_"), source.removeprefix("expert_")))
+    return out + [("seed copy", None)] * (n_experts - len(out))
+
+
+def expert_labels(record: dict[str, Any], kind: str, n_experts: int) -> list[str]:
+    return [name for name, _ in expert_sources(record, kind, n_experts)]
 
 
 def own_expert_shares(metrics: dict[str, float], record: dict[str, Any], domains: list[str],
@@ -205,8 +216,8 @@ def own_expert_shares(metrics: dict[str, float], record: dict[str, Any], domains
     matrix = routing_matrix(metrics, domains, kind)
     if matrix is None:
         return {}
-    labels = expert_labels(record, kind, matrix.shape[1])
-    return {domain: float(matrix[d, labels.index(domain)]) for d, domain in enumerate(domains) if domain in labels}
+    owners = [domain for _, domain in expert_sources(record, kind, matrix.shape[1])]
+    return {domain: float(matrix[d, owners.index(domain)]) for d, domain in enumerate(domains) if domain in owners}
 
 
 def routing_records(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -227,7 +238,7 @@ def routing_lines(run_dir: Path, records: list[dict[str, Any]], charts: list[Pat
     lines = ["## Routing", "",
              "Share of each domain's validation tokens routed to the expert branched on that domain "
              "(FFN load: top-k assignments; attention: soft gate weight), mean over layers, final weights. "
-             f"Uniform routing would give 1/(number of experts). Heatmaps: {', '.join(c.name for c in charts)}.", ""]
+             "Uniform routing would give 1/(number of experts).", ""]
     header = ["model", *(f"{d} {ROUTING_KINDS[k]}" for k in ROUTING_KINDS for d in domains)]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for record in shown:
@@ -236,7 +247,7 @@ def routing_lines(run_dir: Path, records: list[dict[str, Any]], charts: list[Pat
             shares = own_expert_shares(record["final"], record, domains, kind)
             cells += [f"{shares[d]:.2f}" if d in shares else "–" for d in domains]
         lines.append("| " + " | ".join(cells) + " |")
-    return lines + [""]
+    return lines + [""] + [f"![{chart.stem}]({chart.name})" for chart in charts] + [""]
 
 
 def write_routing_charts(run_dir: Path, records: list[dict[str, Any]], plt) -> list[Path]:
@@ -329,8 +340,8 @@ def crossover(margins: list[dict[str, Any]]) -> str:
 def sweep_lines(records: list[dict[str, Any]], chart: Path) -> list[str]:
     margins = sweep_margins(records)
     lines = ["## Mixture-length sweep", "",
-             "Validation perplexity against training FLOPs for every method and mixture length (one seed and "
-             f"expert set reused): ![sweep]({chart.name})", "",
+             "Validation perplexity against training FLOPs for every method and mixture length (the same seed "
+             f"model and experts at every length): ![sweep]({chart.name})", "",
              "Paired margins against BTX at the same length (average perplexity, negative = better than BTX); "
              "seed sd over mixture seeds, 95% interval from resampling validation documents:", "",
              "| method | length | margin | seed sd | evaluation 95% interval | better in |", "|---|---|---|---|---|---|"]

@@ -144,7 +144,7 @@ def load_study(path: str, config: dict[str, Any] | None = None) -> dict[str, Any
                         for length in sweep if length != steps}
     if config.get("dense_baseline"):
         out["dense_baseline"] = build.dense("dense_baseline", mixtures, mixture_weights)
-    out["study"] = {"domains": domains, "sources": sources, "path": str(path)}
+    out["study"] = {"domains": domains, "sources": sources, "seed_domain": seed_domain, "path": str(path)}
     return out
 
 

@@ -181,3 +181,13 @@ def test_sweep_reports_margins_per_length_and_the_crossover(tmp_path):
     report = write_report(tmp_path, records).read_text()
     assert "## Mixture-length sweep" in report and "| BAM CM Expert-KV | 1600 |" in report
     assert (tmp_path / "sweep_ppl_vs_flops.png").stat().st_size > 0
+
+
+def test_the_seed_expert_owns_the_study_seed_domain():
+    from bam_lightning.report import expert_labels, own_expert_shares
+
+    ffn = {"code": [[0.3, 0.7]], "legal": [[0.9, 0.1]]}
+    bam = routed("bam", "bam", ["seed", "expert_code"], "bam", ffn)
+    bam["seed_domain"] = "legal"
+    assert expert_labels(bam, "ffn_load", 2) == ["seed (legal)", "code"]
+    assert own_expert_shares(bam["final"], bam, list(DOMAINS), "ffn_load") == pytest.approx({"code": 0.7, "legal": 0.9})

@@ -233,6 +233,10 @@ def test_a_study_file_runs_end_to_end_with_a_length_sweep_and_routing_in_the_rep
     assert stages["btx_L8"]["steps"] == 8 and stages["bam_cm_L8"]["mixture_steps"] == 8
     assert stages["bam_cm_L8"]["training_flops"] <= stages["btx_L8"]["training_flops"]
     assert stages["bam"]["sources"] == ["seed", "expert_digits"] and stages["bam"]["method"] == "bam"
+    assert stages["bam"]["seed_domain"] == "alpha"
+    # a final validation run after the fit (CM: its last step is off the validation interval) keeps
+    # every domain's routing, not only the first loader's
+    assert stages["bam_cm"]["steps"] % 2 and "val/digits/ffn_load/layer0/expert1" in stages["bam_cm"]["final"]
     report = (tmp_path / "run" / "report.md").read_text()
     assert "## Routing" in report and "## Mixture-length sweep" in report
     assert "| BAM CM Expert-KV | 4 |" in report and "| BAM CM Expert-KV | 8 |" in report
