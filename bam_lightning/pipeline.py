@@ -75,7 +75,7 @@ class Stage:
 
 
 # ----- loading and planning -----
-def load_pipeline_config(path: str) -> dict[str, Any]:
+def load_pipeline_config(path: str, sweep: list[int] | None = None) -> dict[str, Any]:
     """Read and check a pipeline recipe before any stage runs; errors name the key or file."""
     if not Path(path).is_file():
         raise FileNotFoundError(f"{path}: pipeline recipe not found")
@@ -87,7 +87,11 @@ def load_pipeline_config(path: str) -> dict[str, Any]:
             or len(set(seeds)) != len(seeds)):
         raise ValueError(f"{path}: seeds must be a list of distinct non-negative integers, got {seeds!r}")
     if is_study(config):
+        if sweep is not None:
+            config.setdefault("mixtures", {})["sweep"] = list(sweep)
         config = load_study(path, config)
+    elif sweep is not None:
+        raise ValueError(f"{path}: --sweep needs a study file (a pipeline file names its mixture lengths in recipes)")
     else:
         config = _load_recipe_files(path, config)
     config["seeds"] = seeds
@@ -374,8 +378,9 @@ def write_json_atomic(path: Path, payload: Any) -> None:
     os.replace(tmp, path)
 
 
-def run_pipeline(path: str, force: bool = False, seeds: list[int] | None = None, check_only: bool = False) -> Path | None:
-    config = load_pipeline_config(path)
+def run_pipeline(path: str, force: bool = False, seeds: list[int] | None = None, check_only: bool = False,
+                 sweep: list[int] | None = None) -> Path | None:
+    config = load_pipeline_config(path, sweep)
     if seeds is not None:
         if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
             raise ValueError(f"--seeds: give distinct non-negative mixture seeds, got {seeds}")
@@ -538,6 +543,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("recipe", nargs="?", help="study file, e.g. recipes/tiny/study.yaml (or an older "
                                                   "pipeline file naming one recipe per stage)")
     parser.add_argument("--force", action="store_true", help="rerun every stage, even finished ones")
+    parser.add_argument("--sweep", type=int, nargs="+", metavar="STEPS",
+                        help="mixture-phase lengths, overriding the study's `mixtures.sweep` (e.g. --sweep 100 400 "
+                             "1600): the compute-matched reference and methods, DM and CM, at each length")
     parser.add_argument("--seeds", type=int, nargs="+", metavar="SEED",
                         help="mixture-phase repeats, overriding the recipe's `seeds` (e.g. --seeds 0 1 2); "
                              "seed 0's stages and the dense stages are shared, so finished ones are reused")
@@ -548,7 +556,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.stage:
         run_stage(args.stage)
     elif args.recipe:
-        run_pipeline(args.recipe, force=args.force, seeds=args.seeds, check_only=args.check)
+        run_pipeline(args.recipe, force=args.force, seeds=args.seeds, check_only=args.check, sweep=args.sweep)
     else:
         parser.error("give a study file, e.g. `bam pipeline recipes/tiny/study.yaml`")
 

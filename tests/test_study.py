@@ -185,6 +185,9 @@ def test_sweep_adds_the_reference_and_compute_matched_rows_at_each_length(tmp_pa
     assert 3 * recipes["bam_cm"]["trainer"]["max_steps"] <= cm <= 5 * recipes["bam_cm"]["trainer"]["max_steps"]
     # the study's own length keeps the plain names, so an earlier run's stages are reused
     assert {"btx", "bam", "bam_cm"} <= set(recipes) and "btx_L100" not in recipes
+    # --sweep on the command line gives the same stages as the field
+    from_flag = plan(load_pipeline_config(write(tmp_path / "plain.yaml", tiny_study(tmp_path)), sweep=[100, 400]))
+    assert [(s.name, s.max_steps) for s in from_flag] == [(s.name, s.max_steps) for s in stages]
 
 
 def test_a_capped_domain_says_how_much_it_kept(tmp_path, capsys):
