@@ -73,6 +73,10 @@ class Stage:
     mixture_steps: int | None = None  # mixtures: the data-matched length this row belongs to (the sweep's x)
     source: str = ""  # where the stage's recipe comes from, for error messages
 
+    def __post_init__(self) -> None:
+        if not self.source and isinstance(self.recipe, str):
+            self.source = self.recipe
+
 
 # ----- loading and planning -----
 def load_pipeline_config(path: str, sweep: list[int] | None = None) -> dict[str, Any]:
