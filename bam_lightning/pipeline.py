@@ -261,7 +261,7 @@ def check_stages(stages: list[Stage], config: dict[str, Any], run_dir: Path) -> 
     for stage in stages:
         recipe = composed[stage.name]
 
-        def fail(field: str, message: str) -> ValueError:
+        def fail(field: str, message: str, stage: Stage = stage) -> ValueError:
             return ValueError(f"stage {stage.name} ({stage.source}): {field}: {message}")
 
         parse_recipe(recipe, fail)

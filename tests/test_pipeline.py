@@ -6,14 +6,13 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from helpers import write_domains
 
 from bam_lightning.pipeline import compute_matched_steps, load_pipeline_config, plan
-from helpers import write_domains
 
 MODEL = {"vocab_size": 257, "n_layer": 1, "d_model": 16, "n_head": 2, "d_ff": 32, "max_seq_len": 16}
 MIXTURE = {"n_experts": 2, "ffn_top_k": 1}

@@ -1,13 +1,18 @@
 """Study files: derived fields, equality with the per-stage recipe files, errors naming the field."""
 
-import copy
 from pathlib import Path
 
 import pytest
 import yaml
 
 from bam_lightning.data.corpora import load_documents
-from bam_lightning.pipeline import check_stages, compose_stage, compute_matched_steps, load_pipeline_config, plan
+from bam_lightning.pipeline import (
+    check_stages,
+    compose_stage,
+    compute_matched_steps,
+    load_pipeline_config,
+    plan,
+)
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 TINY = RECIPES / "tiny"
