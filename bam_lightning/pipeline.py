@@ -17,7 +17,9 @@ stage after it.
 
 The recipe is a study file (`bam_lightning/study.py`: every fact said once, stage recipes
 derived) or an older pipeline file that names one recipe file per stage. Either way every stage's
-recipe is composed and checked before the first stage runs (`check_stages`).
+recipe is composed and checked before the first stage runs (`check_stages`). A study's `sweep`
+(or `--sweep`) adds the compute-matched reference and methods, DM and CM, at further mixture
+lengths (stages `<method>_L<steps>`, report rows `<method>@<steps>`), on the same seed and experts.
 """
 
 from __future__ import annotations
