@@ -145,7 +145,7 @@ def read_recipe(recipe: str | dict[str, Any]) -> dict[str, Any]:
 
 def seed_checkpoint(config: dict[str, Any]) -> str | None:
     """The existing dense checkpoint a study names as its seed (no seed stage), else None."""
-    seed = config["seed"]
+    seed = config.get("seed")
     return str(Path(seed[SEED_CHECKPOINT]).resolve()) if isinstance(seed, dict) and SEED_CHECKPOINT in seed else None
 
 
