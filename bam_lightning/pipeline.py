@@ -260,6 +260,15 @@ def check_stages(stages: list[Stage], config: dict[str, Any], run_dir: Path) -> 
     first = stages[0]
     reference = composed[first.name]["data"]
     dense_shape = None
+    existing_seed = seed_checkpoint(config)
+    if existing_seed:  # its shape is what every stage's must be (read memory-mapped: no weights loaded)
+        from bam_lightning.checkpoint import read_checkpoint
+
+        seed = read_checkpoint(existing_seed).config
+        if seed.is_moe:
+            raise ValueError(f"{config.get('path', 'study')}: seed.checkpoint: {existing_seed} is a mixture "
+                             f"(n_experts={seed.n_experts}, attn_experts={seed.attn_experts}); the seed is dense")
+        dense_shape = {k: getattr(seed, k) for k in ARCHITECTURE_FIELDS}
     for stage in stages:
         recipe = composed[stage.name]
 
@@ -292,7 +301,8 @@ def check_stages(stages: list[Stage], config: dict[str, Any], run_dir: Path) -> 
         dense_shape = dense_shape or shape
         if shape != dense_shape:
             changed = sorted(k for k in shape if shape[k] != dense_shape[k])
-            raise fail("model.init_args.config", f"{changed} differ from stage {stages[0].name}'s: the experts "
+            origin = f"the seed checkpoint {existing_seed}" if existing_seed else f"stage {stages[0].name}"
+            raise fail("model.init_args.config", f"{changed} differ from {origin}'s: the experts "
                                                  "are upcycled from the same dense shape")
         if stage.role == "mixture":
             upcycling = [c for c in recipe["trainer"]["callbacks"] if c["class_path"].endswith("UpcyclingCallback")]

@@ -175,6 +175,24 @@ def test_an_existing_checkpoint_as_the_seed(tmp_path):
         load_pipeline_config(write(tmp_path / "study.yaml", study))
 
 
+def test_an_existing_seed_checkpoint_of_another_shape_is_refused_before_any_stage(tmp_path):
+    from helpers import random_dense_state_dict, save_lightning_checkpoint, tiny_config
+
+    study = tiny_study(tmp_path)
+    shape = {k: v for k, v in study["model"].items() if k != "tie_embeddings"}
+    right = tiny_config(**shape)
+    for name, model, message in (("wrong", tiny_config(**{**shape, "d_model": 64}), r"\['d_model'\] differ from the seed"),
+                                  ("right", right, None)):
+        checkpoint = save_lightning_checkpoint(tmp_path / f"{name}.ckpt", model, random_dense_state_dict(model, 0))
+        study["seed"] = {"domain": "literature", "checkpoint": str(checkpoint)}
+        config = load_pipeline_config(write(tmp_path / f"{name}.yaml", study))
+        if message is None:
+            check_stages(plan(config), config, tmp_path / "run")
+        else:
+            with pytest.raises(ValueError, match=message):
+                check_stages(plan(config), config, tmp_path / "run")
+
+
 def test_sweep_adds_the_reference_and_compute_matched_rows_at_each_length(tmp_path):
     path = write(tmp_path / "study.yaml", tiny_study(tmp_path, **{"mixtures.sweep": [100, 400]}))
     recipes, stages, config = composed(path, tmp_path / "run")
