@@ -35,7 +35,7 @@ $(SMOLLM2_GGUF):
 	test -f $@
 
 study: $(STAMP)
-	$(BIN)/bam pipeline recipes/tiny/pipeline.yaml
+	$(BIN)/bam pipeline recipes/tiny/study.yaml
 
 test: $(STAMP)
 	$(BIN)/pytest -q

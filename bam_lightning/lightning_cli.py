@@ -140,6 +140,30 @@ def run_lightning_cli(args: list[str] | None = None, run: bool = True) -> BAMCLI
         sys.argv = saved_argv
 
 
+class ParseOnlyCLI(BAMCLI):
+    """Parses and type-checks a recipe as `bam fit` would, building nothing (the pipeline's pre-run check)."""
+
+    def _set_seed(self) -> None:
+        pass
+
+    def instantiate_classes(self) -> None:
+        pass
+
+
+def parse_only(recipe: dict[str, Any] | str) -> Any:
+    """The parsed config (a recipe dict, or a file path) as `bam fit` reads it; SystemExit with the
+    parser's error on stderr for a recipe `bam fit` would refuse."""
+    saved_argv = sys.argv
+    sys.argv = sys.argv[:1]
+    try:
+        args = ["--config", str(recipe)] if isinstance(recipe, (str, os.PathLike)) else recipe
+        return ParseOnlyCLI(BaseLM, BAMDataModule, subclass_mode_model=True,
+                            parser_kwargs={"parser_mode": "omegaconf", "allow_abbrev": False},
+                            save_config_callback=None, trainer_defaults=TRAINER_DEFAULTS, args=args, run=False).config
+    finally:
+        sys.argv = saved_argv
+
+
 def _build_cli(args: list[str] | None, run: bool) -> BAMCLI:
     return BAMCLI(
         BaseLM,

@@ -14,6 +14,12 @@ Stages are idempotent: a stage whose fingerprint (its composed config plus its u
 fingerprints) matches a finished `stage.json` is skipped; an unfinished one resumes from its
 `last.ckpt`; a changed config moves the old stage aside (`<name>.stale`) and reruns it and every
 stage after it.
+
+The recipe is a study file (`bam_lightning/study.py`: every fact said once, stage recipes
+derived) or an older pipeline file that names one recipe file per stage. Either way every stage's
+recipe is composed and checked before the first stage runs (`check_stages`). A study's `sweep`
+(or `--sweep`) adds the compute-matched reference and methods, DM and CM, at further mixture
+lengths (stages `<method>_L<steps>`, report rows `<method>@<steps>`), on the same seed and experts.
 """
 
 from __future__ import annotations
@@ -46,9 +52,11 @@ from bam_lightning.flops import (
     training_flops_per_token,
 )
 from bam_lightning.lit import BaseLM
+from bam_lightning.study import is_study, load_study, load_yaml, recipe_path_or_dict
 
 PIPELINE_KEYS = {"run_dir", "seeds", "seed", "seed_checkpoint", "experts", "mixtures", "compute_matched",
                  "dense_baseline", "checkpoint_every_n_steps"}
+SEED_CHECKPOINT = "checkpoint"  # study: `seed: {checkpoint: PATH}` upcycles an existing dense model as the seed
 MIXTURE_METHODS = {"bam", "bam_shared_kv", "btx", "sparse", "btx_param_matched"}
 ERROR_FILE = "error.txt"  # a stage's exception, for the pipeline's failure line
 DEFAULT_WARMUP_STEPS = inspect.signature(BaseLM.__init__).parameters["warmup_steps"].default
@@ -59,21 +67,48 @@ class Stage:
     name: str  # directory name and TensorBoard run name
     row: str  # the report's row key
     role: str  # seed | expert | mixture | dense_baseline
-    recipe: str
+    recipe: str | dict[str, Any]  # a recipe file (pipeline file) or a composed recipe (study file)
     depends: list[str] = field(default_factory=list)
     seed: int = 0  # mixture-phase seed (data order + router init)
     max_steps: int | None = None  # set for compute-matched rows
     budget: str = ""  # "DM" or "CM" for mixtures
+    mixture_steps: int | None = None  # mixtures: the data-matched length this row belongs to (the sweep's x)
+    source: str = ""  # where the stage's recipe comes from, for error messages
+
+    def __post_init__(self) -> None:
+        if not self.source and isinstance(self.recipe, str):
+            self.source = self.recipe
 
 
 # ----- loading and planning -----
-def load_pipeline_config(path: str) -> dict[str, Any]:
+def load_pipeline_config(path: str, sweep: list[int] | None = None) -> dict[str, Any]:
     """Read and check a pipeline recipe before any stage runs; errors name the key or file."""
     if not Path(path).is_file():
         raise FileNotFoundError(f"{path}: pipeline recipe not found")
-    config = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    config = load_yaml(path)
     if not isinstance(config, dict):
         raise ValueError(f"{path}: a pipeline recipe is a mapping of {sorted(PIPELINE_KEYS)}")
+    seeds = config.setdefault("seeds", [0])
+    if (not isinstance(seeds, list) or not seeds or not all(isinstance(x, int) and x >= 0 for x in seeds)
+            or len(set(seeds)) != len(seeds)):
+        raise ValueError(f"{path}: seeds must be a list of distinct non-negative integers, got {seeds!r}")
+    if is_study(config):
+        if sweep is not None:
+            config.setdefault("mixtures", {})["sweep"] = list(sweep)
+        config = load_study(path, config)
+    elif sweep is not None:
+        raise ValueError(f"{path}: --sweep needs a study file (a pipeline file names its mixture lengths in recipes)")
+    else:
+        config = _load_recipe_files(path, config)
+    config["seeds"] = seeds
+    config.setdefault("compute_matched", {})
+    config.setdefault("checkpoint_every_n_steps", 50)
+    config["path"] = path
+    return config
+
+
+def _load_recipe_files(path: str, config: dict[str, Any]) -> dict[str, Any]:
+    """The older pipeline format: one `bam fit` recipe file per stage."""
     unknown = sorted(set(config) - PIPELINE_KEYS)
     if unknown:
         raise ValueError(f"{path}: unknown keys {unknown}; known: {sorted(PIPELINE_KEYS)}")
@@ -83,13 +118,7 @@ def load_pipeline_config(path: str) -> dict[str, Any]:
     unknown_methods = sorted(set(config["mixtures"]) - MIXTURE_METHODS)
     if unknown_methods:
         raise ValueError(f"{path}: mixtures: unknown {unknown_methods}; known: {sorted(MIXTURE_METHODS)}")
-    config.setdefault("seeds", [0])
-    seeds = config["seeds"]
-    if (not isinstance(seeds, list) or not seeds or not all(isinstance(x, int) and x >= 0 for x in seeds)
-            or len(set(seeds)) != len(seeds)):
-        raise ValueError(f"{path}: seeds must be a list of distinct non-negative integers, got {seeds!r}")
     config.setdefault("compute_matched", {})
-    config.setdefault("checkpoint_every_n_steps", 50)
     recipes = [config["seed"], *config["experts"].values(), *config["mixtures"].values()]
     if config.get("dense_baseline"):
         recipes.append(config["dense_baseline"])
@@ -117,8 +146,24 @@ def load_pipeline_config(path: str) -> dict[str, Any]:
     return config
 
 
-def read_recipe(path: str) -> dict[str, Any]:
-    return OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+def read_recipe(recipe: str | dict[str, Any]) -> dict[str, Any]:
+    return recipe_path_or_dict(recipe)
+
+
+def seed_checkpoint(config: dict[str, Any]) -> str | None:
+    """The existing dense checkpoint every stage starts from instead of a trained seed, else None:
+    a study's `seed: {checkpoint: PATH}` (no seed stage), or a per-stage pipeline's
+    `seed_checkpoint: PATH` (its seed recipe, with max_steps 0, only scores that checkpoint)."""
+    path = seed_is_checkpoint(config) and config["seed"][SEED_CHECKPOINT] or config.get("seed_checkpoint")
+    return str(Path(path).resolve()) if path else None
+
+
+def seed_is_checkpoint(config: dict[str, Any]) -> bool:
+    return isinstance(config.get("seed"), dict) and SEED_CHECKPOINT in config["seed"]
+
+
+def source_of(recipe: str | dict[str, Any], config: dict[str, Any], name: str) -> str:
+    return recipe if isinstance(recipe, str) else f"{config.get('path', 'study')} (stage {name})"
 
 
 def recipe_model_config(recipe: dict[str, Any]) -> ModelConfig:
@@ -126,44 +171,58 @@ def recipe_model_config(recipe: dict[str, Any]) -> ModelConfig:
 
 
 def plan(config: dict[str, Any]) -> list[Stage]:
-    stages = [Stage("seed", "seed", "seed", config["seed"])]
+    """Stages in run order. Sweep lengths (study `mixtures.sweep`) add the compute-matched
+    reference and methods, DM and CM, at each further length, on the same seed and experts."""
+    stages = [] if seed_is_checkpoint(config) else [Stage("seed", "seed", "seed", config["seed"])]
     for domain, recipe in config["experts"].items():
         stages.append(Stage(f"expert_{domain}", f"expert_{domain}", "expert", recipe, depends=["seed"]))
-    experts = [s.name for s in stages]
+    experts = ["seed", *(f"expert_{domain}" for domain in config["experts"])]
     matched = config["compute_matched"]
+    lengths = [(None, config["mixtures"])] + sorted((config.get("sweep") or {}).items())
     for seed in config["seeds"]:
         suffix = f"_s{seed}" if seed != 0 else ""  # seed 0's stages are shared by 1- and 3-seed runs
-        for method, recipe in config["mixtures"].items():
-            stages.append(Stage(f"{method}{suffix}", method, "mixture", recipe, experts, seed, budget="DM"))
-        for method in matched.get("methods", []):
-            steps = compute_matched_steps(config["mixtures"][matched["reference"]], config["mixtures"][method])
-            stages.append(Stage(f"{method}_cm{suffix}", f"{method}_cm", "mixture", config["mixtures"][method],
-                                experts, seed, max_steps=steps, budget="CM"))
+        for length, mixtures in lengths:
+            at = f"_L{length}" if length else ""  # the study's own length keeps the plain names
+            row_at = f"@{length}" if length else ""
+            for method, recipe in mixtures.items():
+                stages.append(Stage(f"{method}{at}{suffix}", f"{method}{row_at}", "mixture", recipe, experts, seed,
+                                    budget="DM", mixture_steps=read_recipe(recipe)["trainer"]["max_steps"]))
+            for method in matched.get("methods", []):
+                steps = compute_matched_steps(mixtures[matched["reference"]], mixtures[method])
+                stages.append(Stage(f"{method}_cm{at}{suffix}", f"{method}_cm{row_at}", "mixture", mixtures[method],
+                                    experts, seed, max_steps=steps, budget="CM",
+                                    mixture_steps=read_recipe(mixtures[method])["trainer"]["max_steps"]))
     if config.get("dense_baseline"):
         stages.append(Stage("dense_baseline", "dense_baseline", "dense_baseline", config["dense_baseline"], ["seed"]))
+    for stage in stages:
+        stage.source = source_of(stage.recipe, config, stage.name)
     return stages
 
 
-def compute_matched_steps(reference_recipe: str, recipe: str) -> int:
+def compute_matched_steps(reference_recipe: str | dict[str, Any], recipe: str | dict[str, Any]) -> int:
     """Steps that give `recipe` the training FLOPs `reference_recipe` spends (fewer tokens).
     Tokens per step count accumulation, devices and nodes on both sides."""
     ref, this = read_recipe(reference_recipe), read_recipe(recipe)
+    ref_name = reference_recipe if isinstance(reference_recipe, str) else "compute_matched.reference"
+    this_name = recipe if isinstance(recipe, str) else "compute_matched.methods"
     ref_flops = training_flops_per_token(recipe_model_config(ref), ref["data"].get("seq_len", 128))
     this_flops = training_flops_per_token(recipe_model_config(this), this["data"].get("seq_len", 128))
-    ref_total = ref_flops * recipe_tokens_per_step(ref, reference_recipe) * ref["trainer"]["max_steps"]
-    return max(1, math.floor(ref_total / (this_flops * recipe_tokens_per_step(this, recipe))))
+    ref_total = ref_flops * recipe_tokens_per_step(ref, ref_name) * ref["trainer"]["max_steps"]
+    return max(1, math.floor(ref_total / (this_flops * recipe_tokens_per_step(this, this_name))))
 
 
 # ----- composing one stage's config -----
 def compose_stage(stage: Stage, config: dict[str, Any], run_dir: Path) -> dict[str, Any]:
     """The stage's recipe with this run's paths, sources and seed filled in."""
-    recipe = copy.deepcopy(read_recipe(stage.recipe))
+    recipe = read_recipe(stage.recipe)
     stage_dir = run_dir / "stages" / stage.name
-    # a pretrained seed (`seed_checkpoint`, from `bam import-hf`) replaces the seed stage's weights:
-    # the seed stage then only scores it (its recipe has max_steps: 0) and every later stage starts from it
-    seed_checkpoint = config.get("seed_checkpoint")
-    ckpt = lambda name: (str(Path(seed_checkpoint).resolve()) if name == "seed" and seed_checkpoint  # noqa: E731
-                         else str(run_dir / "stages" / name / "checkpoints" / "last.ckpt"))
+    existing_seed = seed_checkpoint(config)
+
+    def ckpt(name: str) -> str:
+        if name == "seed" and existing_seed:
+            return existing_seed
+        return str(run_dir / "stages" / name / "checkpoints" / "last.ckpt")
+
     trainer = recipe.setdefault("trainer", {})
     if stage.max_steps is not None:
         # CM: fewer steps; the warm-up keeps its share of the run, as the cosine after it does
@@ -187,7 +246,7 @@ def compose_stage(stage: Stage, config: dict[str, Any], run_dir: Path) -> dict[s
             callback.setdefault("init_args", {})["sources"] = [ckpt(name) for name in stage.depends]
             callback["init_args"]["router_seed"] = stage.seed
     trainer["callbacks"] = callbacks
-    if stage.role in ("expert", "dense_baseline") or (stage.role == "seed" and seed_checkpoint):
+    if stage.role in ("expert", "dense_baseline") or (stage.role == "seed" and existing_seed):
         recipe["model"].setdefault("init_args", {})["init_from"] = ckpt("seed")
     if stage.role == "mixture" and stage.seed:
         # a repeat: another data order and router initialisation; the same documents, split and
@@ -195,6 +254,104 @@ def compose_stage(stage: Stage, config: dict[str, Any], run_dir: Path) -> dict[s
         recipe["seed_everything"] = int(recipe.get("seed_everything", 0)) + stage.seed
         recipe["data"]["order_seed"] = int(recipe["data"].get("seed", 1234)) + stage.seed
     return recipe
+
+
+# ----- checking every stage before the first one runs -----
+DATA_FIELDS_SHARED = ("domains", "val_domains", "tokenizer", "bpe_vocab_size", "seq_len", "val_fraction",
+                      "val_tokens_per_domain", "max_bytes_per_domain", "seed")
+
+
+def check_stages(stages: list[Stage], config: dict[str, Any], run_dir: Path) -> dict[str, dict[str, Any]]:
+    """Compose every stage and check it, before any stage trains: each recipe parses as `bam fit`
+    would parse it (no model or data is built), trains a positive number of steps, validates on
+    the same domains with the same tokenizer and split as every other stage, and each mixture's
+    expert counts fit its upcycling method and sources. Errors name the stage and the field.
+    Returns the composed recipes by stage name."""
+    from bam_lightning.upcycle import ARCHITECTURE_FIELDS, check_method
+
+    composed = {s.name: compose_stage(s, config, run_dir) for s in stages}
+    first = stages[0]
+    reference = composed[first.name]["data"]
+    dense_shape = None
+    existing_seed = seed_checkpoint(config)
+    if existing_seed:  # its shape is what every stage's must be (read memory-mapped: no weights loaded)
+        from bam_lightning.checkpoint import read_checkpoint
+
+        seed = read_checkpoint(existing_seed).config
+        if seed.is_moe:
+            raise ValueError(f"{config.get('path', 'study')}: seed.checkpoint: {existing_seed} is a mixture "
+                             f"(n_experts={seed.n_experts}, attn_experts={seed.attn_experts}); the seed is dense")
+        dense_shape = {k: getattr(seed, k) for k in ARCHITECTURE_FIELDS}
+    for stage in stages:
+        recipe = composed[stage.name]
+
+        def fail(field: str, message: str, stage: Stage = stage) -> ValueError:
+            return ValueError(f"stage {stage.name} ({stage.source}): {field}: {message}")
+
+        parse_recipe(recipe, fail)
+        steps = recipe["trainer"].get("max_steps")
+        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+            raise fail("trainer.max_steps", f"a positive number of steps, got {steps!r}")
+        data = recipe.get("data") or {}
+        for key in DATA_FIELDS_SHARED:
+            if data.get(key) != reference.get(key):
+                raise fail(f"data.{key}", f"{data.get(key)!r}, but stage {first.name} has {reference.get(key)!r}: "
+                                          "every stage must read and validate on the same data")
+        unknown = sorted(set(data.get("train_weights") or {}) - set(data.get("domains") or {}))
+        if unknown:
+            raise fail("data.train_weights", f"{unknown} are not in data.domains {sorted(data.get('domains') or {})}")
+        try:
+            model_config = recipe_model_config(recipe)
+        except (TypeError, ValueError) as error:
+            raise fail("model.init_args.config", str(error)) from None
+        tokenizer = data.get("tokenizer", "byte")
+        if tokenizer == "bpe" and model_config.vocab_size != data.get("bpe_vocab_size", 4096):
+            raise fail("model.init_args.config.vocab_size", f"{model_config.vocab_size}, but the BPE tokenizer has "
+                                                            f"data.bpe_vocab_size {data.get('bpe_vocab_size', 4096)}")
+        if tokenizer == "byte" and model_config.vocab_size < 257:
+            raise fail("model.init_args.config.vocab_size", f"{model_config.vocab_size} < 257 byte-tokenizer ids")
+        shape = {k: getattr(model_config, k) for k in ARCHITECTURE_FIELDS}
+        dense_shape = dense_shape or shape
+        if shape != dense_shape:
+            changed = sorted(k for k in shape if shape[k] != dense_shape[k])
+            origin = f"the seed checkpoint {existing_seed}" if existing_seed else f"stage {stages[0].name}"
+            raise fail("model.init_args.config", f"{changed} differ from {origin}'s: the experts "
+                                                 "are upcycled from the same dense shape")
+        if stage.role == "mixture":
+            upcycling = [c for c in recipe["trainer"]["callbacks"] if c["class_path"].endswith("UpcyclingCallback")]
+            if len(upcycling) != 1:
+                raise fail("trainer.callbacks", "a mixture stage needs one UpcyclingCallback")
+            args = upcycling[0]["init_args"]
+            try:
+                check_method(args.get("method", "bam"), len(args["sources"]), model_config, args.get("seed_index", 0))
+            except ValueError as error:
+                raise fail("model.init_args.config", str(error)) from None
+    return composed
+
+
+def parse_recipe(recipe: dict[str, Any], fail) -> None:
+    """Parse a composed recipe with `bam fit`'s parser (types, unknown keys, class paths),
+    instantiating nothing."""
+    import contextlib
+    import io
+
+    from bam_lightning.lightning_cli import parse_only
+
+    errors = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(errors):
+            parse_only(copy.deepcopy(recipe))  # the parser puts Namespaces into what it is given
+    except SystemExit:
+        lines = [line for line in errors.getvalue().splitlines() if line.startswith("error:")]
+        raise fail("recipe", (lines[-1].removeprefix("error: ") if lines else errors.getvalue()[-500:])) from None
+
+
+def upcycling_method(recipe: dict[str, Any]) -> str | None:
+    """The mixture's upcycling method (bam, bam_shared_kv, btx, sparse), None for a dense stage."""
+    for callback in (recipe.get("trainer") or {}).get("callbacks") or []:
+        if callback["class_path"].endswith("UpcyclingCallback"):
+            return (callback.get("init_args") or {}).get("method", "bam")
+    return None
 
 
 def fingerprint(composed: dict[str, Any], upstream: list[str]) -> str:
@@ -250,18 +407,35 @@ def write_json_atomic(path: Path, payload: Any) -> None:
     os.replace(tmp, path)
 
 
-def run_pipeline(path: str, force: bool = False, seeds: list[int] | None = None) -> Path:
-    config = load_pipeline_config(path)
+def run_pipeline(path: str, force: bool = False, seeds: list[int] | None = None, check_only: bool = False,
+                 sweep: list[int] | None = None) -> Path | None:
+    config = load_pipeline_config(path, sweep)
     if seeds is not None:
         if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
             raise ValueError(f"--seeds: give distinct non-negative mixture seeds, got {seeds}")
         config["seeds"] = list(seeds)
     run_dir = Path(config["run_dir"]).resolve()
     stages = plan(config)
-    prints = {}
+    existing_seed = seed_checkpoint(config)
+    if existing_seed and not Path(existing_seed).is_file():
+        raise FileNotFoundError(f"{path}: seed.checkpoint: {existing_seed} not found")
+    composed_stages = check_stages(stages, config, run_dir)
+    print(f"{len(stages)} stages composed and checked", flush=True)
+    if check_only:
+        for stage in stages:
+            recipe = composed_stages[stage.name]
+            model = recipe_model_config(recipe)
+            experts = f", {model.n_experts} FFN / {model.attn_experts} attention experts" if model.is_moe else ""
+            print(f"  {stage.name}: {' '.join(filter(None, (stage.role, stage.budget)))}, {recipe['trainer']['max_steps']} steps{experts}"
+                  + (f", from {', '.join(stage.depends)}" if stage.depends else ""), flush=True)
+        return None
+    # an existing seed checkpoint is fingerprinted by path, size and time, so replacing it reruns the rest
+    prints = {"seed": fingerprint({"checkpoint": existing_seed, "stat": [Path(existing_seed).stat().st_size,
+                                                                          Path(existing_seed).stat().st_mtime_ns]}, [])
+              } if existing_seed else {}
     started = time.perf_counter()
     for number, stage in enumerate(stages, 1):
-        composed = compose_stage(stage, config, run_dir)
+        composed = composed_stages[stage.name]
         prints[stage.name] = fingerprint(composed, [prints[d] for d in stage.depends])
         label = f"[{number}/{len(stages)}] {stage.name}"
         stage_dir = run_dir / "stages" / stage.name
@@ -288,7 +462,9 @@ def run_pipeline(path: str, force: bool = False, seeds: list[int] | None = None)
         if composed["trainer"]["max_steps"] > 0:  # a score-only seed (seed_checkpoint) writes none
             check_stage_checkpoint(label, stage_dir / "checkpoints" / "last.ckpt", record["steps"])
         record.update(fingerprint=prints[stage.name], name=stage.name, row=stage.row, role=stage.role,
-                      seed=stage.seed, budget=stage.budget)
+                      seed=stage.seed, budget=stage.budget, mixture_steps=stage.mixture_steps,
+                      sources=stage.depends if stage.role == "mixture" else [], method=upcycling_method(composed),
+                      seed_domain=(config.get("study") or {}).get("seed_domain"))
         write_json_atomic(done, record)
         print(f"{label}: val/avg/ppl {record['final'].get('val/avg/ppl', float('nan')):.3f} "
               f"in {record['wall_time_s']:.0f} s", flush=True)
@@ -311,7 +487,7 @@ def failure_message(label: str, returncode: int, stage: Stage, config_path: Path
     error = error_file.read_text().strip()
     if error.startswith("KeyboardInterrupt"):
         return f"{label} was interrupted. Re-run the same command to resume from its last checkpoint."
-    return (f"{label} failed: {error}\nFix the stage's recipe {stage.recipe} (composed config: {config_path}), "
+    return (f"{label} failed: {error}\nFix the stage's recipe {stage.source} (composed config: {config_path}), "
             "then re-run the same command; finished stages are kept.")
 
 
@@ -373,7 +549,9 @@ def _run_stage(config_path: str) -> None:
             or not cli.model.val_document_stats):
         # the fit's last validation was before its last step (or in a killed process, so its
         # per-document sums are lost): score the final weights once more
-        final = cli.trainer.validate(cli.model, datamodule=cli.datamodule, verbose=False)[0]
+        # one dict per validation loader (domain); routing is logged per loader, so merge them all
+        results = cli.trainer.validate(cli.model, datamodule=cli.datamodule, verbose=False)
+        final = {key: value for result in results for key, value in result.items()}
     model_config = cli.model.config
     seq_len = cli.datamodule.seq_len
     tokens = steps * trainer_tokens_per_step(cli.trainer, cli.datamodule.batch_size, seq_len)
@@ -396,19 +574,25 @@ def _run_stage(config_path: str) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="bam pipeline", description=__doc__.split("\n\n")[0])
-    parser.add_argument("recipe", nargs="?", help="pipeline YAML, e.g. recipes/tiny/pipeline.yaml")
+    parser.add_argument("recipe", nargs="?", help="study file, e.g. recipes/tiny/study.yaml (or an older "
+                                                  "pipeline file naming one recipe per stage)")
     parser.add_argument("--force", action="store_true", help="rerun every stage, even finished ones")
+    parser.add_argument("--sweep", type=int, nargs="+", metavar="STEPS",
+                        help="mixture-phase lengths, overriding the study's `mixtures.sweep` (e.g. --sweep 100 400 "
+                             "1600): the compute-matched reference and methods, DM and CM, at each length")
     parser.add_argument("--seeds", type=int, nargs="+", metavar="SEED",
                         help="mixture-phase repeats, overriding the recipe's `seeds` (e.g. --seeds 0 1 2); "
                              "seed 0's stages and the dense stages are shared, so finished ones are reused")
+    parser.add_argument("--check", action="store_true",
+                        help="compose and check every stage's recipe, print the stages, write and train nothing")
     parser.add_argument("--stage", help=argparse.SUPPRESS)  # internal: run one composed stage
     args = parser.parse_args(argv)
     if args.stage:
         run_stage(args.stage)
     elif args.recipe:
-        run_pipeline(args.recipe, force=args.force, seeds=args.seeds)
+        run_pipeline(args.recipe, force=args.force, seeds=args.seeds, check_only=args.check, sweep=args.sweep)
     else:
-        parser.error("give a pipeline recipe, e.g. `bam pipeline recipes/tiny/pipeline.yaml`")
+        parser.error("give a study file, e.g. `bam pipeline recipes/tiny/study.yaml`")
 
 
 if __name__ == "__main__":

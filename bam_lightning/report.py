@@ -5,6 +5,12 @@ shown, there is none to show); BAM-vs-BTX gets a paired margin per seed, since s
 order and router initialisation across methods. Next to that seed spread, each margin gets an
 evaluation-sampling interval: a paired bootstrap over validation documents (the same resampled
 documents for both models and every seed), from the per-document sums every stage records.
+
+Routing: per mixture, a domain x expert heatmap of the FFN load and the attention gates (mean over
+layers, from the logged `val/<domain>/ffn_load/...` and `val/<domain>/attn_gate/...`), experts
+labelled by the dense model they were upcycled from, and the share each domain sends to its own
+expert over the mixture's validations. Sweep (several mixture lengths): validation perplexity
+against training FLOPs, margins against BTX per length, and the crossover length if any.
 """
 
 from __future__ import annotations
@@ -36,7 +42,8 @@ ROW_LABELS = {
 def label(row: str) -> str:
     if row.startswith("expert_"):
         return f"{row.removeprefix('expert_')} expert (dense)"
-    return ROW_LABELS.get(row, row)
+    base, _, length = row.partition("@")
+    return f"{ROW_LABELS.get(base, base)} @{length} steps" if length else ROW_LABELS.get(row, row)
 
 
 def domains_of(records: list[dict[str, Any]]) -> list[str]:
@@ -161,6 +168,213 @@ def markdown_table(table: list[dict[str, Any]], domains: list[str]) -> str:
     return "\n".join(lines)
 
 
+# ----- routing -----
+ROUTING_KINDS = {"ffn_load": "FFN load", "attn_gate": "attention gate"}
+
+
+def routing_matrix(metrics: dict[str, float], domains: list[str], kind: str) -> np.ndarray | None:
+    """domain x expert: `val/<domain>/<kind>/layer<L>/expert<E>` averaged over layers (None if not logged)."""
+    values: dict[tuple[int, int], list[float]] = {}
+    for d, domain in enumerate(domains):
+        prefix = f"val/{domain}/{kind}/layer"
+        for key, value in metrics.items():
+            if key.startswith(prefix):
+                expert = int(key.rsplit("/expert", 1)[1])
+                values.setdefault((d, expert), []).append(float(value))
+    if not values:
+        return None
+    matrix = np.full((len(domains), 1 + max(e for _, e in values)), np.nan)
+    for (d, e), layer_values in values.items():
+        matrix[d, e] = float(np.mean(layer_values))
+    return matrix
+
+
+def expert_sources(record: dict[str, Any], kind: str, n_experts: int) -> list[tuple[str, str | None]]:
+    """(label, domain) per expert: what it was upcycled from and the domain that model was branched
+    for. Sources come in order (the seed, for the study's seed domain, then the experts); FFN experts
+    past them are copies of the seed's (parameter-matched BTX); sparse upcycling copies the seed's
+    FFN into every expert."""
+    if kind == "ffn_load" and record.get("method") == "sparse":
+        return [("seed copy", None)] * n_experts
+    seed_domain = record.get("seed_domain")
+    out = []
+    for source in (record.get("sources") or [])[:n_experts]:
+        if source == "seed":
+            out.append((f"seed ({seed_domain})" if seed_domain else "seed", seed_domain))
+        else:
+            out.append((source.removeprefix("expert_"), source.removeprefix("expert_")))
+    return out + [("seed copy", None)] * (n_experts - len(out))
+
+
+def expert_labels(record: dict[str, Any], kind: str, n_experts: int) -> list[str]:
+    return [name for name, _ in expert_sources(record, kind, n_experts)]
+
+
+def own_expert_shares(metrics: dict[str, float], record: dict[str, Any], domains: list[str],
+                      kind: str) -> dict[str, float]:
+    """domain -> the share of its routing that goes to the expert branched on that domain."""
+    matrix = routing_matrix(metrics, domains, kind)
+    if matrix is None:
+        return {}
+    owners = [domain for _, domain in expert_sources(record, kind, matrix.shape[1])]
+    return {domain: float(matrix[d, owners.index(domain)]) for d, domain in enumerate(domains) if domain in owners}
+
+
+def routing_records(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The mixtures shown: seed 0 of each row at the study's own length (sweep rows have '@')."""
+    return [r for r in records if r.get("role") == "mixture" and r.get("seed", 0) == records_first_seed(records)
+            and "@" not in r["row"] and routing_matrix(r["final"], domains_of(records), "ffn_load") is not None]
+
+
+def records_first_seed(records: list[dict[str, Any]]) -> int:
+    return min(r.get("seed", 0) for r in records)
+
+
+def routing_lines(run_dir: Path, records: list[dict[str, Any]], charts: list[Path]) -> list[str]:
+    shown = routing_records(records)
+    if not shown:
+        return []
+    domains = domains_of(records)
+    lines = ["## Routing", "",
+             "Share of each domain's validation tokens routed to the expert branched on that domain "
+             "(FFN load: top-k assignments; attention: soft gate weight), mean over layers, final weights. "
+             "Uniform routing would give 1/(number of experts).", ""]
+    header = ["model", *(f"{d} {ROUTING_KINDS[k]}" for k in ROUTING_KINDS for d in domains)]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for record in shown:
+        cells = [label(record["row"])]
+        for kind in ROUTING_KINDS:
+            shares = own_expert_shares(record["final"], record, domains, kind)
+            cells += [f"{shares[d]:.2f}" if d in shares else "–" for d in domains]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines + [""] + [f"![{chart.stem}]({chart.name})" for chart in charts] + [""]
+
+
+def write_routing_charts(run_dir: Path, records: list[dict[str, Any]], plt) -> list[Path]:
+    domains = domains_of(records)
+    paths = []
+    for record in routing_records(records):
+        path = run_dir / f"routing_{record['name']}.png"
+        fig, axes = plt.subplots(1, 3, figsize=(15, 0.5 * len(domains) + 3))
+        for ax, kind in zip(axes[:2], ROUTING_KINDS, strict=True):
+            matrix = routing_matrix(record["final"], domains, kind)
+            if matrix is None:
+                ax.set_axis_off()
+                ax.set_title(f"{ROUTING_KINDS[kind]}: one attention (no gate)", fontsize=9)
+                continue
+            ax.imshow(matrix, vmin=0, vmax=1, cmap="viridis")
+            for (d, e), value in np.ndenumerate(matrix):
+                ax.text(e, d, f"{value:.2f}", ha="center", va="center", fontsize=8,
+                        color="white" if value < 0.5 else "black")
+            ax.set_xticks(range(matrix.shape[1]), expert_labels(record, kind, matrix.shape[1]), rotation=30, ha="right")
+            ax.set_yticks(range(len(domains)), domains)
+            ax.set_xlabel("expert (upcycled from)")
+            ax.set_title(f"{label(record['row'])}: {ROUTING_KINDS[kind]}, mean over layers", fontsize=9)
+        metrics_path = run_dir / "stages" / record["name"] / "metrics.jsonl"
+        history = [p for p in read_metrics(metrics_path) if p.get("stage") == "fit"] if metrics_path.exists() else []
+        for kind, style in zip(ROUTING_KINDS, ("-", "--"), strict=True):
+            for domain in domains:
+                points = [(p["step"], own_expert_shares(p, record, domains, kind).get(domain)) for p in history]
+                points = [(x, y) for x, y in points if y is not None]
+                if points:
+                    axes[2].plot(*zip(*points, strict=True), style, marker=".", label=f"{domain} {ROUTING_KINDS[kind]}")
+        axes[2].set_title("share routed to the domain's own expert, during training", fontsize=9)
+        axes[2].set_xlabel("step")
+        if axes[2].lines:
+            axes[2].legend(fontsize=7)
+        fig.tight_layout()
+        _save_figure(fig, path)
+        paths.append(path)
+    return paths
+
+
+# ----- sweep over the mixture length -----
+def sweep_lengths(records: list[dict[str, Any]]) -> list[int]:
+    return sorted({r["mixture_steps"] for r in records if r.get("role") == "mixture" and r.get("mixture_steps")})
+
+
+def sweep_points(records: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """method row (without '@length') -> one point per length: mean training FLOPs, mean and sd of val/avg/ppl."""
+    groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for r in records:
+        if r.get("role") == "mixture" and r.get("mixture_steps"):
+            groups.setdefault((r["row"].partition("@")[0], r["mixture_steps"]), []).append(r)
+    points: dict[str, list[dict[str, Any]]] = {}
+    for (method, length), group in sorted(groups.items(), key=lambda item: item[0][1]):
+        ppl = [r["final"]["val/avg/ppl"] for r in group]
+        points.setdefault(method, []).append({
+            "length": length, "row": group[0]["row"], "training_flops": statistics.fmean(r["training_flops"] for r in group),
+            "ppl": statistics.fmean(ppl), "ppl_sd": statistics.stdev(ppl) if len(ppl) > 1 else None})
+    return points
+
+
+def sweep_margins(records: list[dict[str, Any]], reference: str = "btx") -> dict[str, list[dict[str, Any]]]:
+    """method -> per length, its paired margin against the reference at the same length."""
+    points = sweep_points(records)
+    reference_rows = {p["length"]: p["row"] for p in points.get(reference, [])}
+    margins: dict[str, list[dict[str, Any]]] = {}
+    for method, method_points in points.items():
+        if method == reference:
+            continue
+        for point in method_points:
+            if point["length"] in reference_rows:
+                m = paired_margin(records, point["row"], reference_rows[point["length"]])
+                if m is not None:
+                    margins.setdefault(method, []).append({"length": point["length"], **m})
+    return margins
+
+
+def crossover(margins: list[dict[str, Any]]) -> str:
+    """The shortest length from which the method beats the reference at every longer length."""
+    wins = [m["mean"] < 0 for m in margins]
+    if all(wins):
+        return f"better than BTX at every length ({margins[0]['length']}-{margins[-1]['length']} steps)"
+    if not wins[-1]:
+        return f"no crossover: not better than BTX at {margins[-1]['length']} steps, the longest run"
+    first = next(i for i in range(len(wins)) if all(wins[i:]))
+    established = all(m["eval_interval"] is not None and m["eval_interval"][1] < 0 for m in margins[first:])
+    return (f"crosses between {margins[first - 1]['length']} and {margins[first]['length']} steps"
+            + ("" if established else " (not established: an interval at or after it contains 0)"))
+
+
+def sweep_lines(records: list[dict[str, Any]], chart: Path) -> list[str]:
+    margins = sweep_margins(records)
+    lines = ["## Mixture-length sweep", "",
+             "Validation perplexity against training FLOPs for every method and mixture length (the same seed "
+             f"model and experts at every length): ![sweep]({chart.name})", "",
+             "Paired margins against BTX at the same length (average perplexity, negative = better than BTX); "
+             "seed sd over mixture seeds, 95% interval from resampling validation documents:", "",
+             "| method | length | margin | seed sd | evaluation 95% interval | better in |", "|---|---|---|---|---|---|"]
+    for method, rows in margins.items():
+        for m in rows:
+            interval = (f"[{m['eval_interval'][0]:+.3f}, {m['eval_interval'][1]:+.3f}]"
+                        if m["eval_interval"] is not None else "unknown")
+            sd = f"{m['sd']:.3f}" if m["sd"] is not None else "one seed"
+            lines.append(f"| {label(method)} | {m['length']} | {m['mean']:+.3f} | {sd} | {interval} | "
+                         f"{m['wins']} of {m['seeds']} |")
+    lines += ["", "Crossover length:"] + [f"- {label(method)}: {crossover(rows)}" for method, rows in margins.items()]
+    return lines + [""]
+
+
+def write_sweep_chart(run_dir: Path, records: list[dict[str, Any]], plt) -> Path:
+    path = run_dir / "sweep_ppl_vs_flops.png"
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for method, points in sweep_points(records).items():
+        xs, ys = [p["training_flops"] for p in points], [p["ppl"] for p in points]
+        ax.errorbar(xs, ys, yerr=[p["ppl_sd"] or 0.0 for p in points], marker="o", capsize=3, label=label(method))
+        for p in points:
+            ax.annotate(str(p["length"]), (p["training_flops"], p["ppl"]), fontsize=7, xytext=(3, 3),
+                        textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_xlabel("mixture-phase training FLOPs")
+    ax.set_ylabel("val/avg/ppl")
+    ax.set_title("mixture length sweep (labels: data-matched steps)", fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    _save_figure(fig, path)
+    return path
+
+
 def write_report(run_dir: Path, records: list[dict[str, Any]]) -> Path:
     run_dir = Path(run_dir)
     domains = domains_of(records)
@@ -175,7 +389,7 @@ def write_report(run_dir: Path, records: list[dict[str, Any]]) -> Path:
         writer.writeheader()
         writer.writerows(table)
     os.replace(tmp_csv, run_dir / "results.csv")
-    charts = write_charts(run_dir, table, domains, records)
+    charts, routing_charts, sweep_chart = write_charts(run_dir, table, domains, records)
 
     lines = ["# BAM study report", "",
              "Per-domain validation perplexity (lower is better), per token of the study's tokenizer.",
@@ -192,6 +406,9 @@ def write_report(run_dir: Path, records: list[dict[str, Any]]) -> Path:
                   + ("none." if not unresolved else "")]
         lines += [f"- {label(row)} vs BTX: {'; '.join(reasons)}" for row, reasons in unresolved.items()]
         lines.append("")
+    lines += routing_lines(run_dir, records, routing_charts)
+    if sweep_chart is not None:
+        lines += sweep_lines(records, sweep_chart)
     lines += ["## Charts", ""] + [f"![{c.stem}]({c.name})" for c in charts]
     lines += ["", f"TensorBoard: `tensorboard --logdir {run_dir / 'tensorboard'}`", ""]
     report = run_dir / "report.md"
@@ -200,7 +417,8 @@ def write_report(run_dir: Path, records: list[dict[str, Any]]) -> Path:
 
 
 def write_charts(run_dir: Path, table: list[dict[str, Any]], domains: list[str],
-                 records: list[dict[str, Any]]) -> list[Path]:
+                 records: list[dict[str, Any]]) -> tuple[list[Path], list[Path], Path | None]:
+    """The bar chart and validation curves; the routing heatmaps; the sweep chart (None without a sweep)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -239,8 +457,10 @@ def write_charts(run_dir: Path, table: list[dict[str, Any]], domains: list[str],
             ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     _save_figure(fig, curves)
+    routing = write_routing_charts(run_dir, records, plt)
+    sweep = write_sweep_chart(run_dir, records, plt) if len(sweep_lengths(records)) > 1 else None
     plt.close("all")
-    return [bars, curves]
+    return [bars, curves], routing, sweep
 
 
 def _save_figure(fig, path: Path) -> None:

@@ -1,10 +1,11 @@
-"""Tiny fixtures shared by tests: configs, random dense weights, dense checkpoint files, and a
-reader of prepared data that does not use litdata."""
+"""Tiny fixtures shared by tests: configs, random dense weights, dense checkpoint files, text
+domains, and a reader of prepared data that does not use litdata."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import random
 from pathlib import Path
 
 import numpy as np
@@ -71,3 +72,22 @@ def read_prepared_split(split_dir: Path, dtype: str) -> tuple[np.ndarray, list[i
         parts.append(np.frombuffer(raw, dtype=dtype, offset=4 * (count + 2)))
         chunk_tokens.append(len(parts[-1]))
     return np.concatenate(parts), chunk_tokens, np.load(split_dir / "documents.npy")
+
+
+def write_domains(root: Path) -> dict[str, str]:
+    """Three small, distinct text domains."""
+    texts = {
+        # distinct documents: near-duplicates would be grouped on one side of the split
+        "alpha": [" ".join(random.Random(i).choices(["the", "cat", "sat", "on", "a", "mat"], k=120))
+                  for i in range(12)],
+        "digits": [" ".join(str((i * 7 + j) * (j + 3) % 97) for j in range(200)) for i in range(12)],
+        "code": [f"def f{i}(x):\n    return x * {i} + {i}\n" * 15 for i in range(12)],
+    }
+    domains = {}
+    for name, docs in texts.items():
+        folder = root / name
+        folder.mkdir(parents=True)
+        for i, doc in enumerate(docs):
+            (folder / f"{i}.txt").write_text(doc)
+        domains[name] = str(folder / "*.txt")
+    return domains

@@ -2,40 +2,20 @@
 
 import json
 import os
-import random
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from helpers import write_domains
 
 from bam_lightning.pipeline import compute_matched_steps, load_pipeline_config, plan
 
 MODEL = {"vocab_size": 257, "n_layer": 1, "d_model": 16, "n_head": 2, "d_ff": 32, "max_seq_len": 16}
 MIXTURE = {"n_experts": 2, "ffn_top_k": 1}
-
-
-def write_domains(root: Path) -> dict[str, str]:
-    """Three small, distinct text domains."""
-    texts = {
-        # distinct documents: near-duplicates would be grouped on one side of the split
-        "alpha": [" ".join(random.Random(i).choices(["the", "cat", "sat", "on", "a", "mat"], k=120))
-                  for i in range(12)],
-        "digits": [" ".join(str((i * 7 + j) * (j + 3) % 97) for j in range(200)) for i in range(12)],
-        "code": [f"def f{i}(x):\n    return x * {i} + {i}\n" * 15 for i in range(12)],
-    }
-    domains = {}
-    for name, docs in texts.items():
-        folder = root / name
-        folder.mkdir(parents=True)
-        for i, doc in enumerate(docs):
-            (folder / f"{i}.txt").write_text(doc)
-        domains[name] = str(folder / "*.txt")
-    return domains
 
 
 def recipe(domains, weights, model_class, config, steps, callbacks=(), **model_args):

@@ -7,27 +7,17 @@ import pytest
 import torch
 
 from bam_lightning import GPT, ModelConfig
-from bam_lightning.lightning_cli import BAMCLI, run_lightning_cli
-from bam_lightning.data import BAMDataModule
 from bam_lightning.flops import layer_flops_per_token, parameter_counts
-from bam_lightning.lit import BaseLM
+from bam_lightning.lightning_cli import parse_only, run_lightning_cli
 from bam_lightning.pipeline import load_pipeline_config, plan
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
-FIT_RECIPES = sorted(p for p in RECIPES.rglob("*.yaml") if p.name != "pipeline.yaml")
-
-
-class ParseOnly(BAMCLI):
-    """Parses and type-checks a recipe without instantiating (paper-scale models are GBs)."""
-
-    def instantiate_classes(self) -> None:
-        pass
+FIT_RECIPES = sorted(p for p in RECIPES.rglob("*.yaml") if p.name != "study.yaml")
 
 
 def parse(path: Path):
-    cli = ParseOnly(BaseLM, BAMDataModule, subclass_mode_model=True, run=False,
-                    parser_kwargs={"parser_mode": "omegaconf"}, args=["--config", str(path)])
-    return cli.config
+    """Parses and type-checks a recipe without instantiating (paper-scale models are GBs)."""
+    return parse_only(path)
 
 
 @pytest.mark.parametrize("path", FIT_RECIPES, ids=lambda p: f"{p.parent.name}/{p.name}")
@@ -45,7 +35,7 @@ def test_recipe_parses_and_its_model_builds_on_meta(path):
 
 @pytest.mark.parametrize("path", sorted(RECIPES.glob("tiny/*.yaml")), ids=lambda p: p.name)
 def test_tiny_recipes_instantiate(path, tmp_path, monkeypatch):
-    if path.name == "pipeline.yaml":
+    if path.name == "study.yaml":
         stages = plan(load_pipeline_config(str(path)))
         assert [s.name for s in stages][:4] == ["seed", "expert_code", "expert_legal", "expert_math"]
         return

@@ -107,3 +107,87 @@ def test_records_without_per_document_results_say_so():
     margin = paired_margin(records, "bam")
     assert margin["eval_interval"] is None
     assert "no evaluation-sampling interval" in unresolved_reasons(margin)
+
+
+# ----- routing heatmaps and the length sweep -----
+def routed(row, name, sources, method, ffn, attn=None):
+    """A mixture record whose final metrics hold routing per domain, layer and expert:
+    ffn/attn: domain -> layers x experts nested lists."""
+    rec = record(row, 0, {d: [2.0] * 4 for d in DOMAINS})
+    rec.update(name=name, role="mixture", sources=sources, method=method, mixture_steps=100)
+    for kind, table in (("ffn_load", ffn), ("attn_gate", attn or {})):
+        for domain, layers in table.items():
+            for layer, experts in enumerate(layers):
+                for e, value in enumerate(experts):
+                    rec["final"][f"val/{domain}/{kind}/layer{layer}/expert{e}"] = value
+    return rec
+
+
+def test_routing_matrix_is_the_mean_over_layers_with_experts_labelled_by_source(tmp_path):
+    from bam_lightning.report import expert_labels, own_expert_shares, routing_matrix
+
+    rng = np.random.default_rng(3)
+    ffn = {d: rng.dirichlet(np.ones(3), size=2).tolist() for d in DOMAINS}  # 2 layers, 3 experts
+    attn = {d: rng.dirichlet(np.ones(3), size=2).tolist() for d in DOMAINS}
+    bam = routed("bam", "bam", ["seed", "expert_code", "expert_legal"], "bam", ffn, attn)
+    matrix = routing_matrix(bam["final"], list(DOMAINS), "ffn_load")
+    for d, domain in enumerate(DOMAINS):
+        for e in range(3):
+            assert matrix[d, e] == pytest.approx((ffn[domain][0][e] + ffn[domain][1][e]) / 2, rel=1e-12)
+    assert expert_labels(bam, "attn_gate", 3) == ["seed", "code", "legal"]
+    shares = own_expert_shares(bam["final"], bam, list(DOMAINS), "attn_gate")
+    assert shares == pytest.approx({"code": (attn["code"][0][1] + attn["code"][1][1]) / 2,
+                                    "legal": (attn["legal"][0][2] + attn["legal"][1][2]) / 2})
+    # parameter-matched BTX: FFN experts past the sources are copies of the seed's; sparse copies it everywhere
+    matched = routed("btx_param_matched", "btx_param_matched", ["seed", "expert_code"], "btx", {})
+    assert expert_labels(matched, "ffn_load", 4) == ["seed", "code", "seed copy", "seed copy"]
+    assert expert_labels({**matched, "method": "sparse"}, "ffn_load", 2) == ["seed copy", "seed copy"]
+    assert routing_matrix(routed("btx", "btx", ["seed"], "btx", ffn)["final"], list(DOMAINS), "attn_gate") is None
+
+
+def test_report_shows_routing_heatmaps_per_mixture(tmp_path):
+    ffn = {"code": [[0.1, 0.7, 0.2], [0.1, 0.5, 0.4]], "legal": [[0.2, 0.2, 0.6], [0.4, 0.2, 0.4]]}
+    attn = {"code": [[0.3, 0.4, 0.3], [0.3, 0.4, 0.3]], "legal": [[0.2, 0.3, 0.5], [0.2, 0.3, 0.5]]}
+    sources = ["seed", "expert_code", "expert_legal"]
+    records = [routed("btx", "btx", sources, "btx", ffn), routed("bam", "bam", sources, "bam", ffn, attn)]
+    report = write_report(tmp_path, records).read_text()
+    assert "## Routing" in report
+    # own-expert shares: code FFN (0.7+0.5)/2, legal FFN (0.6+0.4)/2; attention 0.4 and 0.5; BTX has no gate
+    assert "| BAM DM Expert-KV | 0.60 | 0.50 | 0.40 | 0.50 |" in report
+    assert "| BTX | 0.60 | 0.50 | – | – |" in report
+    for name in ("btx", "bam"):
+        assert (tmp_path / f"routing_{name}.png").stat().st_size > 0
+
+
+def test_sweep_reports_margins_per_length_and_the_crossover(tmp_path):
+    from bam_lightning.report import crossover, sweep_margins
+
+    rng = np.random.default_rng(4)
+    records = []
+    for length, shift in ((100, 0.3), (400, -0.05), (1600, -0.3)):
+        at = "" if length == 100 else f"@{length}"
+        for seed in (0, 1):
+            shared = losses(rng, 0.0)
+            for row, delta in (("btx", 0.0), ("bam_cm", shift)):
+                r = record(f"{row}{at}", seed, {d: [x + delta for x in v] for d, v in shared.items()})
+                r.update(role="mixture", mixture_steps=length, training_flops=float(length), name=f"{row}{at}_{seed}")
+                records.append(r)
+    margins = sweep_margins(records)["bam_cm"]
+    assert [m["length"] for m in margins] == [100, 400, 1600]
+    assert [m["mean"] > 0 for m in margins] == [True, False, False]
+    assert crossover(margins).startswith("crosses between 100 and 400 steps")
+    assert crossover(margins[:1]) == "no crossover: not better than BTX at 100 steps, the longest run"
+    assert crossover(margins[1:]).startswith("better than BTX at every length")
+    report = write_report(tmp_path, records).read_text()
+    assert "## Mixture-length sweep" in report and "| BAM CM Expert-KV | 1600 |" in report
+    assert (tmp_path / "sweep_ppl_vs_flops.png").stat().st_size > 0
+
+
+def test_the_seed_expert_owns_the_study_seed_domain():
+    from bam_lightning.report import expert_labels, own_expert_shares
+
+    ffn = {"code": [[0.3, 0.7]], "legal": [[0.9, 0.1]]}
+    bam = routed("bam", "bam", ["seed", "expert_code"], "bam", ffn)
+    bam["seed_domain"] = "legal"
+    assert expert_labels(bam, "ffn_load", 2) == ["seed (legal)", "code"]
+    assert own_expert_shares(bam["final"], bam, list(DOMAINS), "ffn_load") == pytest.approx({"code": 0.7, "legal": 0.9})

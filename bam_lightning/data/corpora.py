@@ -348,4 +348,10 @@ def load_documents(
         documents = builtin_documents(domain, max_bytes, Path(cache_dir) if cache_dir else None)
     else:
         documents = read_documents(resolve_files(domain, source))
-    return cap_documents(documents, max_bytes, seed)
+    kept = cap_documents(documents, max_bytes, seed)
+    if len(kept) < len(documents):
+        total = sum(len(document.encode("utf-8")) for document in documents)
+        used = sum(len(document.encode("utf-8")) for document in kept)
+        print(f"domain {domain!r}: over max_bytes_per_domain ({max_bytes:,} bytes): kept {len(kept):,} of "
+              f"{len(documents):,} documents, {used:,} of {total:,} bytes", file=sys.stderr, flush=True)
+    return kept
