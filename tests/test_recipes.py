@@ -12,7 +12,7 @@ from bam_lightning.lightning_cli import parse_only, run_lightning_cli
 from bam_lightning.pipeline import load_pipeline_config, plan
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
-FIT_RECIPES = sorted(p for p in RECIPES.rglob("*.yaml") if p.name != "study.yaml")
+FIT_RECIPES = sorted(p for p in RECIPES.rglob("*.yaml") if p.name not in ("study.yaml", "pipeline.yaml"))
 
 
 def parse(path: Path):
