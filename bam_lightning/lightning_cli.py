@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,10 @@ from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from bam_lightning.checkpoint import read_checkpoint, write_atomically
 from bam_lightning.data import BAMDataModule
 from bam_lightning.lit import BaseLM, check_seq_len
+
+# Lightning 2.6's own pytree helper trips a torch >= 2.10 deprecation at every fit; nothing a user
+# can act on, so it is hidden (the message is matched exactly: other deprecations still show).
+warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
 
 
 class BAMCLI(LightningCLI):
