@@ -281,10 +281,6 @@ class BaseLM(L.LightningModule):
         if (not self.hparams.init_from or self._init_from_done or self.trainer.ckpt_path is not None
                 or self.trainer.state.fn != "fit"):
             return
-        self.load_init_from()
-
-    def load_init_from(self) -> None:
-        """Copy `init_from`'s weights into the model, after checking it fits and is final."""
         from bam_lightning.checkpoint import load_model_weights, read_checkpoint
 
         source = read_checkpoint(self.hparams.init_from)

@@ -54,8 +54,8 @@ from bam_lightning.flops import (
 from bam_lightning.lit import BaseLM
 from bam_lightning.study import is_study, load_study, load_yaml, recipe_path_or_dict
 
-PIPELINE_KEYS = {"run_dir", "seeds", "seed", "seed_checkpoint", "experts", "mixtures", "compute_matched",
-                 "dense_baseline", "checkpoint_every_n_steps"}
+PIPELINE_KEYS = {"run_dir", "seeds", "seed", "experts", "mixtures", "compute_matched", "dense_baseline",
+                 "checkpoint_every_n_steps"}
 SEED_CHECKPOINT = "checkpoint"  # study: `seed: {checkpoint: PATH}` upcycles an existing dense model as the seed
 MIXTURE_METHODS = {"bam", "bam_shared_kv", "btx", "sparse", "btx_param_matched"}
 ERROR_FILE = "error.txt"  # a stage's exception, for the pipeline's failure line
@@ -126,16 +126,9 @@ def _load_recipe_files(path: str, config: dict[str, Any]) -> dict[str, Any]:
         if not Path(recipe).is_file():
             raise FileNotFoundError(f"{path}: recipe {recipe} not found")
         steps = (read_recipe(recipe).get("trainer") or {}).get("max_steps")
-        if recipe == config["seed"] and config.get("seed_checkpoint"):
-            if steps != 0:
-                raise ValueError(f"{recipe}: with seed_checkpoint the seed stage only scores the imported model; "
-                                 f"set its trainer.max_steps to 0 (got {steps!r})")
-        elif not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
             raise ValueError(f"{recipe}: trainer.max_steps must be a positive number of steps, got {steps!r} "
                              "(every stage of a pipeline trains a fixed number of steps)")
-    if config.get("seed_checkpoint") and not Path(config["seed_checkpoint"]).is_file():
-        raise FileNotFoundError(f"{path}: seed_checkpoint {config['seed_checkpoint']} not found "
-                                "(a pretrained seed: bam import-hf SRC --out CKPT)")
     matched = config["compute_matched"]
     if matched:
         if matched.get("reference") not in config["mixtures"]:
@@ -151,15 +144,9 @@ def read_recipe(recipe: str | dict[str, Any]) -> dict[str, Any]:
 
 
 def seed_checkpoint(config: dict[str, Any]) -> str | None:
-    """The existing dense checkpoint every stage starts from instead of a trained seed, else None:
-    a study's `seed: {checkpoint: PATH}` (no seed stage), or a per-stage pipeline's
-    `seed_checkpoint: PATH` (its seed recipe, with max_steps 0, only scores that checkpoint)."""
-    path = seed_is_checkpoint(config) and config["seed"][SEED_CHECKPOINT] or config.get("seed_checkpoint")
-    return str(Path(path).resolve()) if path else None
-
-
-def seed_is_checkpoint(config: dict[str, Any]) -> bool:
-    return isinstance(config.get("seed"), dict) and SEED_CHECKPOINT in config["seed"]
+    """The existing dense checkpoint a study names as its seed (no seed stage), else None."""
+    seed = config.get("seed")
+    return str(Path(seed[SEED_CHECKPOINT]).resolve()) if isinstance(seed, dict) and SEED_CHECKPOINT in seed else None
 
 
 def source_of(recipe: str | dict[str, Any], config: dict[str, Any], name: str) -> str:
@@ -173,7 +160,7 @@ def recipe_model_config(recipe: dict[str, Any]) -> ModelConfig:
 def plan(config: dict[str, Any]) -> list[Stage]:
     """Stages in run order. Sweep lengths (study `mixtures.sweep`) add the compute-matched
     reference and methods, DM and CM, at each further length, on the same seed and experts."""
-    stages = [] if seed_is_checkpoint(config) else [Stage("seed", "seed", "seed", config["seed"])]
+    stages = [] if seed_checkpoint(config) else [Stage("seed", "seed", "seed", config["seed"])]
     for domain, recipe in config["experts"].items():
         stages.append(Stage(f"expert_{domain}", f"expert_{domain}", "expert", recipe, depends=["seed"]))
     experts = ["seed", *(f"expert_{domain}" for domain in config["experts"])]
@@ -246,7 +233,7 @@ def compose_stage(stage: Stage, config: dict[str, Any], run_dir: Path) -> dict[s
             callback.setdefault("init_args", {})["sources"] = [ckpt(name) for name in stage.depends]
             callback["init_args"]["router_seed"] = stage.seed
     trainer["callbacks"] = callbacks
-    if stage.role in ("expert", "dense_baseline") or (stage.role == "seed" and existing_seed):
+    if stage.role in ("expert", "dense_baseline"):
         recipe["model"].setdefault("init_args", {})["init_from"] = ckpt("seed")
     if stage.role == "mixture" and stage.seed:
         # a repeat: another data order and router initialisation; the same documents, split and
@@ -459,8 +446,7 @@ def run_pipeline(path: str, force: bool = False, seeds: list[int] | None = None,
         if returncode != 0:
             raise SystemExit(failure_message(label, returncode, stage, config_path))
         record = json.loads((stage_dir / "result.json").read_text())
-        if composed["trainer"]["max_steps"] > 0:  # a score-only seed (seed_checkpoint) writes none
-            check_stage_checkpoint(label, stage_dir / "checkpoints" / "last.ckpt", record["steps"])
+        check_stage_checkpoint(label, stage_dir / "checkpoints" / "last.ckpt", record["steps"])
         record.update(fingerprint=prints[stage.name], name=stage.name, row=stage.row, role=stage.role,
                       seed=stage.seed, budget=stage.budget, mixture_steps=stage.mixture_steps,
                       sources=stage.depends if stage.role == "mixture" else [], method=upcycling_method(composed),
@@ -470,10 +456,22 @@ def run_pipeline(path: str, force: bool = False, seeds: list[int] | None = None,
               f"in {record['wall_time_s']:.0f} s", flush=True)
     from bam_lightning.report import write_report
 
-    report = write_report(run_dir, [json.loads((run_dir / "stages" / s.name / "stage.json").read_text())
-                                    for s in stages])
+    records = [json.loads((run_dir / "stages" / s.name / "stage.json").read_text()) for s in stages]
+    report = write_report(run_dir, with_existing_seed_row(records, seed_checkpoint(config)))
     print(f"pipeline finished in {time.perf_counter() - started:.0f} s; report: {report}", flush=True)
     return report
+
+
+def with_existing_seed_row(records: list[dict[str, Any]], existing_seed: str | None) -> list[dict[str, Any]]:
+    """An existing seed (`seed: {checkpoint}`) has no stage of its own; its row is the first expert's
+    full validation before step 0, which scores exactly the seed's weights on every domain."""
+    expert = next((r for r in records if r.get("role") == "expert" and r.get("initial")), None)
+    if not existing_seed or expert is None:
+        return records
+    seed = {key: expert[key] for key in ("config", "params_total", "params_active", "seed", "budget") if key in expert}
+    seed.update(name="seed", row="seed", role="seed", final=dict(expert["initial"]), initial={}, steps=0, tokens=0,
+                training_flops=0, wall_time_s=0.0, checkpoint=existing_seed)
+    return [seed, *records]
 
 
 def failure_message(label: str, returncode: int, stage: Stage, config_path: Path) -> str:
@@ -535,17 +533,13 @@ def _run_stage(config_path: str) -> None:
     stage_dir = Path(config_path).parent
     last = stage_dir / "checkpoints" / "last.ckpt"
     ckpt_path = str(last) if last.exists() else None
-    score_only = cli.trainer.max_steps == 0  # an imported seed (seed_checkpoint): scored, not trained
-    if score_only:
-        cli.model.load_init_from()
-    else:
-        check_before_fit(cli.trainer, cli.model, cli.datamodule, ckpt_path)
-        cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path)
+    check_before_fit(cli.trainer, cli.model, cli.datamodule, ckpt_path)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path)
     metrics_file = next(c for c in cli.trainer.callbacks if type(c).__name__ == "MetricsFile")
     steps = cli.trainer.global_step
     records = read_metrics(metrics_file.path) if metrics_file.path.exists() else []
     final = {k: v for k, v in records[-1].items() if k.startswith("val/")} if records else {}
-    if (score_only or not records or records[-1]["step"] != steps or records[-1]["stage"] != "fit" or not final
+    if (not records or records[-1]["step"] != steps or records[-1]["stage"] != "fit" or not final
             or not cli.model.val_document_stats):
         # the fit's last validation was before its last step (or in a killed process, so its
         # per-document sums are lost): score the final weights once more

@@ -8,6 +8,7 @@ with and without the KV cache, and left-padded batches against each row alone.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -301,37 +302,44 @@ def test_imported_tokenizer_prepares_the_data_with_its_eos_and_fingerprint(tmp_p
         BAMDataModule(tokenizer=str(tmp_path / "nowhere"))
 
 
-# ----- an imported checkpoint as the pipeline's seed -----
-def test_pipeline_starts_every_stage_from_an_imported_seed(tmp_path):
+# ----- an imported checkpoint as the study's seed -----
+def test_real_seed_study_starts_every_stage_from_the_imported_seed(tmp_path):
     import yaml
 
     from bam_lightning.pipeline import compose_stage, load_pipeline_config, plan
 
-    recipes = __import__("pathlib").Path(__file__).resolve().parents[1] / "recipes" / "smollm2_135m"
-    pipeline = yaml.safe_load((recipes / "pipeline.yaml").read_text())
-    pipeline.update(run_dir=str(tmp_path / "run"), seed_checkpoint=str(tmp_path / "missing.safetensors"))
-    path = tmp_path / "pipeline.yaml"
-    for key in ("seed", "experts", "mixtures"):  # recipe paths relative to the repository
-        value = pipeline[key]
-        pipeline[key] = {k: str(recipes.parents[1] / v) for k, v in value.items()} if isinstance(value, dict) \
-            else str(recipes.parents[1] / value)
-    path.write_text(yaml.safe_dump(pipeline))
-    with pytest.raises(FileNotFoundError, match="seed_checkpoint .*missing.safetensors not found"):
-        load_pipeline_config(str(path))
+    repo = Path(__file__).resolve().parents[1]
+    study = yaml.safe_load((repo / "recipes" / "smollm2_135m" / "study.yaml").read_text())
     seed = tmp_path / "smollm2.safetensors"
-    seed.write_bytes(b"")
-    pipeline["seed_checkpoint"] = str(seed)
-    path.write_text(yaml.safe_dump(pipeline))
+    study.update(run_dir=str(tmp_path / "run"))
+    study["seed"]["checkpoint"] = str(seed)
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(study))
     config = load_pipeline_config(str(path))
     stages = {s.name: s for s in plan(config)}
+    assert "seed" not in stages  # nothing is trained before the experts
     composed = {name: compose_stage(stage, config, tmp_path / "run") for name, stage in stages.items()}
-    assert composed["seed"]["trainer"]["max_steps"] == 0
-    assert composed["seed"]["model"]["init_args"]["init_from"] == str(seed)
-    assert composed["expert_code"]["model"]["init_args"]["init_from"] == str(seed)
+    for domain in ("code", "legal", "math"):
+        assert composed[f"expert_{domain}"]["model"]["init_args"]["init_from"] == str(seed)
     for method in ("btx", "bam", "bam_shared_kv"):
         upcycling = next(c for c in composed[method]["trainer"]["callbacks"] if "Upcycling" in c["class_path"])
         sources = upcycling["init_args"]["sources"]
         assert sources[0] == str(seed) and sources[1].endswith("expert_code/checkpoints/last.ckpt")
+
+
+def test_the_report_row_of_an_existing_seed_is_the_experts_step_0_validation():
+    from bam_lightning.pipeline import with_existing_seed_row
+
+    step0 = {"val/avg/ppl": 7.5, "val/code/ppl": 9.0}
+    records = [{"name": "expert_code", "row": "expert_code", "role": "expert", "initial": step0,
+                "final": {"val/avg/ppl": 6.0}, "steps": 60, "config": {"n_layer": 2}, "params_total": 10,
+                "params_active": 10, "seed": 0, "budget": ""},
+               {"name": "btx", "row": "btx", "role": "mixture", "initial": {}, "final": {"val/avg/ppl": 5.0}}]
+    assert with_existing_seed_row(records, None) == records  # a trained seed has its own stage
+    seed, *rest = with_existing_seed_row(records, "/models/seed.safetensors")
+    assert rest == records
+    assert seed["row"] == "seed" and seed["final"] == step0 and seed["steps"] == 0 and seed["tokens"] == 0
+    assert seed["config"] == {"n_layer": 2} and seed["checkpoint"] == "/models/seed.safetensors"
 
 
 # ----- imported models as upcycling sources; the commands -----

@@ -27,8 +27,7 @@ def test_recipe_parses_and_its_model_builds_on_meta(path):
     with torch.device("meta"):
         model = GPT(model_config)
     assert model.num_parameters() == parameter_counts(model_config)[0]
-    # max_steps 0 only scores a given checkpoint (an imported pretrained seed)
-    assert config.trainer.max_steps > 0 or (config.trainer.max_steps == 0 and config.model.init_args.init_from)
+    assert config.trainer.max_steps > 0
     if "UpcyclingCallback" in path.read_text():
         assert model_config.is_moe and config.model.class_path.endswith("MoELM")
 
