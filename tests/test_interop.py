@@ -293,6 +293,9 @@ def test_imported_tokenizer_prepares_the_data_with_its_eos_and_fingerprint(tmp_p
     data.setup("fit")
     assert data.tokenizer_fingerprint == read_checkpoint(seed).tokenizer
     assert isinstance(data.tokenizer, HFTokenizer) and data.tokenizer.fingerprint == data.tokenizer_fingerprint
+    lengths = data.token_byte_lengths()  # what the model indexes for bpb: one int per token id
+    assert isinstance(lengths, np.ndarray) and lengths.dtype == np.int64
+    assert lengths.shape == (data.tokenizer.vocab_size,)
     window = next(iter(data.val_dataloader()[0]))["tokens"][0]
     eos = VOCAB - 7
     assert eos in window.tolist()  # documents are separated by the seed's EOS

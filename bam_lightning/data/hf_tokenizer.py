@@ -15,6 +15,7 @@ import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+import numpy as np
 from tokenizers import Tokenizer, pre_tokenizers
 
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
@@ -67,7 +68,7 @@ class HFTokenizer:
     def decode(self, ids: Iterable[int]) -> str:
         return self._tokenizer.decode(list(ids), skip_special_tokens=True)
 
-    def token_byte_lengths(self) -> list[int]:
+    def token_byte_lengths(self) -> np.ndarray:
         """UTF-8 bytes each token id stands for (0 for special tokens), for per-byte metrics.
 
         A byte-level BPE token's text spells one byte per character, which is exact even for a
@@ -86,7 +87,7 @@ class HFTokenizer:
                 lengths.append(len(token))
             else:
                 lengths.append(len(self._tokenizer.decode([token_id]).encode("utf-8")))
-        return lengths
+        return np.asarray(lengths, dtype=np.int64)  # like every tokenizer's: the model indexes it
 
 
 def find_tokenizer_json(spec: str | Path) -> Path | None:
