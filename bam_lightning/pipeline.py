@@ -447,19 +447,26 @@ def run_pipeline(path: str, force: bool = False, seeds: list[int] | None = None,
             raise SystemExit(failure_message(label, returncode, stage, config_path))
         record = json.loads((stage_dir / "result.json").read_text())
         check_stage_checkpoint(label, stage_dir / "checkpoints" / "last.ckpt", record["steps"])
-        record.update(fingerprint=prints[stage.name], name=stage.name, row=stage.row, role=stage.role,
-                      seed=stage.seed, budget=stage.budget, mixture_steps=stage.mixture_steps,
-                      sources=stage.depends if stage.role == "mixture" else [], method=upcycling_method(composed),
-                      seed_domain=(config.get("study") or {}).get("seed_domain"))
+        record.update(fingerprint=prints[stage.name], **stage_labels(stage, composed, config))
         write_json_atomic(done, record)
         print(f"{label}: val/avg/ppl {record['final'].get('val/avg/ppl', float('nan')):.3f} "
               f"in {record['wall_time_s']:.0f} s", flush=True)
     from bam_lightning.report import write_report
 
-    records = [json.loads((run_dir / "stages" / s.name / "stage.json").read_text()) for s in stages]
+    # the labels come from this plan, not only from stage.json: a stage finished by an older
+    # version (fingerprint unchanged, so skipped) still gets the report's routing labels
+    records = [{**json.loads((run_dir / "stages" / s.name / "stage.json").read_text()),
+                **stage_labels(s, composed_stages[s.name], config)} for s in stages]
     report = write_report(run_dir, with_existing_seed_row(records, seed_checkpoint(config)))
     print(f"pipeline finished in {time.perf_counter() - started:.0f} s; report: {report}", flush=True)
     return report
+
+
+def stage_labels(stage: Stage, composed: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
+    """What the report needs to know about a stage besides its numbers (all derived from the plan)."""
+    return dict(name=stage.name, row=stage.row, role=stage.role, seed=stage.seed, budget=stage.budget,
+                mixture_steps=stage.mixture_steps, sources=stage.depends if stage.role == "mixture" else [],
+                method=upcycling_method(composed), seed_domain=(config.get("study") or {}).get("seed_domain"))
 
 
 def with_existing_seed_row(records: list[dict[str, Any]], existing_seed: str | None) -> list[dict[str, Any]]:
