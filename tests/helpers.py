@@ -91,3 +91,11 @@ def write_domains(root: Path) -> dict[str, str]:
             (folder / f"{i}.txt").write_text(doc)
         domains[name] = str(folder / "*.txt")
     return domains
+
+
+def write_word_documents(root: Path) -> Path:
+    """Four small word documents in `root/words` (one domain for recipe tests)."""
+    (root / "words").mkdir()
+    for i in range(4):
+        (root / "words" / f"{i}.txt").write_text(" ".join(f"word{(i * j) % 13}" for j in range(300)))
+    return root / "words"

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import write_word_documents
 
 from bam_lightning.data import BAMDataModule
 from bam_lightning.lightning_cli import run_lightning_cli
@@ -49,9 +50,7 @@ def study(tmp_path_factory):
     """Text files, and a checkpoint of each kind trained one step: dense and mixture with the
     byte tokenizer, dense with BPE."""
     root = tmp_path_factory.mktemp("bad_input")
-    (root / "words").mkdir()
-    for i in range(4):
-        (root / "words" / f"{i}.txt").write_text(" ".join(f"word{(i * j) % 13}" for j in range(300)))
+    write_word_documents(root)
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("BAM_CACHE_DIR", str(root / "cache"))
         for name, kwargs in {"dense": {}, "moe": {"mixture": True}, "dense_bpe": {"tokenizer": "bpe"}}.items():

@@ -13,6 +13,7 @@ import lightning as L
 import pytest
 import torch
 import yaml
+from helpers import write_word_documents
 
 from bam_lightning.lightning_cli import run_lightning_cli
 from bam_lightning.lit import BaseLM
@@ -47,9 +48,7 @@ def snapshot(root: Path) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def earlier_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("fail_safe")
-    (root / "words").mkdir()
-    for i in range(4):
-        (root / "words" / f"{i}.txt").write_text(" ".join(f"word{(i * j) % 13}" for j in range(300)))
+    write_word_documents(root)
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("BAM_CACHE_DIR", str(root / "cache"))
         path = root / "good.yaml"
