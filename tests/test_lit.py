@@ -127,3 +127,29 @@ def test_non_finite_loss_stops_the_run_naming_the_step():
     with pytest.raises(FloatingPointError, match=r"non-finite (loss|gradient).*at global step \d+; no checkpoint"):
         trainer(max_steps=200, callbacks=[NonFiniteLossGuard()], num_sanity_val_steps=0,
                 limit_val_batches=0).fit(module, train)
+
+
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_fused_adamw_is_the_default_and_matches_the_foreach_step_with_clipping(precision):
+    """fused_adamw=None takes the fused kernel on CPU, also with gradient clipping under bf16 (no
+    scaler: Lightning must not refuse clipping), and trains to the same weights as the foreach
+    step (the independent reference) up to float rounding."""
+    weights = {}
+    for fused in (None, False):
+        torch.manual_seed(0)
+        module = DenseLM(CONFIG, lr=1e-2, warmup_steps=2, fused_adamw=fused)
+        train, _ = loaders()
+        fit = trainer(max_steps=8, precision=precision, gradient_clip_val=0.5, limit_val_batches=0)
+        fit.fit(module, train_dataloaders=train)
+        assert fit.optimizers[0].defaults["fused"] is (fused is None)
+        weights[fused] = module.model.state_dict()
+    for name, tensor in weights[None].items():
+        torch.testing.assert_close(tensor, weights[False][name], rtol=0, atol=1e-5, msg=name)
+
+
+def test_fused_adamw_is_not_taken_where_an_fp16_scaler_must_unscale_before_clipping():
+    module = DenseLM(CONFIG)
+    module._trainer = type("T", (), {"precision_plugin": type("P", (), {"scaler": object()})()})()
+    assert not module._fused_adamw_supported(list(module.model.parameters()))
+    module._trainer = None
+    assert module._fused_adamw_supported(list(module.model.parameters()))
