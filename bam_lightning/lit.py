@@ -223,7 +223,9 @@ class BaseLM(L.LightningModule):
             for logger in self.loggers:
                 logger.log_metrics(metrics, step=self.global_step)
         else:
-            self.log_dict(metrics, sync_dist=False)
+            # Already global (the sums are reduced across ranks); syncing identical values keeps
+            # Lightning from warning once per key on every validation of a multi-process run.
+            self.log_dict(metrics, sync_dist=True)
 
     # ----- optimisation -----
     def configure_optimizers(self):
@@ -444,8 +446,8 @@ class MoELM(BaseLM):
             if s.expert_fraction is not None:
                 for e, fraction in enumerate(s.expert_fraction):
                     logs[f"val/{domain}/ffn_load/layer{layer}/expert{e}"] = fraction
-        if logs:
-            self.log_dict(logs, add_dataloader_idx=False, batch_size=batch.shape[0])
+        if logs:  # averaged over every rank's windows at the end of validation, not rank 0's only
+            self.log_dict(logs, add_dataloader_idx=False, batch_size=batch.shape[0], sync_dist=True)
 
 
 def check_optimizer_settings(lr: float, min_lr_ratio: float, warmup_steps: int, weight_decay: float,

@@ -52,7 +52,7 @@ from bam_lightning.flops import (
     training_flops_per_token,
 )
 from bam_lightning.lit import BaseLM
-from bam_lightning.study import is_study, load_study, load_yaml, recipe_path_or_dict
+from bam_lightning.study import StudyError, is_study, load_study, load_yaml, recipe_path_or_dict
 
 PIPELINE_KEYS = {"run_dir", "seeds", "seed", "experts", "mixtures", "compute_matched", "dense_baseline",
                  "checkpoint_every_n_steps"}
@@ -81,13 +81,19 @@ class Stage:
 
 
 # ----- loading and planning -----
-def load_pipeline_config(path: str, sweep: list[int] | None = None) -> dict[str, Any]:
-    """Read and check a pipeline recipe before any stage runs; errors name the key or file."""
+def load_pipeline_config(path: str, sweep: list[int] | None = None,
+                         overrides: list[str] | None = None) -> dict[str, Any]:
+    """Read and check a pipeline recipe before any stage runs; errors name the key or file.
+    `overrides` are `--set KEY=VALUE` items laid over a study file before it is checked."""
     if not Path(path).is_file():
         raise FileNotFoundError(f"{path}: pipeline recipe not found")
     config = load_yaml(path)
     if not isinstance(config, dict):
         raise ValueError(f"{path}: a pipeline recipe is a mapping of {sorted(PIPELINE_KEYS)}")
+    if overrides:
+        if not is_study(config):
+            raise StudyError(f"{path}: --set needs a study file (a pipeline file's stages are separate recipes)")
+        apply_overrides(config, overrides)
     seeds = config.setdefault("seeds", [0])
     if (not isinstance(seeds, list) or not seeds or not all(isinstance(x, int) and x >= 0 for x in seeds)
             or len(set(seeds)) != len(seeds)):
@@ -105,6 +111,26 @@ def load_pipeline_config(path: str, sweep: list[int] | None = None) -> dict[str,
     config.setdefault("checkpoint_every_n_steps", 50)
     config["path"] = path
     return config
+
+
+def apply_overrides(config: dict[str, Any], overrides: list[str]) -> None:
+    """`--set mixtures.router.ffn_gate_scale=4.0`: set a dotted key of the study file, the value
+    read as YAML (numbers, booleans, lists). The study's own checks then judge the result, so a
+    misspelt key fails like one written in the file."""
+    import yaml
+
+    for item in overrides:
+        key, equals, text = item.partition("=")
+        parts = key.strip().split(".")
+        if not equals or not all(parts):
+            raise StudyError(f"--set {item!r}: give KEY=VALUE with a dotted key, "
+                             "e.g. --set mixtures.router.ffn_gate_scale=4.0")
+        node = config
+        for depth, part in enumerate(parts[:-1]):
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise StudyError(f"--set {item!r}: {'.'.join(parts[:depth + 1])} is not a mapping")
+        node[parts[-1]] = yaml.safe_load(text)
 
 
 def _load_recipe_files(path: str, config: dict[str, Any]) -> dict[str, Any]:
@@ -395,8 +421,8 @@ def write_json_atomic(path: Path, payload: Any) -> None:
 
 
 def run_pipeline(path: str, force: bool = False, seeds: list[int] | None = None, check_only: bool = False,
-                 sweep: list[int] | None = None) -> Path | None:
-    config = load_pipeline_config(path, sweep)
+                 sweep: list[int] | None = None, overrides: list[str] | None = None) -> Path | None:
+    config = load_pipeline_config(path, sweep, overrides)
     if seeds is not None:
         if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
             raise ValueError(f"--seeds: give distinct non-negative mixture seeds, got {seeds}")
@@ -584,6 +610,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", type=int, nargs="+", metavar="SEED",
                         help="mixture-phase repeats, overriding the recipe's `seeds` (e.g. --seeds 0 1 2); "
                              "seed 0's stages and the dense stages are shared, so finished ones are reused")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                        help="change a field of the study file for this run, repeatable (e.g. --set "
+                             "run_dir=runs/tiny_fp --set mixtures.router.ffn_gate_scale=4.0)")
     parser.add_argument("--check", action="store_true",
                         help="compose and check every stage's recipe, print the stages, write and train nothing")
     parser.add_argument("--stage", help=argparse.SUPPRESS)  # internal: run one composed stage
@@ -591,7 +620,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.stage:
         run_stage(args.stage)
     elif args.recipe:
-        run_pipeline(args.recipe, force=args.force, seeds=args.seeds, check_only=args.check, sweep=args.sweep)
+        try:
+            run_pipeline(args.recipe, force=args.force, seeds=args.seeds, check_only=args.check, sweep=args.sweep,
+                         overrides=args.overrides)
+        except StudyError as error:  # a bad study file or --set: the message names the field; no traceback
+            parser.exit(2, f"bam pipeline: error: {error}\n")
     else:
         parser.error("give a study file, e.g. `bam pipeline recipes/tiny/study.yaml`")
 

@@ -15,10 +15,13 @@ them, for every stage), `attn_shared_kv`. `overrides` changes any field of any s
 from __future__ import annotations
 
 import copy
+import dataclasses
 from pathlib import Path
 from typing import Any
 
 from omegaconf import OmegaConf
+
+from bam_lightning.config import ModelConfig
 
 STUDY_KEYS = {"run_dir", "seeds", "checkpoint_every_n_steps", "seed_everything", "data", "trainer", "model",
               "optimizer", "seed", "experts", "mixtures", "dense_baseline", "overrides"}
@@ -109,6 +112,14 @@ def load_study(path: str, config: dict[str, Any] | None = None) -> dict[str, Any
         for method in matched.get("methods", []):
             if method not in methods:
                 raise err("mixtures.compute_matched.methods", f"{method!r} is not run (mixtures.methods: {methods})")
+    fields = {field.name for field in dataclasses.fields(ModelConfig)}
+    derived = {"n_experts", "attn_experts", "attn_shared_kv"}  # from the methods and the sources
+    for where, section in (("model", config.get("model") or {}), ("mixtures.router", mixtures.get("router") or {})):
+        for key in section:
+            if key in derived:
+                raise err(f"{where}.{key}", "derived from mixtures.methods and the experts; do not set it")
+            if key not in fields:
+                raise err(f"{where}.{key}", f"not a model field; known: {sorted(fields - derived)}")
     sweep = mixtures.get("sweep") or []
     if not isinstance(sweep, list) or not all(_positive_int(s) for s in sweep) or len(set(sweep)) != len(sweep):
         raise err("mixtures.sweep", f"a list of distinct positive step counts, got {sweep!r}")

@@ -13,6 +13,7 @@ from bam_lightning.pipeline import (
     load_pipeline_config,
     plan,
 )
+from bam_lightning.pipeline import main as pipeline_main
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 TINY = RECIPES / "tiny"
@@ -125,12 +126,33 @@ def test_shipped_studies_compose_and_pass_the_pre_run_checks(tmp_path):
     ({"experts.train_weights": {"own": 0.9, "poetry": 0.1}}, "experts.train_weights: 'poetry' is not one of"),
     ({"trainer.max_steps": 5}, "trainer.max_steps: is per stage"),
     ({"mixtures.sweep": [100, 0]}, "mixtures.sweep: a list of distinct positive step counts"),
+    ({"mixtures.router.ffn_gate_scal": 4.0}, "mixtures.router.ffn_gate_scal: not a model field"),
+    ({"mixtures.router.n_experts": 5}, "mixtures.router.n_experts: derived from mixtures.methods"),
+    ({"model.attn_experts": 4}, "model.attn_experts: derived from mixtures.methods"),
 ])
 def test_bad_study_files_are_refused_naming_the_field(tmp_path, change, message):
     path = write(tmp_path / "study.yaml", tiny_study(tmp_path, **change))
     with pytest.raises(ValueError, match=f"^{path}: ") as error:
         load_pipeline_config(path)
     assert message in str(error.value)
+
+
+def test_set_changes_a_study_field_for_one_run_and_bad_items_are_refused(tmp_path, capsys):
+    path = write(tmp_path / "study.yaml", tiny_study(tmp_path))
+    config = load_pipeline_config(path, overrides=[f"run_dir={tmp_path / 'fp'}", "mixtures.router.ffn_gate_scale=4.0",
+                                                   "mixtures.methods=[btx, bam]", "mixtures.sweep=[300]",
+                                                   "mixtures.compute_matched.methods=[bam]"])
+    recipes = {s.name: compose_stage(s, config, tmp_path / "fp") for s in plan(config)}
+    assert {name for name in recipes if "L300" in name} == {"btx_L300", "bam_L300", "bam_cm_L300"}
+    assert recipes["bam_L300"]["model"]["init_args"]["config"]["ffn_gate_scale"] == 4.0
+    assert recipes["btx"]["model"]["init_args"]["config"]["ffn_gate_scale"] == 4.0
+    assert config["run_dir"] == str(tmp_path / "fp")
+    assert recipes["seed"]["model"]["init_args"]["config"].get("ffn_gate_scale", 1.0) == 1.0  # the seed is dense
+    for item, message in [("mixtures", "give KEY=VALUE"), ("mixtures.steps.x=3", "mixtures.steps is not a mapping"),
+                          ("mixtures.methods=[btx, foo]", "mixtures.methods: unknown method 'foo'")]:
+        with pytest.raises(SystemExit) as exit_info:
+            pipeline_main([path, "--check", "--set", item])
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err, item
 
 
 def test_a_domain_named_twice_is_refused_naming_the_field(tmp_path):
