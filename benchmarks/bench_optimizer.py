@@ -10,7 +10,14 @@ mixture) and says how far the two updates drift apart after the timed steps (flo
 from __future__ import annotations
 
 import torch
-from harness import base_parser, median_ms, paired_ratio, print_header, print_table, time_interleaved
+from harness import (
+    base_parser,
+    median_ms,
+    paired_ratio,
+    print_header,
+    print_table,
+    time_interleaved,
+)
 
 from bam_lightning import GPT, ModelConfig
 
@@ -43,7 +50,7 @@ def main() -> None:
                                           foreach=(kind == "foreach") or None)
                   for kind in params}
     times = time_interleaved({kind: opt.step for kind, opt in optimizers.items()}, args.rounds, args.warmup)
-    drift = max((a - b).abs().max().item() for a, b in zip(params["fused"], params["foreach"]))
+    drift = max((a - b).abs().max().item() for a, b in zip(params["fused"], params["foreach"], strict=True))
     print_table(["parameters", "foreach ms", "fused ms", "foreach/fused", "max |fused - foreach|"],
                 [[f"{n / 1e6:.0f}M", f"{median_ms(times['foreach']):.0f}", f"{median_ms(times['fused']):.0f}",
                   paired_ratio(times["foreach"], times["fused"]), f"{drift:.1e}"]])

@@ -10,7 +10,15 @@ E experts, interleaved; the last line also gives Expert-KV over E x dense with e
 from __future__ import annotations
 
 import torch
-from harness import base_parser, forward_backward, median_ms, paired_ratio, print_header, print_table, time_interleaved
+from harness import (
+    base_parser,
+    forward_backward,
+    median_ms,
+    paired_ratio,
+    print_header,
+    print_table,
+    time_interleaved,
+)
 
 import bam_lightning.model.attention as attention_module
 from bam_lightning import ModelConfig

@@ -7,13 +7,13 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import reference_rope
 
 import bam_lightning.model.ffn as ffn_module
 from bam_lightning import ModelConfig
 from bam_lightning.model.attention import MixtureOfAttention
 from bam_lightning.model.ffn import MixtureOfFFN
 from bam_lightning.model.layers import apply_rope, rope_tables
-from helpers import reference_rope
 
 TINY = dict(vocab_size=61, n_layer=2, d_model=32, n_head=4, max_seq_len=24)
 FP32 = dict(rtol=1e-5, atol=1e-5)  # sums over heads and experts run in another order

@@ -5,12 +5,12 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import reference_rope
 
 from bam_lightning import GPT, ModelConfig
 from bam_lightning.flops import parameter_counts
 from bam_lightning.model.ffn import MixtureOfFFN
 from bam_lightning.model.layers import rope_tables
-from helpers import reference_rope
 
 TINY = dict(vocab_size=61, n_layer=2, d_model=32, n_head=4, max_seq_len=24)
 
