@@ -203,6 +203,20 @@ def save_safetensors(state_dict: dict[str, torch.Tensor], config: ModelConfig, p
     write_atomically(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
+def staging_directory(parent: Path, prefix: str) -> Path:
+    """A new hidden folder in `parent` to fill and then rename into place. Unlike a bare
+    `tempfile.mkdtemp` (mode 0o700), it gets the mode any folder the user makes gets (0o777 less
+    the umask), so the renamed result is as readable as the rest of their files."""
+    parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        path = parent / f"{prefix}{secrets.token_hex(4)}"
+        try:
+            path.mkdir(mode=0o777)  # the umask applies, as for `mkdir` in a shell
+            return path
+        except FileExistsError:
+            continue
+
+
 def write_atomically(path: str | os.PathLike, write: Callable[[str], Any]) -> None:
     """`write(tmp)` a temporary file beside `path`, flush it to disk, then rename it over `path`.
 

@@ -383,3 +383,8 @@ def test_bam_import_hf_and_bam_export_commands(tmp_path, capsys):
         assert (exported(ids).logits - reference(ids).logits).abs().max().item() < 0.05
     main(["--help"])
     assert "import-hf" in capsys.readouterr().out
+    # the renamed folders get the user's usual folder mode (0o777 less the umask), not mkdtemp's 0o700
+    umask = os.umask(0)
+    os.umask(umask)
+    for folder in (tmp_path / "seed.tokenizer", tmp_path / "out"):
+        assert folder.stat().st_mode & 0o777 == 0o777 & ~umask, folder

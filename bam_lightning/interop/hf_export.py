@@ -22,14 +22,13 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from bam_lightning.checkpoint import SourceCheckpoint, read_checkpoint
+from bam_lightning.checkpoint import SourceCheckpoint, read_checkpoint, staging_directory
 from bam_lightning.config import ModelConfig
 from bam_lightning.data.hf_tokenizer import HFTokenizer, eos_token_of, find_tokenizer_json
 from bam_lightning.interop.hf_import import TOKENIZER_DIR_KEY, TOKENIZER_FILES
@@ -90,7 +89,7 @@ def export_hf(src: str | Path, out_dir: str | Path, *, tokenizer: str | Path | N
     special = _special_ids(token_json)
     hf_config.update(special, dtype=str(out_dtype).removeprefix("torch."))
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    staging = staging_directory(out_dir.parent, f".{out_dir.name}.")
     try:
         report = progress_printer(f"[bam export] exporting {src.name} as {kind}") if progress else None
         write_safetensors(staging / "model.safetensors", planned, {"format": "pt"}, report)

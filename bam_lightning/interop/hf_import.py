@@ -21,7 +21,6 @@ import argparse
 import json
 import math
 import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from bam_lightning.checkpoint import SAFETENSORS_CONFIG_KEY, SAFETENSORS_DTYPES
+from bam_lightning.checkpoint import SAFETENSORS_CONFIG_KEY, SAFETENSORS_DTYPES, staging_directory
 from bam_lightning.config import ModelConfig
 from bam_lightning.data.hf_tokenizer import TOKENIZER_CONFIG_FILE, HFTokenizer
 from bam_lightning.interop.names import GGUF, HF, dense_name_map, is_banked
@@ -82,7 +81,7 @@ def import_hf(src: str | Path, out: str | Path, *, dtype: torch.dtype | None = N
         plan.config.max_seq_len = max_seq_len
     shapes = _check_all_present(plan, src)
     token_dir = out.with_name(out.stem + ".tokenizer")
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.stem}.tokenizer.", dir=_ensure_dir(out.parent)))
+    staging = staging_directory(_ensure_dir(out.parent), f".{out.stem}.tokenizer.")
     try:
         plan.write_tokenizer(staging)
         tokenizer = HFTokenizer(staging / "tokenizer.json")
