@@ -338,7 +338,8 @@ def crossover(margins: list[dict[str, Any]]) -> str:
 
 
 def sweep_lines(records: list[dict[str, Any]], chart: Path) -> list[str]:
-    margins = sweep_margins(records)
+    # the swept methods only: a row run at one length (sparse, parameter-matched BTX) has no trend
+    margins = {method: rows for method, rows in sweep_margins(records).items() if len(rows) > 1}
     lines = ["## Mixture-length sweep", "",
              "Validation perplexity against training FLOPs for every method and mixture length (the same seed "
              f"model and experts at every length): ![sweep]({chart.name})", "",

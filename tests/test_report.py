@@ -172,6 +172,9 @@ def test_sweep_reports_margins_per_length_and_the_crossover(tmp_path):
                 r = record(f"{row}{at}", seed, {d: [x + delta for x in v] for d, v in shared.items()})
                 r.update(role="mixture", mixture_steps=length, training_flops=float(length), name=f"{row}{at}_{seed}")
                 records.append(r)
+    unswept = record("sparse", 0, losses(rng, 0.1))  # run at the study's length only
+    unswept.update(role="mixture", mixture_steps=100, training_flops=100.0, name="sparse_0")
+    records.append(unswept)
     margins = sweep_margins(records)["bam_cm"]
     assert [m["length"] for m in margins] == [100, 400, 1600]
     assert [m["mean"] > 0 for m in margins] == [True, False, False]
@@ -180,6 +183,8 @@ def test_sweep_reports_margins_per_length_and_the_crossover(tmp_path):
     assert crossover(margins[1:]).startswith("better than BTX at every length")
     report = write_report(tmp_path, records).read_text()
     assert "## Mixture-length sweep" in report and "| BAM CM Expert-KV | 1600 |" in report
+    sweep_section = report.split("## Mixture-length sweep")[1]
+    assert "sparse" not in sweep_section  # one length: no trend, no crossover line
     assert (tmp_path / "sweep_ppl_vs_flops.png").stat().st_size > 0
 
 
