@@ -88,7 +88,6 @@ def export_hf(src: str | Path, out_dir: str | Path, *, tokenizer: str | Path | N
     hf_config = {"llama": llama_config, "qwen2_moe": qwen2_moe_config, "bam": bam_config}[kind](config)
     special = _special_ids(token_json)
     hf_config.update(special, dtype=str(out_dtype).removeprefix("torch."))
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = staging_directory(out_dir.parent, f".{out_dir.name}.")
     try:
         report = progress_printer(f"[bam export] exporting {src.name} as {kind}") if progress else None

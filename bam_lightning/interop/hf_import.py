@@ -81,7 +81,7 @@ def import_hf(src: str | Path, out: str | Path, *, dtype: torch.dtype | None = N
         plan.config.max_seq_len = max_seq_len
     shapes = _check_all_present(plan, src)
     token_dir = out.with_name(out.stem + ".tokenizer")
-    staging = staging_directory(_ensure_dir(out.parent), f".{out.stem}.tokenizer.")
+    staging = staging_directory(out.parent, f".{out.stem}.tokenizer.")
     try:
         plan.write_tokenizer(staging)
         tokenizer = HFTokenizer(staging / "tokenizer.json")
@@ -376,11 +376,6 @@ def _planned(key: str, source: SourceTensor, shape: tuple[int, ...], dtype: torc
         return source.load().to(out_dtype).reshape(shape)
 
     return PlannedTensor(key, shape, out_dtype, make)
-
-
-def _ensure_dir(folder: Path) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
