@@ -22,6 +22,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from bam_lightning.config import ModelConfig
+from bam_lightning.errors import UserError
 
 STUDY_KEYS = {"run_dir", "seeds", "checkpoint_every_n_steps", "seed_everything", "data", "trainer", "model",
               "optimizer", "seed", "experts", "mixtures", "dense_baseline", "overrides"}
@@ -44,7 +45,7 @@ METHODS: dict[str, dict[str, Any]] = {
 OWN, SEED = "own", "seed"
 
 
-class StudyError(ValueError):
+class StudyError(UserError):
     """A study file that cannot be composed; the message names the file and the field."""
 
 

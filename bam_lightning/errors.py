@@ -1,0 +1,10 @@
+"""The one exception type for a user's mistake (a bad recipe field, a missing file, an output that
+already exists, a model the importer cannot express).
+
+Every `bam` command ends a `UserError` with one line, `bam <command>: error: <message>`, and a
+non-zero exit; any other exception is a bug and keeps its traceback. It subclasses `ValueError`
+so callers (and tests) that catch `ValueError` keep working."""
+
+
+class UserError(ValueError):
+    """A refusal whose message names the file, key or field to fix."""
