@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "generate": ("bam_lightning.generate", "main", "sample text from a checkpoint with its KV cache (greedy, top-k/p)"),
     "import-hf": ("bam_lightning.interop.hf_import", "main",
                   "a Hugging Face Llama-family folder or .gguf file -> a dense seed checkpoint + tokenizer"),
+    "eval": ("bam_lightning.eval.command", "main", "downstream accuracy on offline benchmarks (lm-evaluation-harness)"),
     "export": ("bam_lightning.interop.hf_export", "main",
                "a checkpoint -> a Hugging Face folder (Llama, Qwen2MoE or BAM remote code)"),
 }

@@ -86,13 +86,15 @@ def check_prompts(prompts: Sequence[Sequence[int]], config) -> None:
 @torch.inference_mode()
 def generate(model: GPT, prompts: Sequence[Sequence[int]], max_new_tokens: int = 64, *, temperature: float = 0.0,
              top_k: int | None = None, top_p: float = 1.0, seed: int | None = None, eos_id: int | None = None,
-             on_step: Callable[[list[int]], None] | None = None) -> list[list[int]]:
+             on_step: Callable[[list[int]], None] | None = None,
+             stop: Callable[[list[int]], bool] | None = None) -> list[list[int]]:
     """The new tokens of each prompt (token-id lists), stopping a row at `eos_id` (kept).
 
     Prompts of different lengths are left-padded into one batch; each row gets the tokens it
     would get alone. Generation also stops when the context reaches the model's max_seq_len.
     `on_step(tokens)` sees each step's new token of every row (streaming); a finished row
-    repeats its EOS there. `seed` makes sampling repeatable.
+    repeats its EOS there. `seed` makes sampling repeatable. `stop(row_tokens)` ends a row early
+    when it returns True (stop strings: the caller decodes and trims).
     """
     check_sampling(max_new_tokens, temperature, top_k, top_p)
     check_prompts(prompts, model.config)
@@ -123,7 +125,7 @@ def generate(model: GPT, prompts: Sequence[Sequence[int]], max_new_tokens: int =
             for row, t in enumerate(new):
                 if not done[row]:
                     outputs[row].append(t)
-                    done[row] = t == eos_id
+                    done[row] = t == eos_id or (stop is not None and stop(outputs[row]))
                 else:
                     new[row] = eos_id
             if on_step is not None:

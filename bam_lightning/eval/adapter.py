@@ -1,0 +1,198 @@
+"""Our model as an lm-evaluation-harness model: `BamLM`, registered as `bam`.
+
+lm-eval owns the tasks, prompts, few-shot sampling, metrics and aggregation; this class only
+turns its requests into forwards of our GPT. Any checkpoint `read_checkpoint` reads is scored as
+it is (dense, expert, BAM Expert-KV / Shared-KV, BTX): there is one model class.
+
+Why it is not slower than lm-eval's `hf` model on the same weights: requests are sorted by
+length so a batch pads little, identical (context, continuation) pairs run once, and the
+log-softmax runs over the continuation positions only, never over the whole [B, T, V] logits.
+Generation is greedy over the KV cache (`bam_lightning.generate.generate`) with stop strings.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from lm_eval import utils as lm_utils
+from lm_eval.api.model import TemplateLM
+from lm_eval.api.registry import register_model
+from tqdm import tqdm
+
+from bam_lightning.data.tokenizer import TextTokenizer
+from bam_lightning.generate import generate, load_for_generation
+from bam_lightning.model import GPT
+
+DEFAULT_MAX_GEN_TOKS = 256  # lm-eval's own default for generate_until tasks
+
+
+def encode_prompt(tokenizer: TextTokenizer, text: str) -> list[int]:
+    """`text` with the tokenizer's own special tokens (a BOS where the tokenizer adds one), as
+    lm-eval's `hf` model encodes a prompt (add_special_tokens=True)."""
+    # TODO(misc): use the tokenizers' explicit prompt-encoding method once it lands on main.
+    method = getattr(tokenizer, "encode_prompt", None)
+    if method is not None:
+        return list(method(text))
+    inner = getattr(tokenizer, "_tokenizer", None)
+    if inner is not None and type(tokenizer).__name__ == "HFTokenizer":
+        return inner.encode(text, add_special_tokens=True).ids
+    return tokenizer.encode(text)
+
+
+def bos_id(tokenizer: TextTokenizer) -> int | None:
+    """The id the tokenizer puts before a prompt, if it puts one."""
+    ids = encode_prompt(tokenizer, "")
+    return ids[0] if ids else None
+
+
+@register_model("bam")
+class BamLM(TemplateLM):
+    """lm-eval's view of a `GPT` and its tokenizer (both as `load_for_generation` returns them)."""
+
+    def __init__(self, model: GPT | None = None, tokenizer: TextTokenizer | None = None, *, ckpt: str | None = None,
+                 batch_size: int | str = 16, device: str = "cpu", dtype: str = "fp32",
+                 max_length: int | None = None, progress: bool = True, **_ignored):
+        super().__init__()
+        if model is None:  # `lm_eval --model bam --model_args ckpt=PATH`
+            if ckpt is None:
+                raise ValueError("BamLM needs a model and tokenizer, or ckpt=PATH")
+            torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+            model, tokenizer = load_for_generation(ckpt, None, device, torch_dtype)
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.batch_size = int(batch_size)
+        self.max_length = int(max_length or model.config.max_seq_len)
+        self.progress = progress
+        self._bos = bos_id(tokenizer)
+
+    # ----- what TemplateLM needs -----
+
+    @property
+    def eot_token_id(self) -> int:
+        return self.tokenizer.eos_id
+
+    @property
+    def prefix_token_id(self) -> int:
+        """What an empty context is conditioned on: BOS where the tokenizer has one, else EOS."""
+        return self._bos if self._bos is not None else self.tokenizer.eos_id
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.tok_emb.weight.device
+
+    @property
+    def tokenizer_name(self) -> str:
+        return self.tokenizer.fingerprint
+
+    def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
+        if add_special_tokens is False:
+            return self.tokenizer.encode(string)
+        return encode_prompt(self.tokenizer, string)
+
+    def tok_decode(self, tokens: Sequence[int]) -> str:
+        return self.tokenizer.decode(tokens)
+
+    # ----- scoring -----
+
+    @torch.inference_mode()
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
+        """(sum of log p(continuation | context), whether greedy decoding gives the continuation)
+        for each (key, context tokens, continuation tokens); contexts are left-truncated so that
+        context + continuation fits max_length (+1: the last token is never fed)."""
+        unique: dict[tuple[tuple[int, ...], tuple[int, ...]], int] = {}
+        for _, context, continuation in requests:
+            unique.setdefault((tuple(context), tuple(continuation)), len(unique))
+        pairs = list(unique)
+        order = sorted(range(len(pairs)), key=lambda i: -len(pairs[i][0]) - len(pairs[i][1]))
+        scores: list[tuple[float, bool] | None] = [None] * len(pairs)
+        bar = tqdm(total=len(pairs), desc="scoring", disable=disable_tqdm or not self.progress)
+        for start in range(0, len(order), self.batch_size):
+            chunk = order[start:start + self.batch_size]
+            for i, score in zip(chunk, self._score_batch([pairs[i] for i in chunk]), strict=True):
+                scores[i] = score
+            bar.update(len(chunk))
+        bar.close()
+        return [scores[unique[(tuple(c), tuple(t))]] for _, c, t in requests]
+
+    def _score_batch(self, pairs) -> list[tuple[float, bool]]:
+        rows = []
+        for context, continuation in pairs:
+            if not continuation:
+                raise ValueError("a continuation encodes to no tokens; nothing to score")
+            whole = (list(context) + list(continuation))[-(self.max_length + 1):]
+            rows.append((whole[:-1], len(continuation)))
+        width = max(len(inputs) for inputs, _ in rows)
+        # Right padding: causal attention keeps every real position blind to the padding after it.
+        idx = torch.zeros(len(rows), width, dtype=torch.long)
+        for row, (inputs, _) in enumerate(rows):
+            idx[row, :len(inputs)] = torch.as_tensor(inputs)
+        logits = self.model(idx.to(self.device))[0]
+        out = []
+        for row, ((inputs, n), (_, continuation)) in enumerate(zip(rows, pairs, strict=True)):
+            picked = logits[row, len(inputs) - n:len(inputs)].float().log_softmax(dim=-1)
+            target = torch.as_tensor(list(continuation)[-n:], device=picked.device)
+            total = picked.gather(-1, target[:, None]).sum().item()
+            out.append((total, bool((picked.argmax(dim=-1) == target).all())))
+        return out
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        """Log-likelihood of whole documents, in disjoint windows of max_length tokens (each window
+        sees the tokens before it, up to max_length), as lm-eval defines it."""
+        windows, owner = [], []
+        for number, (text,) in enumerate(request.args for request in requests):
+            tokens = self.tokenizer.encode(text)
+            for context, continuation in map(lm_utils.make_disjoint_window, lm_utils.get_rolling_token_windows(
+                    token_list=tokens, prefix_token=self.prefix_token_id, max_seq_len=self.max_length,
+                    context_len=1)):
+                windows.append((None, context, continuation))
+                owner.append(number)
+        totals = [0.0] * len(requests)
+        for number, (score, _) in zip(owner, self._loglikelihood_tokens(windows, disable_tqdm), strict=True):
+            totals[number] += score
+        return totals
+
+    # ----- generation -----
+
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        """Greedy continuations over the KV cache, each cut at its first stop string."""
+        groups: dict[str, list[int]] = {}
+        for number, request in enumerate(requests):
+            groups.setdefault(repr(sorted(request.args[1].items())), []).append(number)
+        results: list[str | None] = [None] * len(requests)
+        bar = tqdm(total=len(requests), desc="generating", disable=disable_tqdm or not self.progress)
+        for members in groups.values():
+            kwargs = dict(requests[members[0]].args[1])
+            until = kwargs.get("until") or []
+            until = [until] if isinstance(until, str) else list(until)
+            stops = [*until, self.tokenizer.decode([self.eot_token_id])]
+            stops = [s for s in stops if s]
+            max_new = int(kwargs.get("max_gen_toks", DEFAULT_MAX_GEN_TOKS))
+            keep = max(1, self.max_length - max_new)
+            prompts = {n: self.tok_encode(requests[n].args[0])[-keep:] for n in members}
+            ordered = sorted(members, key=lambda n: -len(prompts[n]))
+            for start in range(0, len(ordered), self.batch_size):
+                chunk = ordered[start:start + self.batch_size]
+                outputs = generate(self.model, [prompts[n] for n in chunk], max_new, temperature=0.0,
+                                   eos_id=self.eot_token_id, stop=self._stopper(stops))
+                for n, tokens in zip(chunk, outputs, strict=True):
+                    results[n] = cut_at_stops(self.tokenizer.decode(
+                        [t for t in tokens if t != self.eot_token_id]), until)
+                bar.update(len(chunk))
+        bar.close()
+        return results
+
+    def _stopper(self, stops: list[str]):
+        def stop(tokens: list[int]) -> bool:
+            text = self.tokenizer.decode(tokens[-32:])  # a stop string is short; the tail is enough
+            return any(s in text for s in stops)
+        return stop if stops else None
+
+
+def cut_at_stops(text: str, stops: Sequence[str]) -> str:
+    """`text` up to its first stop string (lm-eval's rule for generate_until)."""
+    for stop in stops:
+        if stop:
+            text = text.split(stop)[0]
+    return text
+
