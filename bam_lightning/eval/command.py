@@ -104,7 +104,8 @@ def summarise(raw: dict, names: list[str], ckpt: str, seconds: float) -> dict[st
             results[task]["n"] = counts.get("effective", counts.get("original"))
     items = {}
     for task, samples in raw.get("samples", {}).items():
-        items[task] = [{"doc_id": s["doc_id"], **{k: float(s[k]) for k in SCORE_KEYS if k in s}} for s in samples]
+        items[task] = [{"doc_id": s["doc_id"], **{k: float(s[k]) for k in SCORE_KEYS if k in s},
+                        "responses": s.get("filtered_resps")} for s in samples]
     add_mmlu(results, items)
     categories = {}
     for category, tasks in CATEGORIES.items():

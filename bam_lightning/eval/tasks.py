@@ -96,7 +96,11 @@ def expand(names: list[str]) -> list[str]:
         name = ALIASES.get(raw.strip(), raw.strip())
         if not name:
             continue
-        if name == "paper":
+        if name.endswith((".yaml", ".yml")):
+            if not Path(name).is_file():
+                raise UserError(f"--tasks {raw}: no such task file")
+            members = [name]
+        elif name == "paper":
             members = [task for tasks in CATEGORIES.values() for task in tasks]
         elif name in CATEGORIES and name != "mmlu":
             members = CATEGORIES[name]
@@ -118,7 +122,7 @@ def category_of(task: str) -> str | None:
 
 
 def primary_metric(task: str) -> str:
-    if task == "bam_math":
+    if task in ("bam_math", "nq_open", "triviaqa"):
         return "exact_match"
     return TASKS[task].primary if task in TASKS else "acc"
 
@@ -167,6 +171,13 @@ def task_configs(name: str, root: Path, num_fewshot: int | None = None, work_dir
         return mmlu_subjects(root, 5 if num_fewshot is None else num_fewshot)
     if name == "bam_math":
         return [bam_math_config(work_dir or root.parent.parent, num_fewshot)]
+    if name.endswith((".yaml", ".yml")):  # the user's own lm-eval task file, taken as it is
+        from lm_eval.tasks._yaml_loader import load_yaml
+
+        config = dict(load_yaml(name, resolve_func=True))
+        if num_fewshot is not None:
+            config["num_fewshot"] = num_fewshot
+        return [config]
     return [task_config(name, root, num_fewshot)]
 
 

