@@ -483,7 +483,12 @@ def run_pipeline(path: str, force: bool = False, seeds: list[int] | None = None,
     # version (fingerprint unchanged, so skipped) still gets the report's routing labels
     records = [{**json.loads((run_dir / "stages" / s.name / "stage.json").read_text()),
                 **stage_labels(s, composed_stages[s.name], config)} for s in stages]
-    report = write_report(run_dir, with_existing_seed_row(records, seed_checkpoint(config)))
+    records = with_existing_seed_row(records, seed_checkpoint(config))
+    report = write_report(run_dir, records)
+    if config.get("eval"):  # downstream accuracy: one resumable evaluation per model, then its report section
+        from bam_lightning.eval.study import append_to_report, report_lines, run_evaluations
+
+        append_to_report(report, report_lines(records, run_evaluations(run_dir, records, config["eval"])))
     print(f"pipeline finished in {time.perf_counter() - started:.0f} s; report: {report}", flush=True)
     return report
 

@@ -25,7 +25,7 @@ from bam_lightning.config import ModelConfig
 from bam_lightning.errors import UserError
 
 STUDY_KEYS = {"run_dir", "seeds", "checkpoint_every_n_steps", "seed_everything", "data", "trainer", "model",
-              "optimizer", "seed", "experts", "mixtures", "dense_baseline", "overrides"}
+              "optimizer", "seed", "experts", "mixtures", "dense_baseline", "overrides", "eval"}
 SEED_KEYS = {"domain", "train_weights", "steps", "val_check_interval", "lr", "warmup_steps", "checkpoint"}
 EXPERT_KEYS = {"domains", "train_weights", "steps", "val_check_interval", "lr", "warmup_steps"}
 MIXTURE_KEYS = {"methods", "train_weights", "steps", "val_check_interval", "lr", "warmup_steps", "router",
@@ -157,6 +157,10 @@ def load_study(path: str, config: dict[str, Any] | None = None) -> dict[str, Any
     if config.get("dense_baseline"):
         out["dense_baseline"] = build.dense("dense_baseline", mixtures, mixture_weights)
     out["study"] = {"domains": domains, "sources": sources, "seed_domain": seed_domain, "path": str(path)}
+    if config.get("eval") is not None:  # downstream accuracy of every model (bam_lightning/eval/study.py)
+        from bam_lightning.eval.study import check_eval_section
+
+        out["eval"] = check_eval_section(config["eval"], f"{path}: eval")
     return out
 
 

@@ -164,3 +164,43 @@ def test_a_tokenizer_other_than_the_checkpoints_is_refused(tiny, tmp_path):
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>"}))
     with pytest.raises(UserError, match="trained with tokenizer 'hf-"):
         evaluate_checkpoint(seed, [str(task_files[0])], tokenizer=str(tmp_path / "tokenizer.json"))
+
+
+def test_study_evaluations_resume_log_to_tensorboard_and_report_paired_margins(tiny, tmp_path):
+    from bam_lightning.eval.study import (
+        check_eval_section,
+        paired_interval,
+        report_lines,
+        run_evaluations,
+    )
+
+    _, seed, task_files = tiny
+    section = check_eval_section({"tasks": [str(task_files[0])], "limit": 10})
+    # two mixture seeds of two rows; every "model" is the same weights here except the precision
+    records = [{"name": "seed", "row": "seed", "role": "seed", "seed": 0, "checkpoint": str(seed)},
+               *({"name": f"{row}_s{s}", "row": row, "role": "mixture", "seed": s, "checkpoint": str(seed)}
+                 for row in ("btx", "bam") for s in (0, 1))]
+    messages = []
+    results = run_evaluations(tmp_path, records, section, log=messages.append)
+    assert sorted(p.name for p in (tmp_path / "eval").glob("*.json")) == sorted(f"{r['name']}.json" for r in records)
+    assert list((tmp_path / "tensorboard" / "bam_s1" / "eval").glob("events.out.tfevents.*"))
+    assert all(len(r["items"]["tiny_mc"]) == 10 for r in results.values())
+    again = []
+    run_evaluations(tmp_path, records, section, log=again.append)
+    assert all("done earlier, skipped" in m for m in again) and len(again) == len(records)
+    # the paired margin of identical models is exactly 0 with a zero-width interval
+    assert paired_interval(results["bam_s0"], results["btx_s0"])[:3] == (0.0, 0.0, 0.0)
+    # a model that gets every item right: the margin is 1 - BTX's accuracy
+    perfect = json.loads(json.dumps(results["bam_s0"]))
+    for item in perfect["items"]["tiny_mc"]:
+        item["acc"] = 1.0
+    margin, low, high, n = paired_interval(perfect, results["btx_s0"])
+    accuracy = sum(i["acc"] for i in results["btx_s0"]["items"]["tiny_mc"]) / 10
+    assert (n, margin) == (10, pytest.approx(1 - accuracy)) and low <= margin <= high
+    lines = "\n".join(report_lines(records, results))
+    assert "| seed |" in lines and "| bam |" in lines and "bam - BTX: +0.00" in lines
+    assert "seed sd 0.00 over 2 seeds" in lines and "bam vs BTX: the item interval contains 0" in lines
+    with pytest.raises(UserError, match="eval.tasks: --tasks: unknown task 'arc_medium'"):
+        check_eval_section({"tasks": ["arc_medium"]})
+    with pytest.raises(UserError, match=r"eval: unknown keys \['shots'\]"):
+        check_eval_section({"tasks": ["piqa"], "shots": 5})
