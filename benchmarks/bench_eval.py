@@ -1,5 +1,5 @@
 """Items/s of `bam eval` (our adapter over our GPT) against lm-eval's own `hf` model on the same
-weights and tasks, side by side in one run (interleaved repeats; the median of each is reported).
+weights and tasks, side by side in one run (interleaved rounds; the median of the per-round ratios).
 
     python benchmarks/bench_eval.py [--tasks arc_easy,piqa] [--limit 100] [--batch-size 16] [--repeats 2]
 
@@ -57,7 +57,9 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=100)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     logging.getLogger("lm_eval").setLevel(logging.WARNING)
     with tempfile.TemporaryDirectory() as tmp:
         seed = import_hf(GGUF, Path(tmp) / "smollm2.safetensors", progress=False)
@@ -83,8 +85,9 @@ def main() -> None:
         median = statistics.median(times[name])
         print(f"{name:>4}: {n / median:7.2f} items/s  (runs {', '.join(f'{t:.1f}' for t in times[name])} s)  "
               f"acc {accuracy[name]}")
-    ratio = statistics.median(times["hf"]) / statistics.median(times["bam"])
-    print(f"bam / hf speed: {ratio:.2f}x")
+    ratios = [hf / bam for hf, bam in zip(times["hf"], times["bam"], strict=True)]
+    print(f"bam / hf speed (median of per-round ratios): {statistics.median(ratios):.2f}x "
+          f"(rounds {', '.join(f'{r:.2f}' for r in ratios)})")
 
 
 if __name__ == "__main__":

@@ -111,7 +111,7 @@ def summarise(raw: dict, names: list[str], ckpt: str, seconds: float) -> dict[st
     for category, tasks in CATEGORIES.items():
         found = [metric_value(results[t], primary_metric(t)) for t in tasks if t in results]
         values = [value for _, value in filter(None, found)]
-        if values and all(t in names or t not in results for t in tasks):
+        if len(values) == len(tasks):  # a category needs all its tasks
             categories[category] = sum(values) / len(values)
     if categories:
         categories["average"] = sum(categories.values()) / len(categories)
