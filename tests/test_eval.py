@@ -59,7 +59,8 @@ def write_model(folder: Path) -> None:
 
 
 def write_tasks(folder: Path) -> list[Path]:
-    """A multiple-choice task (acc, acc_norm) and a generative one (exact match, stop strings)."""
+    """A multiple-choice task (acc, acc_norm), a generative one (exact match, stop strings) and a
+    rolling log-likelihood one (perplexity)."""
     rng = random.Random(1)
     rows = []
     for i in range(12):
@@ -97,7 +98,20 @@ generation_kwargs:
 metric_list:
   - metric: exact_match
 """)
-    return [folder / "mc.yaml", folder / "gen.yaml"]
+    (folder / "ppl.yaml").write_text(f"""task: tiny_ppl
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {folder / 'mc.jsonl'}
+test_split: test
+output_type: loglikelihood_rolling
+doc_to_text: ""
+doc_to_target: "{{{{question}}}} {{{{choices | join(' ')}}}}"
+metric_list:
+  - metric: word_perplexity
+  - metric: bits_per_byte
+""")
+    return [folder / "mc.yaml", folder / "gen.yaml", folder / "ppl.yaml"]
 
 
 @pytest.fixture(scope="module")
@@ -134,10 +148,14 @@ def test_bam_eval_equals_lm_eval_hf_model_item_by_item(tiny):
     texts = [item["responses"] for item in ours["items"]["tiny_gen"]]
     assert texts == [reference["filtered_resps"] for reference in gen]
     assert any(t and t[0].strip() for t in texts)  # something was generated and compared
-    for task in ("tiny_mc", "tiny_gen"):
+    rolling = sorted(theirs["samples"]["tiny_ppl"], key=lambda s: s["doc_id"])
+    got = torch.tensor([item["responses"] for item in ours["items"]["tiny_ppl"]], dtype=torch.float64)
+    expected = torch.tensor([reference["filtered_resps"] for reference in rolling], dtype=torch.float64)
+    assert got.shape == expected.shape and torch.allclose(got, expected, atol=1e-4, rtol=0)
+    for task in ("tiny_mc", "tiny_gen", "tiny_ppl"):
         for key, value in theirs["results"][task].items():
             if "," in key and "stderr" not in key:
-                assert ours["results"][task][key] == pytest.approx(value, abs=1e-9), (task, key)
+                assert ours["results"][task][key] == pytest.approx(value, rel=1e-5, abs=1e-9), (task, key)
         assert ours["results"][task]["n"] == 12
 
 
@@ -175,7 +193,7 @@ def test_study_evaluations_resume_log_to_tensorboard_and_report_paired_margins(t
     )
 
     _, seed, task_files = tiny
-    section = check_eval_section({"tasks": [str(task_files[0])], "limit": 10})
+    section = check_eval_section({"tasks": [str(task_files[0])], "limit": 10})  # the multiple-choice task
     # two mixture seeds of two rows; every "model" is the same weights here except the precision
     records = [{"name": "seed", "row": "seed", "role": "seed", "seed": 0, "checkpoint": str(seed)},
                *({"name": f"{row}_s{s}", "row": row, "role": "mixture", "seed": s, "checkpoint": str(seed)}
