@@ -98,42 +98,88 @@ class BamLM(TemplateLM):
     @torch.inference_mode()
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
         """(sum of log p(continuation | context), whether greedy decoding gives the continuation)
-        for each (key, context tokens, continuation tokens); contexts are left-truncated so that
-        context + continuation fits max_length (+1: the last token is never fed)."""
+        for each (key, context tokens, continuation tokens).
+
+        Requests sharing a context (the choices of one question) run that context once: a batch
+        of contexts is prefilled into the KV cache, each cache row is repeated once per choice,
+        and the choices run as one more chunk. A pair longer than max_length (+1: the last token
+        is never fed) has its context left-truncated and runs alone, as lm-eval's `hf` does.
+        """
         unique: dict[tuple[tuple[int, ...], tuple[int, ...]], int] = {}
         for _, context, continuation in requests:
+            if not continuation:
+                raise ValueError("a continuation encodes to no tokens; nothing to score")
             unique.setdefault((tuple(context), tuple(continuation)), len(unique))
         pairs = list(unique)
-        order = sorted(range(len(pairs)), key=lambda i: -len(pairs[i][0]) - len(pairs[i][1]))
+        by_context: dict[tuple[int, ...], list[int]] = {}
+        long = []
+        for i, (context, continuation) in enumerate(pairs):
+            if context and len(context) + len(continuation) <= self.max_length + 1:
+                by_context.setdefault(context, []).append(i)
+            else:
+                long.append(i)
         scores: list[tuple[float, bool] | None] = [None] * len(pairs)
         bar = tqdm(total=len(pairs), desc="scoring", disable=disable_tqdm or not self.progress)
-        for start in range(0, len(order), self.batch_size):
-            chunk = order[start:start + self.batch_size]
-            for i, score in zip(chunk, self._score_batch([pairs[i] for i in chunk]), strict=True):
+        contexts = sorted(by_context, key=len, reverse=True)
+        start = 0
+        while start < len(contexts):  # up to batch_size continuations a forward, at least one context
+            end, rows = start, 0
+            while end < len(contexts) and (end == start or rows + len(by_context[contexts[end]]) <= self.batch_size):
+                rows += len(by_context[contexts[end]])
+                end += 1
+            chunk = contexts[start:end]
+            members = [by_context[c] for c in chunk]
+            for i, score in zip([i for m in members for i in m],
+                                self._score_shared(chunk, [[pairs[i][1] for i in m] for m in members]), strict=True):
                 scores[i] = score
-            bar.update(len(chunk))
+            bar.update(rows)
+            start = end
+        for i in long:
+            context, continuation = pairs[i]
+            whole = (list(context) + list(continuation))[-(self.max_length + 1):]
+            split = len(whole) - len(continuation)
+            if split < 1:
+                raise ValueError(f"a continuation of {len(continuation)} tokens leaves no room for context in "
+                                 f"max_length {self.max_length}")
+            scores[i] = self._score_shared([tuple(whole[:split])], [[continuation]])[0]
+            bar.update(1)
         bar.close()
         return [scores[unique[(tuple(c), tuple(t))]] for _, c, t in requests]
 
-    def _score_batch(self, pairs) -> list[tuple[float, bool]]:
-        rows = []
-        for context, continuation in pairs:
-            if not continuation:
-                raise ValueError("a continuation encodes to no tokens; nothing to score")
-            whole = (list(context) + list(continuation))[-(self.max_length + 1):]
-            rows.append((whole[:-1], len(continuation)))
-        width = max(len(inputs) for inputs, _ in rows)
-        # Right padding: causal attention keeps every real position blind to the padding after it.
-        idx = torch.zeros(len(rows), width, dtype=torch.long)
-        for row, (inputs, _) in enumerate(rows):
-            idx[row, :len(inputs)] = torch.as_tensor(inputs)
-        logits = self.model(idx.to(self.device))[0]
+    def _score_shared(self, contexts: list[tuple[int, ...]], continuations: list[list[tuple[int, ...]]]):
+        """Scores of each context's continuations, contexts prefilled once (left-padded batch)."""
+        device = self.device
+        width = max(map(len, contexts))
+        longest = max(len(c) for group in continuations for c in group)
+        if width + longest - 1 > self.max_length and len(contexts) > 1:  # together they overflow: one by one
+            return [s for context, group in zip(contexts, continuations, strict=True)
+                    for s in self._score_shared([context], [group])]
+        idx = torch.zeros(len(contexts), width, dtype=torch.long)
+        mask = torch.zeros(len(contexts), width, dtype=torch.bool)
+        for row, context in enumerate(contexts):
+            idx[row, width - len(context):] = torch.as_tensor(context)
+            mask[row, width - len(context):] = True
+        cache = self.model.new_cache(len(contexts), width + longest - 1)
+        first = self.model(idx.to(device), cache=cache, attention_mask=None if bool(mask.all()) else mask.to(device),
+                           last_only=True)[0][:, -1]  # [B, V]: predicts each continuation's first token
+        owners = [row for row, group in enumerate(continuations) for _ in group]
+        flat = [c for group in continuations for c in group]
+        rest = None
+        if longest > 1:  # the continuations' tokens but the last, right-padded (causal: padding is never seen)
+            cache.select_rows(torch.as_tensor(owners, device=device))
+            tail = torch.zeros(len(flat), longest - 1, dtype=torch.long)
+            for row, continuation in enumerate(flat):
+                tail[row, :len(continuation) - 1] = torch.as_tensor(continuation[:-1])
+            rest = self.model(tail.to(device), cache=cache)[0]
         out = []
-        for row, ((inputs, n), (_, continuation)) in enumerate(zip(rows, pairs, strict=True)):
-            picked = logits[row, len(inputs) - n:len(inputs)].float().log_softmax(dim=-1)
-            target = torch.as_tensor(list(continuation)[-n:], device=picked.device)
-            total = picked.gather(-1, target[:, None]).sum().item()
-            out.append((total, bool((picked.argmax(dim=-1) == target).all())))
+        for row, (owner, continuation) in enumerate(zip(owners, flat, strict=True)):
+            logits = first[owner:owner + 1]
+            if len(continuation) > 1:
+                logits = torch.cat([logits, rest[row, :len(continuation) - 1]])
+            logprobs = logits.float().log_softmax(dim=-1)
+            target = torch.as_tensor(continuation, device=logprobs.device)
+            out.append((logprobs.gather(-1, target[:, None]).sum().item(),
+                        bool((logprobs.argmax(dim=-1) == target).all())))
         return out
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:

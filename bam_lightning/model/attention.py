@@ -227,6 +227,14 @@ class KVCache:
                                | self._causal_mask(start, T, diagonal_only=True))
         return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
 
+    def select_rows(self, rows: torch.Tensor) -> None:
+        """Row i becomes the old row `rows[i]` (rows may repeat): one prefilled context continued
+        several ways (scoring the choices of a question) without recomputing it."""
+        self.keys = [k.index_select(0, rows) for k in self.keys]
+        self.values = [v.index_select(0, rows) for v in self.values]
+        self.mask = self.mask.index_select(0, rows)
+        self.next_position = self.next_position.index_select(0, rows)
+
     def _causal_mask(self, start: int, T: int, diagonal_only: bool = False) -> torch.Tensor:
         """[T, start + T]: query t (column start + t) sees columns <= start + t (or only its own)."""
         columns = torch.arange(start + T, device=self.mask.device)
