@@ -222,3 +222,20 @@ def test_study_evaluations_resume_log_to_tensorboard_and_report_paired_margins(t
         check_eval_section({"tasks": ["arc_medium"]})
     with pytest.raises(UserError, match=r"eval: unknown keys \['shots'\]"):
         check_eval_section({"tasks": ["piqa"], "shots": 5})
+
+
+def test_a_study_files_eval_section_is_checked_with_the_study(tmp_path):
+    import yaml
+
+    from bam_lightning.pipeline import load_pipeline_config
+
+    study = yaml.safe_load((Path(__file__).parents[1] / "recipes" / "tiny" / "study.yaml").read_text())
+    study["run_dir"] = str(tmp_path / "run")
+    study["eval"] = {"tasks": ["reasoning", "piqa"], "limit": 50}
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump(study))
+    config = load_pipeline_config(str(tmp_path / "study.yaml"))
+    assert config["eval"] == {"tasks": ["reasoning", "piqa"], "num_fewshot": None, "limit": 50, "batch_size": 16}
+    study["eval"] = {"tasks": ["reasoning"], "limit": 0}
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump(study))
+    with pytest.raises(UserError, match=f"^{tmp_path / 'study.yaml'}: eval.limit: an integer >= 1"):
+        load_pipeline_config(str(tmp_path / "study.yaml"))
