@@ -120,7 +120,10 @@ class BamLM(TemplateLM):
                 long.append(i)
         scores: list[tuple[float, bool] | None] = [None] * len(pairs)
         bar = tqdm(total=len(pairs), desc="scoring", disable=disable_tqdm or not self.progress)
-        contexts = sorted(by_context, key=len, reverse=True)
+        # longest first, by context + longest continuation: a batch's prefill and its continuation
+        # chunk both pad little (PIQA's short goals have long solutions)
+        contexts = sorted(by_context, key=lambda c: (len(c) + max(len(pairs[i][1]) for i in by_context[c]), len(c)),
+                          reverse=True)
         start = 0
         while start < len(contexts):  # up to batch_size continuations a forward, at least one context
             end, rows = start, 0
