@@ -291,7 +291,7 @@ def main(argv: list[str] | None = None) -> None:
         texts = [args.prompt] if args.prompt is not None else read_prompts(args.prompts)
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
         model, tokenizer = load_for_generation(args.ckpt, args.tokenizer, args.device, dtype)
-        prompts = [tokenizer.encode(text) for text in texts]
+        prompts = [tokenizer.encode_prompt(text) for text in texts]  # with the tokenizer's BOS
         check_prompts(prompts, model.config)
     except (ValueError, FileNotFoundError) as error:
         sys.exit(f"bam generate: error: {error}")

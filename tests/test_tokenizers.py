@@ -7,12 +7,20 @@ Llama-2 and Mistral)."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+import torch
+import transformers
+from helpers import random_dense_state_dict, tiny_config
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 from bam_lightning.data.hf_tokenizer import HFTokenizer
 from bam_lightning.data.tokenizer import ByteTokenizer, train_bpe
+from bam_lightning.generate import generate
+from bam_lightning.model import GPT
 
 SENTENCES = ["the cat sat on the mat", "the dog sat on the log", "a cat and a dog", "on the mat the cat sat"] * 5
 TEXTS = ["the cat sat on the mat", "the café", "東京の猫 🙂 sat", "naïve — 😀😀 end\n"]
@@ -70,3 +78,55 @@ def test_sentencepiece_tokens_add_up_to_the_utf8_length(tmp_path, text):
         assert prepending._tokenizer.encode(text).tokens[0].startswith("▁")
         assert counted_bytes(prepending, text) == len(text.encode("utf-8")) + 1
         assert counted_bytes(prepending, " " + text) == len((" " + text).encode("utf-8"))
+
+
+# ----- prompts get the tokenizer's special tokens; training documents do not -----
+
+def with_bos_template(path) -> HFTokenizer:
+    """A Llama-style tokenizer.json whose post-processor prepends `<s>` to every input."""
+    sentencepiece_style(path, "first")
+    tokenizer = Tokenizer.from_file(str(path))
+    bos = tokenizer.token_to_id("<s>")
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)])
+    tokenizer.save(str(path))
+    return HFTokenizer(path)
+
+
+def test_prompts_get_the_bos_transformers_gives_and_documents_do_not(tmp_path):
+    tokenizer = with_bos_template(tmp_path / "tokenizer.json")
+    reference = transformers.PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "tokenizer.json"))
+    bos = tokenizer._tokenizer.token_to_id("<s>")
+    for text in TEXTS:
+        expected = reference(text)["input_ids"]
+        assert expected[0] == bos and tokenizer.encode_prompt(text) == expected
+        assert tokenizer.encode(text) == expected[1:]  # a training document: EOS separates, no BOS
+        assert tokenizer.encode_batch([text]) == [expected[1:]]
+    for ours in (ByteTokenizer(), train_bpe(SENTENCES, 300, tmp_path / "ours.json")):  # no template
+        assert ours.encode_prompt("the cat") == ours.encode("the cat")
+
+
+def test_bam_generate_feeds_the_prompt_with_its_bos(tmp_path):
+    tokenizer = with_bos_template(tmp_path / "tokenizer.json")
+    config = tiny_config(vocab_size=tokenizer.vocab_size, max_seq_len=32, init_std=0.3)
+    state = random_dense_state_dict(config, 5)
+    model = GPT(config).eval()
+    model.load_state_dict(state)
+    files = {name: (tmp_path / name).read_text() for name in ("tokenizer.json", "tokenizer_config.json")}
+    path = tmp_path / "m.ckpt"
+    torch.save({"state_dict": {f"model.{k}": v for k, v in state.items()}, "hyper_parameters": {"config": config.to_dict()},
+                "bam_lightning": {"tokenizer": tokenizer.fingerprint, "tokenizer_files": files}}, path)
+    reference = transformers.PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "tokenizer.json"))
+    prompts = ["the cat sat", "a dog"]
+    with_bos = [tokenizer.decode(ids) for ids in generate(
+        model, [reference(text)["input_ids"] for text in prompts], 8, eos_id=tokenizer.eos_id)]
+    without = [tokenizer.decode(ids) for ids in generate(
+        model, [tokenizer.encode(text) for text in prompts], 8, eos_id=tokenizer.eos_id)]
+    assert with_bos != without  # the test can tell them apart
+    (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n")
+    done = subprocess.run([str(Path(sys.executable).with_name("bam")), "generate", "--ckpt", str(path), "--prompts",
+                           str(tmp_path / "prompts.txt"), "--max-new-tokens", "8"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "".join(f"=== prompt {i} ===\n{text}{new}\n"
+                                  for i, (text, new) in enumerate(zip(prompts, with_bos, strict=True)))

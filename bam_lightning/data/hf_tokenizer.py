@@ -61,8 +61,14 @@ class HFTokenizer:
         self.fingerprint = f"hf-{self.vocab_size}-{digest}"
 
     def encode(self, text: str) -> list[int]:
-        # No BOS/EOS templates: documents are joined by EOS ourselves.
+        """A training document's ids: no BOS/EOS template, documents are joined by EOS ourselves."""
         return self._tokenizer.encode(text, add_special_tokens=False).ids
+
+    def encode_prompt(self, text: str) -> list[int]:
+        """A prompt's ids (generation, evaluation) with the special tokens the tokenizer.json's
+        post-processor adds (Llama, Mistral, TinyLlama: a leading BOS), as transformers gives them:
+        the model was trained to read text that way."""
+        return self._tokenizer.encode(text, add_special_tokens=True).ids
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         encodings = self._tokenizer.encode_batch_fast(list(texts), add_special_tokens=False)
