@@ -9,6 +9,7 @@ default checkpoint plugin).
 from __future__ import annotations
 
 import ctypes
+import errno
 import functools
 import glob
 import json
@@ -28,7 +29,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch import nn
 
 from bam_lightning.config import ModelConfig
-from bam_lightning.errors import UserError
+from bam_lightning.errors import DiskFullError, UserError
 
 MODEL_PREFIX = "model."  # the LightningModule holds the GPT as `self.model`
 SAFETENSORS_CONFIG_KEY = "bam_lightning.config"
@@ -234,15 +235,55 @@ def write_atomically(path: str | os.PathLike, write: Callable[[str], Any]) -> No
     # O_EXCL: never clobber another writer's file; mode 0o666 leaves permissions to the umask.
     os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     try:
-        write(str(tmp))
-        fd = os.open(tmp, os.O_RDONLY)
         try:
-            os.fsync(fd)  # the bytes reach the disk before the name does
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
+            write(str(tmp))
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)  # the bytes reach the disk before the name does
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
+        except Exception as error:
+            if disk_is_full(error, path.parent):  # measured before the partial file is removed
+                raise DiskFullError(disk_full_message(path)) from error
+            raise
     finally:
         tmp.unlink(missing_ok=True)
+
+
+# torch.save reports a write that failed for want of space as "unexpected pos ..." (no errno), so
+# a failed write is also called a full disk when its file system has less than this left.
+DISK_FULL_MARGIN_BYTES = 1 << 20
+
+
+def free_bytes(folder: str | os.PathLike) -> float:
+    """Bytes this process may still write in `folder`'s file system (root may use the reserve)."""
+    try:
+        stats = os.statvfs(folder)
+    except (AttributeError, OSError):  # no statvfs (Windows), or the folder is gone
+        return float("inf")
+    blocks = stats.f_bfree if hasattr(os, "geteuid") and os.geteuid() == 0 else stats.f_bavail
+    return blocks * stats.f_frsize
+
+
+def disk_is_full(error: BaseException, folder: str | os.PathLike) -> bool:
+    """ENOSPC or EDQUOT anywhere in the error's chain, or (torch's errno-less message) no space left."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return free_bytes(folder) < DISK_FULL_MARGIN_BYTES
+
+
+def disk_full_message(path: Path) -> str:
+    free = free_bytes(path.parent)
+    where = f"{path} ({free / 1e6:.1f} MB free there)" if free != float("inf") else str(path)
+    if not path.exists():
+        return f"no space left on device: cannot write {where}; nothing was overwritten. Free some space, then run again."
+    then = (f"resume from it (bam fit: --ckpt_path {path}; bam pipeline: run the same command again)"
+            if path.suffix == ".ckpt" else "run again")
+    return f"no space left on device: cannot write {where}. The previous {path.name} is intact: free some space, then {then}."
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -11,6 +11,7 @@ keep their traceback.
 
 from __future__ import annotations
 
+import errno
 import importlib
 import sys
 
@@ -66,9 +67,18 @@ def main(argv: list[str] | None = None) -> None:
         else:
             run_lightning_cli(argv)
     except UserError as error:  # the user's mistake: one line naming what to fix, no traceback
-        sys.stdout.flush()
-        print(f"{' '.join(filter(None, ('bam', command)))}: error: {error}", file=sys.stderr, flush=True)
-        sys.exit(2)
+        fail(command, str(error))
+    except OSError as error:  # a full disk outside the checkpoint writer (logs, prepared data)
+        if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        fail(command, f"no space left on device: {error.filename or error}; free some space, then run again "
+                      "(a fit resumes from its last checkpoint: --ckpt_path; a pipeline: the same command)")
+
+
+def fail(command: str, message: str) -> None:
+    sys.stdout.flush()
+    print(f"{' '.join(filter(None, ('bam', command)))}: error: {message}", file=sys.stderr, flush=True)
+    sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import errno
 import hashlib
 import inspect
 import json
@@ -44,8 +45,9 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from bam_lightning.callbacks.metrics_file import read_metrics
+from bam_lightning.checkpoint import DISK_FULL_MARGIN_BYTES, free_bytes
 from bam_lightning.config import ModelConfig
-from bam_lightning.errors import UserError
+from bam_lightning.errors import DiskFullError, UserError
 from bam_lightning.flops import (
     parameter_counts,
     recipe_tokens_per_step,
@@ -525,8 +527,17 @@ def failure_message(label: str, returncode: int, stage: Stage, config_path: Path
     error = error_file.read_text().strip()
     if error.startswith("KeyboardInterrupt"):
         return f"{label} was interrupted. Re-run the same command to resume from its last checkpoint."
-    return (f"{label} failed: {error}\nFix the stage's recipe {stage.source} (composed config: {config_path}), "
-            "then re-run the same command; finished stages are kept.")
+    if error.startswith(DiskFullError.__name__):
+        reason = error.partition(": ")[2]
+    elif f"[Errno {errno.ENOSPC}]" in error or free_bytes(config_path.parent) < DISK_FULL_MARGIN_BYTES:
+        reason = f"no space left on device under {config_path.parent}" + (f" ({error})" if error else "")
+    elif not error:  # the stage could not even say why
+        return f"{label} stopped (exit {returncode}) without a message; see its output above."
+    else:
+        return (f"{label} failed: {error}\nFix the stage's recipe {stage.source} (composed config: {config_path}), "
+                "then re-run the same command; finished stages are kept.")
+    return (f"{label} stopped: {reason}\nThe recipe is fine: free some space, then re-run the same command "
+            "to resume the stage from its last checkpoint (finished stages are kept).")
 
 
 def check_stage_checkpoint(label: str, last: Path, steps: int) -> None:
@@ -557,11 +568,14 @@ def run_stage(config_path: str) -> None:
     try:
         _run_stage(config_path)
     except (Exception, KeyboardInterrupt, SystemExit) as error:
-        if isinstance(error, SystemExit):
-            if error.code not in (0, None):  # the CLI refused the recipe and printed why above
-                error_file.write_text(f"the recipe was refused (exit {error.code}); its error is printed above")
-        else:
-            error_file.write_text(f"{type(error).__name__}: {error}")
+        try:
+            if isinstance(error, SystemExit):
+                if error.code not in (0, None):  # the CLI refused the recipe and printed why above
+                    error_file.write_text(f"the recipe was refused (exit {error.code}); its error is printed above")
+            else:
+                error_file.write_text(f"{type(error).__name__}: {error}")
+        except OSError:  # a full disk: the pipeline says so from an empty or missing error.txt
+            pass
         raise
 
 
