@@ -21,6 +21,7 @@ from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
 from bam_lightning.checkpoint import read_checkpoint, write_atomically
 from bam_lightning.data import BAMDataModule
+from bam_lightning.errors import UserError
 from bam_lightning.lit import BaseLM, check_seq_len
 
 # Lightning 2.6's own pytree helper trips a torch >= 2.10 deprecation at every fit; nothing a user
@@ -69,9 +70,9 @@ def check_before_fit(trainer: L.Trainer, model: BaseLM, datamodule: Any, ckpt_pa
     the step count, `data.seq_len` against the model's context, writable output folders, and (for
     a fresh fit) `init_from` and the upcycling sources: readable, fitting, and final."""
     if trainer.max_steps == 0:
-        raise ValueError("trainer.max_steps is 0: there is nothing to train; set a positive step count")
+        raise UserError("trainer.max_steps is 0: there is nothing to train; set a positive step count")
     if trainer.max_steps < 0 and isinstance(datamodule, BAMDataModule):
-        raise ValueError(f"trainer.max_steps is {trainer.max_steps} (no limit), but the training stream never "
+        raise UserError(f"trainer.max_steps is {trainer.max_steps} (no limit), but the training stream never "
                          "ends: set a positive step count (the learning-rate schedule ends there)")
     check_seq_len(datamodule, model.config)
     for key, folder in output_folders(trainer):
@@ -112,9 +113,9 @@ def check_writable(folder: str | os.PathLike, key: str) -> None:
     while not existing.exists():
         existing = existing.parent
     if not existing.is_dir():
-        raise ValueError(f"{key}: cannot write to {path}: {existing} is a file, not a folder")
+        raise UserError(f"{key}: cannot write to {path}: {existing} is a file, not a folder")
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise ValueError(f"{key}: cannot write to {path}: {existing} is not writable")
+        raise UserError(f"{key}: cannot write to {path}: {existing} is not writable")
 
 
 def validate_final_state(trainer: L.Trainer, model: BaseLM, datamodule: Any) -> None:

@@ -20,6 +20,7 @@ from torch import nn
 from torchmetrics import Metric
 
 from bam_lightning.config import ModelConfig
+from bam_lightning.errors import UserError
 from bam_lightning.flops import forward_flops_per_token, training_flops_per_token
 from bam_lightning.model import GPT, RouterStats
 
@@ -87,10 +88,10 @@ class BaseLM(L.LightningModule):
     # ----- kind checks -----
     def _check_kind(self, config: ModelConfig, source: str) -> None:
         if self.expects_moe is True and not config.is_moe:
-            raise ValueError(f"{source}: {type(self).__name__} needs a mixture config "
+            raise UserError(f"{source}: {type(self).__name__} needs a mixture config "
                              "(n_experts > 0 or attn_experts > 0); use DenseLM for dense models")
         if self.expects_moe is False and config.is_moe:
-            raise ValueError(f"{source}: DenseLM got a mixture config (n_experts={config.n_experts}, "
+            raise UserError(f"{source}: DenseLM got a mixture config (n_experts={config.n_experts}, "
                              f"attn_experts={config.attn_experts}); use MoELM for mixtures")
 
     # ----- set-up -----
@@ -98,7 +99,7 @@ class BaseLM(L.LightningModule):
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if datamodule is not None and hasattr(datamodule, "vocab_size"):
             if datamodule.vocab_size > self.config.vocab_size:
-                raise ValueError(
+                raise UserError(
                     f"model.config.vocab_size ({self.config.vocab_size}) is smaller than the "
                     f"tokenizer's vocabulary ({datamodule.vocab_size}, {datamodule.tokenizer_fingerprint})")
             check_seq_len(datamodule, self.config)
@@ -281,7 +282,7 @@ class BaseLM(L.LightningModule):
             return self.trainer.max_steps
         steps = self.trainer.estimated_stepping_batches
         if not math.isfinite(steps):
-            raise ValueError(f"trainer.max_steps is {self.trainer.max_steps} (no limit) and the training data "
+            raise UserError(f"trainer.max_steps is {self.trainer.max_steps} (no limit) and the training data "
                              "never ends: set trainer.max_steps (the learning-rate schedule ends there)")
         return int(steps)
 
@@ -371,7 +372,7 @@ class BaseLM(L.LightningModule):
                 stored = ModelConfig.from_dict(dict(stored), "checkpoint hyper_parameters.config")
             problem = describe_config_mismatch(stored, self.config)
             if problem:
-                raise ValueError(f"checkpoint does not match model.config: {problem}")
+                raise UserError(f"checkpoint does not match model.config: {problem}")
         meta = checkpoint.get(CHECKPOINT_KEY, {})
         self.initial_val_metrics = dict(meta.get("initial_val_metrics", {}))
         self.validated_step = meta.get("validated_step")
@@ -379,7 +380,7 @@ class BaseLM(L.LightningModule):
             self._saved_state = (meta["global_step"], self.validated_step, bool(meta.get("final")))
         ours, theirs = self.tokenizer_fingerprint, meta.get("tokenizer")
         if ours and theirs and ours != theirs:
-            raise ValueError(f"checkpoint was trained with tokenizer {theirs!r} but the data uses {ours!r}")
+            raise UserError(f"checkpoint was trained with tokenizer {theirs!r} but the data uses {ours!r}")
 
 
 class DocumentSums(Metric):
@@ -455,13 +456,13 @@ def check_optimizer_settings(lr: float, min_lr_ratio: float, warmup_steps: int, 
     """Refuse what AdamW or the schedule would refuse, when the recipe is read (before a run
     writes anything), naming the recipe key."""
     if not 0.0 <= min_lr_ratio <= 1.0:
-        raise ValueError(f"model.init_args.min_lr_ratio must be in [0, 1], got {min_lr_ratio}")
+        raise UserError(f"model.init_args.min_lr_ratio must be in [0, 1], got {min_lr_ratio}")
     if warmup_steps < 0:
-        raise ValueError(f"model.init_args.warmup_steps must be >= 0, got {warmup_steps}")
+        raise UserError(f"model.init_args.warmup_steps must be >= 0, got {warmup_steps}")
     try:
         torch.optim.AdamW([torch.zeros(1, requires_grad=True)], lr=lr, betas=tuple(betas), weight_decay=weight_decay)
     except (ValueError, TypeError) as error:
-        raise ValueError(f"model.init_args (lr={lr!r}, betas={betas!r}, weight_decay={weight_decay!r}): "
+        raise UserError(f"model.init_args (lr={lr!r}, betas={betas!r}, weight_decay={weight_decay!r}): "
                          f"AdamW refuses it: {error}") from error
 
 
@@ -475,5 +476,5 @@ def check_seq_len(datamodule: Any, config: ModelConfig) -> None:
     """Training windows must fit the model's context; otherwise the first forward fails far from the cause."""
     seq_len = getattr(datamodule, "seq_len", None)
     if seq_len is not None and seq_len > config.max_seq_len:
-        raise ValueError(f"data.seq_len ({seq_len}) is longer than model.init_args.config.max_seq_len "
+        raise UserError(f"data.seq_len ({seq_len}) is longer than model.init_args.config.max_seq_len "
                          f"({config.max_seq_len}); shorten the first or raise the second")

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import errno
 import hashlib
 import inspect
 import json
@@ -44,7 +45,9 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from bam_lightning.callbacks.metrics_file import read_metrics
+from bam_lightning.checkpoint import DISK_FULL_MARGIN_BYTES, free_bytes
 from bam_lightning.config import ModelConfig
+from bam_lightning.errors import DiskFullError, UserError
 from bam_lightning.flops import (
     parameter_counts,
     recipe_tokens_per_step,
@@ -86,10 +89,10 @@ def load_pipeline_config(path: str, sweep: list[int] | None = None,
     """Read and check a pipeline recipe before any stage runs; errors name the key or file.
     `overrides` are `--set KEY=VALUE` items laid over a study file before it is checked."""
     if not Path(path).is_file():
-        raise FileNotFoundError(f"{path}: pipeline recipe not found")
+        raise UserError(f"{path}: pipeline recipe not found")
     config = load_yaml(path)
     if not isinstance(config, dict):
-        raise ValueError(f"{path}: a pipeline recipe is a mapping of {sorted(PIPELINE_KEYS)}")
+        raise UserError(f"{path}: a pipeline recipe is a mapping of {sorted(PIPELINE_KEYS)}")
     if overrides:
         if not is_study(config):
             raise StudyError(f"{path}: --set needs a study file (a pipeline file's stages are separate recipes)")
@@ -97,13 +100,13 @@ def load_pipeline_config(path: str, sweep: list[int] | None = None,
     seeds = config.setdefault("seeds", [0])
     if (not isinstance(seeds, list) or not seeds or not all(isinstance(x, int) and x >= 0 for x in seeds)
             or len(set(seeds)) != len(seeds)):
-        raise ValueError(f"{path}: seeds must be a list of distinct non-negative integers, got {seeds!r}")
+        raise UserError(f"{path}: seeds must be a list of distinct non-negative integers, got {seeds!r}")
     if is_study(config):
         if sweep is not None:
             config.setdefault("mixtures", {})["sweep"] = list(sweep)
         config = load_study(path, config)
     elif sweep is not None:
-        raise ValueError(f"{path}: --sweep needs a study file (a pipeline file names its mixture lengths in recipes)")
+        raise UserError(f"{path}: --sweep needs a study file (a pipeline file names its mixture lengths in recipes)")
     else:
         config = _load_recipe_files(path, config)
     config["seeds"] = seeds
@@ -137,31 +140,31 @@ def _load_recipe_files(path: str, config: dict[str, Any]) -> dict[str, Any]:
     """The older pipeline format: one `bam fit` recipe file per stage."""
     unknown = sorted(set(config) - PIPELINE_KEYS)
     if unknown:
-        raise ValueError(f"{path}: unknown keys {unknown}; known: {sorted(PIPELINE_KEYS)}")
+        raise UserError(f"{path}: unknown keys {unknown}; known: {sorted(PIPELINE_KEYS)}")
     for key in ("run_dir", "seed", "experts", "mixtures"):
         if key not in config:
-            raise ValueError(f"{path}: missing key {key!r}")
+            raise UserError(f"{path}: missing key {key!r}")
     unknown_methods = sorted(set(config["mixtures"]) - MIXTURE_METHODS)
     if unknown_methods:
-        raise ValueError(f"{path}: mixtures: unknown {unknown_methods}; known: {sorted(MIXTURE_METHODS)}")
+        raise UserError(f"{path}: mixtures: unknown {unknown_methods}; known: {sorted(MIXTURE_METHODS)}")
     config.setdefault("compute_matched", {})
     recipes = [config["seed"], *config["experts"].values(), *config["mixtures"].values()]
     if config.get("dense_baseline"):
         recipes.append(config["dense_baseline"])
     for recipe in recipes:
         if not Path(recipe).is_file():
-            raise FileNotFoundError(f"{path}: recipe {recipe} not found")
+            raise UserError(f"{path}: recipe {recipe} not found")
         steps = (read_recipe(recipe).get("trainer") or {}).get("max_steps")
         if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
-            raise ValueError(f"{recipe}: trainer.max_steps must be a positive number of steps, got {steps!r} "
+            raise UserError(f"{recipe}: trainer.max_steps must be a positive number of steps, got {steps!r} "
                              "(every stage of a pipeline trains a fixed number of steps)")
     matched = config["compute_matched"]
     if matched:
         if matched.get("reference") not in config["mixtures"]:
-            raise ValueError(f"{path}: compute_matched.reference must be one of mixtures {sorted(config['mixtures'])}")
+            raise UserError(f"{path}: compute_matched.reference must be one of mixtures {sorted(config['mixtures'])}")
         for method in matched.get("methods", []):
             if method not in config["mixtures"]:
-                raise ValueError(f"{path}: compute_matched.methods: {method!r} is not in mixtures")
+                raise UserError(f"{path}: compute_matched.methods: {method!r} is not in mixtures")
     return config
 
 
@@ -292,14 +295,14 @@ def check_stages(stages: list[Stage], config: dict[str, Any], run_dir: Path) -> 
 
         seed = read_checkpoint(existing_seed).config
         if seed.is_moe:
-            raise ValueError(f"{config.get('path', 'study')}: seed.checkpoint: {existing_seed} is a mixture "
+            raise UserError(f"{config.get('path', 'study')}: seed.checkpoint: {existing_seed} is a mixture "
                              f"(n_experts={seed.n_experts}, attn_experts={seed.attn_experts}); the seed is dense")
         dense_shape = {k: getattr(seed, k) for k in ARCHITECTURE_FIELDS}
     for stage in stages:
         recipe = composed[stage.name]
 
-        def fail(field: str, message: str, stage: Stage = stage) -> ValueError:
-            return ValueError(f"stage {stage.name} ({stage.source}): {field}: {message}")
+        def fail(field: str, message: str, stage: Stage = stage) -> UserError:
+            return UserError(f"stage {stage.name} ({stage.source}): {field}: {message}")
 
         parse_recipe(recipe, fail)
         steps = recipe["trainer"].get("max_steps")
@@ -411,7 +414,10 @@ def run_stage_process(config_path: Path) -> int:
 
 def _stage_child(config_path: str) -> None:
     _die_with_parent()
-    run_stage(config_path)
+    try:
+        run_stage(config_path)
+    except UserError:  # the pipeline prints its message (from error.txt) once, without a traceback
+        sys.exit(2)
 
 
 def write_json_atomic(path: Path, payload: Any) -> None:
@@ -425,13 +431,16 @@ def run_pipeline(path: str, force: bool = False, seeds: list[int] | None = None,
     config = load_pipeline_config(path, sweep, overrides)
     if seeds is not None:
         if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
-            raise ValueError(f"--seeds: give distinct non-negative mixture seeds, got {seeds}")
+            raise UserError(f"--seeds: give distinct non-negative mixture seeds, got {seeds}")
         config["seeds"] = list(seeds)
     run_dir = Path(config["run_dir"]).resolve()
+    from bam_lightning.lightning_cli import check_writable
+
+    check_writable(run_dir, f"{path}: run_dir")
     stages = plan(config)
     existing_seed = seed_checkpoint(config)
     if existing_seed and not Path(existing_seed).is_file():
-        raise FileNotFoundError(f"{path}: seed.checkpoint: {existing_seed} not found")
+        raise UserError(f"{path}: seed.checkpoint: {existing_seed} not found")
     composed_stages = check_stages(stages, config, run_dir)
     print(f"{len(stages)} stages composed and checked", flush=True)
     if check_only:
@@ -518,8 +527,17 @@ def failure_message(label: str, returncode: int, stage: Stage, config_path: Path
     error = error_file.read_text().strip()
     if error.startswith("KeyboardInterrupt"):
         return f"{label} was interrupted. Re-run the same command to resume from its last checkpoint."
-    return (f"{label} failed: {error}\nFix the stage's recipe {stage.source} (composed config: {config_path}), "
-            "then re-run the same command; finished stages are kept.")
+    if error.startswith(DiskFullError.__name__):
+        reason = error.partition(": ")[2]
+    elif f"[Errno {errno.ENOSPC}]" in error or free_bytes(config_path.parent) < DISK_FULL_MARGIN_BYTES:
+        reason = f"no space left on device under {config_path.parent}" + (f" ({error})" if error else "")
+    elif not error:  # the stage could not even say why
+        return f"{label} stopped (exit {returncode}) without a message; see its output above."
+    else:
+        return (f"{label} failed: {error}\nFix the stage's recipe {stage.source} (composed config: {config_path}), "
+                "then re-run the same command; finished stages are kept.")
+    return (f"{label} stopped: {reason}\nThe recipe is fine: free some space, then re-run the same command "
+            "to resume the stage from its last checkpoint (finished stages are kept).")
 
 
 def check_stage_checkpoint(label: str, last: Path, steps: int) -> None:
@@ -550,11 +568,14 @@ def run_stage(config_path: str) -> None:
     try:
         _run_stage(config_path)
     except (Exception, KeyboardInterrupt, SystemExit) as error:
-        if isinstance(error, SystemExit):
-            if error.code not in (0, None):  # the CLI refused the recipe and printed why above
-                error_file.write_text(f"the recipe was refused (exit {error.code}); its error is printed above")
-        else:
-            error_file.write_text(f"{type(error).__name__}: {error}")
+        try:
+            if isinstance(error, SystemExit):
+                if error.code not in (0, None):  # the CLI refused the recipe and printed why above
+                    error_file.write_text(f"the recipe was refused (exit {error.code}); its error is printed above")
+            else:
+                error_file.write_text(f"{type(error).__name__}: {error}")
+        except OSError:  # a full disk: the pipeline says so from an empty or missing error.txt
+            pass
         raise
 
 

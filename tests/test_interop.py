@@ -23,6 +23,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM  # 
 from bam_lightning.checkpoint import read_checkpoint, save_safetensors  # noqa: E402
 from bam_lightning.config import ModelConfig  # noqa: E402
 from bam_lightning.data.hf_tokenizer import HFTokenizer  # noqa: E402
+from bam_lightning.errors import UserError
 from bam_lightning.interop import export_hf, import_hf  # noqa: E402
 from bam_lightning.interop.hf_export import choose_target  # noqa: E402
 from bam_lightning.interop.hf_import import plan_gguf  # noqa: E402
@@ -154,7 +155,7 @@ def test_export_without_a_fitting_home_names_the_field(tmp_path):
     save_safetensors(GPT(bam).state_dict(), bam, tmp_path / "m.safetensors")
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("mine")
-    with pytest.raises(FileExistsError, match="--overwrite"):
+    with pytest.raises(UserError, match="--overwrite"):
         export_hf(tmp_path / "m.safetensors", tmp_path / "out", progress=False)
     assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
 

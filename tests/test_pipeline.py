@@ -12,6 +12,7 @@ import torch
 import yaml
 from helpers import write_domains
 
+from bam_lightning.errors import UserError
 from bam_lightning.pipeline import compute_matched_steps, load_pipeline_config, plan
 
 MODEL = {"vocab_size": 257, "n_layer": 1, "d_model": 16, "n_head": 2, "d_ff": 32, "max_seq_len": 16}
@@ -142,7 +143,7 @@ def test_pipeline_recipe_errors_name_the_key(tmp_path):
         load_pipeline_config(str(path))
     path.write_text(yaml.safe_dump({"run_dir": "x", "seed": str(tmp_path / "missing.yaml"), "experts": {},
                                     "mixtures": {}}))
-    with pytest.raises(FileNotFoundError, match="missing.yaml not found"):
+    with pytest.raises(UserError, match="missing.yaml not found"):
         load_pipeline_config(str(path))
     seed = tmp_path / "seed.yaml"
     seed.write_text("{}")

@@ -17,6 +17,7 @@ from helpers import (
 from torch.testing import assert_close
 
 from bam_lightning.checkpoint import save_safetensors
+from bam_lightning.errors import UserError
 from bam_lightning.model import GPT
 from bam_lightning.model.ffn import swiglu
 from bam_lightning.model.layers import rope_tables
@@ -296,7 +297,7 @@ def test_corrupt_truncated_and_missing_files_are_named(tmp_path):
     paths[2].write_bytes(b"this is not a checkpoint" * 10)
     file_error(paths, match=f"{re.escape(str(paths[2]))}: not a readable checkpoint")
     paths[2].unlink()
-    file_error(paths, error=FileNotFoundError, match=re.escape(str(paths[2])))
+    file_error(paths, error=UserError, match=re.escape(str(paths[2])))
 
 
 def test_mixture_checkpoint_as_source_is_refused(tmp_path):

@@ -31,6 +31,7 @@ import torch
 from bam_lightning.checkpoint import SourceCheckpoint, read_checkpoint, staging_directory
 from bam_lightning.config import ModelConfig
 from bam_lightning.data.hf_tokenizer import HFTokenizer, eos_token_of, find_tokenizer_json
+from bam_lightning.errors import UserError
 from bam_lightning.interop.hf_import import TOKENIZER_DIR_KEY, TOKENIZER_FILES
 from bam_lightning.interop.names import HF, dense_name_map, is_banked
 from bam_lightning.interop.safetensors_stream import (
@@ -60,9 +61,9 @@ def choose_target(config: ModelConfig, wanted: str = "auto") -> str:
     if wanted == "auto":
         return next(t for t in ("llama", "qwen2_moe", "bam") if not possible[t])
     if wanted not in possible:
-        raise ValueError(f"--format must be one of {list(TARGETS)}, got {wanted!r}")
+        raise UserError(f"--format must be one of {list(TARGETS)}, got {wanted!r}")
     if possible[wanted]:
-        raise ValueError(f"cannot export as {wanted}: {possible[wanted]}")
+        raise UserError(f"cannot export as {wanted}: {possible[wanted]}")
     return wanted
 
 
@@ -76,8 +77,10 @@ def export_hf(src: str | Path, out_dir: str | Path, *, tokenizer: str | Path | N
     from (its upcycling sources or `init_from`). Its fingerprint must match the checkpoint's.
     """
     src, out_dir = Path(src).expanduser(), Path(out_dir).expanduser()
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"--out {out_dir}: is a file; the export is a folder (name a new or empty folder)")
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out_dir}: exists and is not empty (pass --overwrite to replace it)")
+        raise UserError(f"{out_dir}: exists and is not empty (pass --overwrite to replace it)")
     checkpoint = read_checkpoint(src)
     config = checkpoint.config
     kind = choose_target(config, target)
@@ -218,7 +221,7 @@ def _resolve_tokenizer(src: Path, checkpoint: SourceCheckpoint, explicit: str | 
     if explicit is not None:
         path = find_tokenizer_json(explicit)
         if path is None:
-            raise FileNotFoundError(f"--tokenizer {explicit}: no tokenizer.json there")
+            raise UserError(f"--tokenizer {explicit}: no tokenizer.json there")
         candidates = [path]
     else:
         candidates = [p for p in _recorded_tokenizers(src, depth=3) if p is not None]
@@ -226,7 +229,7 @@ def _resolve_tokenizer(src: Path, checkpoint: SourceCheckpoint, explicit: str | 
         if wanted is None or wanted in _fingerprints(path):
             return path
     if explicit is not None:
-        raise ValueError(f"--tokenizer {explicit}: its fingerprint {sorted(_fingerprints(candidates[0]))} is "
+        raise UserError(f"--tokenizer {explicit}: its fingerprint {sorted(_fingerprints(candidates[0]))} is "
                          f"not the checkpoint's tokenizer {wanted!r}")
     return None
 

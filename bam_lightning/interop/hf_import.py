@@ -31,6 +31,7 @@ import torch
 from bam_lightning.checkpoint import SAFETENSORS_CONFIG_KEY, SAFETENSORS_DTYPES, staging_directory
 from bam_lightning.config import ModelConfig
 from bam_lightning.data.hf_tokenizer import TOKENIZER_CONFIG_FILE, HFTokenizer
+from bam_lightning.errors import UserError
 from bam_lightning.interop.names import GGUF, HF, dense_name_map, is_banked
 from bam_lightning.interop.safetensors_stream import (
     PlannedTensor,
@@ -72,9 +73,9 @@ def import_hf(src: str | Path, out: str | Path, *, dtype: torch.dtype | None = N
     """
     src, out = Path(src).expanduser(), Path(out).expanduser()
     if out.suffix != ".safetensors":
-        raise ValueError(f"--out {out}: the imported seed is written as a .safetensors file")
+        raise UserError(f"--out {out}: the imported seed is written as a .safetensors file")
     if not src.exists():
-        raise FileNotFoundError(f"{src}: no such file or folder")
+        raise UserError(f"{src}: no such file or folder")
     started = time.perf_counter()
     plan = plan_gguf(src) if src.suffix == ".gguf" else plan_hf_folder(src)
     if max_seq_len is not None:
@@ -86,7 +87,7 @@ def import_hf(src: str | Path, out: str | Path, *, dtype: torch.dtype | None = N
         plan.write_tokenizer(staging)
         tokenizer = HFTokenizer(staging / "tokenizer.json")
         if tokenizer.vocab_size > plan.config.vocab_size:
-            raise ValueError(f"{src}: the tokenizer has {tokenizer.vocab_size} tokens, more than the model's "
+            raise UserError(f"{src}: the tokenizer has {tokenizer.vocab_size} tokens, more than the model's "
                              f"vocab_size {plan.config.vocab_size} (embedding rows): it does not fit this model")
         metadata = {SAFETENSORS_CONFIG_KEY: json.dumps(plan.config.to_dict()),
                     "bam_lightning.tokenizer": tokenizer.fingerprint,
@@ -110,12 +111,12 @@ def import_hf(src: str | Path, out: str | Path, *, dtype: torch.dtype | None = N
 def plan_hf_folder(folder: Path) -> ImportPlan:
     config_path = folder / "config.json"
     if not config_path.is_file():
-        raise FileNotFoundError(f"{folder}: no config.json (expected a Hugging Face model folder or a .gguf file)")
+        raise UserError(f"{folder}: no config.json (expected a Hugging Face model folder or a .gguf file)")
     hf = json.loads(config_path.read_text())
     config = config_from_hf(hf, str(config_path))
     files = sorted(folder.glob("*.safetensors"))
     if not files:
-        raise FileNotFoundError(f"{folder}: no *.safetensors weights (pytorch_model.bin is not read: "
+        raise UserError(f"{folder}: no *.safetensors weights (pytorch_model.bin is not read: "
                                 "it would need unpickling)")
     tensors: dict[str, tuple[Path, str, tuple[int, ...], torch.dtype]] = {}
     for file in files:
@@ -123,7 +124,7 @@ def plan_hf_folder(folder: Path) -> ImportPlan:
             tensors[name] = (file, name, shape, dtype)
     biases = sorted(name for name in tensors if name.endswith(".bias"))
     if biases:
-        raise ValueError(f"{folder}: tensor {biases[0]!r} is a bias; ModelConfig has no biases "
+        raise UserError(f"{folder}: tensor {biases[0]!r} is a bias; ModelConfig has no biases "
                          "(config.json attention_bias / mlp_bias)")
     names = dense_name_map(config.n_layer, config.tie_embeddings, HF)
     plan = {}
@@ -149,12 +150,12 @@ def config_from_hf(hf: dict, where: str) -> ModelConfig:
     """ModelConfig for a Llama-family `config.json`; refuses what it cannot express, naming the field."""
     model_type = hf.get("model_type")
     if model_type not in HF_MODEL_TYPES:
-        raise ValueError(f"{where}: model_type {model_type!r} (architectures {hf.get('architectures')}) is not "
+        raise UserError(f"{where}: model_type {model_type!r} (architectures {hf.get('architectures')}) is not "
                          f"supported; Llama-family types that load: {list(HF_MODEL_TYPES)}")
     d_model, n_head = hf["hidden_size"], hf["num_attention_heads"]
 
     def refuse(field: str, why: str) -> None:
-        raise ValueError(f"{where}: {field} = {hf.get(field)!r}: {why}; ModelConfig cannot express it")
+        raise UserError(f"{where}: {field} = {hf.get(field)!r}: {why}; ModelConfig cannot express it")
 
     if hf.get("hidden_act", "silu") != "silu":
         refuse("hidden_act", "only SwiGLU (silu) FFNs exist here")
@@ -192,7 +193,7 @@ def _hf_tokenizer(folder: Path, hf: dict, out: Path) -> None:
 
             AutoTokenizer.from_pretrained(str(folder)).save_pretrained(str(out))
         except Exception as error:
-            raise FileNotFoundError(f"{folder}: no tokenizer.json, and transformers could not build one "
+            raise UserError(f"{folder}: no tokenizer.json, and transformers could not build one "
                                     f"({type(error).__name__}: {error})") from error
     eos_id = hf.get("eos_token_id")
     _set_eos(out, eos_id[0] if isinstance(eos_id, list) else eos_id)
@@ -220,7 +221,7 @@ def _safetensors_header(file: Path) -> dict[str, tuple[tuple[int, ...], torch.dt
         header.pop("__metadata__", None)
         return {name: (tuple(entry["shape"]), SAFETENSORS_DTYPES[entry["dtype"]]) for name, entry in header.items()}
     except Exception as error:
-        raise ValueError(f"{file}: not a readable safetensors file ({type(error).__name__}: {error})") from error
+        raise UserError(f"{file}: not a readable safetensors file ({type(error).__name__}: {error})") from error
 
 
 # ----- GGUF -----
@@ -236,21 +237,21 @@ def plan_gguf(path: Path) -> ImportPlan:
     try:
         reader = GGUFReader(str(path))
     except Exception as error:
-        raise ValueError(f"{path}: not a readable GGUF file ({type(error).__name__}: {error})") from error
+        raise UserError(f"{path}: not a readable GGUF file ({type(error).__name__}: {error})") from error
     meta = {name: _field_value(field) for name, field in reader.fields.items()}
     arch = meta.get("general.architecture")
     if arch not in GGUF_ARCHITECTURES:
-        raise ValueError(f"{path}: general.architecture {arch!r} is not supported; architectures that load: "
+        raise UserError(f"{path}: general.architecture {arch!r} is not supported; architectures that load: "
                          f"{list(GGUF_ARCHITECTURES)}")
     tensors = {t.name: t for t in reader.tensors}
     for tensor in reader.tensors:
         kind = tensor.tensor_type.name
         if kind not in SUPPORTED_GGUF_TYPES:
-            raise ValueError(f"{path}: tensor {tensor.name!r} uses quantisation {kind}, which is not supported "
+            raise UserError(f"{path}: tensor {tensor.name!r} uses quantisation {kind}, which is not supported "
                              f"(supported: {', '.join(SUPPORTED_GGUF_TYPES)})")
     biases = sorted(name for name in tensors if name.endswith(".bias"))
     if biases:
-        raise ValueError(f"{path}: tensor {biases[0]!r} is a bias; ModelConfig has no biases")
+        raise UserError(f"{path}: tensor {biases[0]!r} is a bias; ModelConfig has no biases")
     config = config_from_gguf(meta, tensors, str(path))
     names = dense_name_map(config.n_layer, config.tie_embeddings, GGUF)
     heads = {"attn.wq": config.n_head, "attn.wk": config.n_kv_head}
@@ -277,11 +278,11 @@ def config_from_gguf(meta: dict, tensors: dict, where: str) -> ModelConfig:
     for key in ("rope.dimension_count", "attention.key_length", "attention.value_length"):
         value = meta.get(f"{arch}.{key}")
         if value is not None and int(value) != head_dim:
-            raise ValueError(f"{where}: {arch}.{key} = {value}, but ModelConfig's head size is "
+            raise UserError(f"{where}: {arch}.{key} = {value}, but ModelConfig's head size is "
                              f"embedding_length / head_count = {head_dim}")
     scaling = meta.get(f"{arch}.rope.scaling.type")
     if scaling not in (None, "none"):
-        raise ValueError(f"{where}: {arch}.rope.scaling.type = {scaling!r}: only plain RoPE exists here")
+        raise UserError(f"{where}: {arch}.rope.scaling.type = {scaling!r}: only plain RoPE exists here")
     if "token_embd.weight" not in tensors:
         raise KeyError(f"{where}: missing tensor 'token_embd.weight'")
     return ModelConfig(
@@ -364,7 +365,7 @@ def _check_all_present(plan: ImportPlan, src: Path) -> dict[str, tuple[int, ...]
             raise KeyError(f"{src}: missing tensor {theirs!r} (our {key!r})")
         got = plan.tensors[key].shape
         if ((1, *got) if is_banked(key) else tuple(got)) != shape:
-            raise ValueError(f"{src}: tensor {theirs!r} has shape {list(got)}, the config implies "
+            raise UserError(f"{src}: tensor {theirs!r} has shape {list(got)}, the config implies "
                              f"{list(shape[1:] if is_banked(key) else shape)}")
     return shapes
 

@@ -154,9 +154,12 @@ class KVCache:
     """
 
     def __init__(self, config: ModelConfig, batch_size: int, max_len: int, dtype: torch.dtype,
-                 device: torch.device | str):
-        if not 1 <= max_len <= config.max_seq_len:
-            raise ValueError(f"KVCache: max_len {max_len} must be between 1 and max_seq_len {config.max_seq_len}")
+                 device: torch.device | str, padding: int = 0):
+        # `padding`: columns beyond max_seq_len for a left-padded batch, whose short rows may run
+        # past the longest row's end; each row's own positions stay below max_seq_len (generate).
+        if not 1 <= max_len <= config.max_seq_len + padding:
+            raise ValueError(f"KVCache: max_len {max_len} must be between 1 and max_seq_len {config.max_seq_len}"
+                             + (f" + padding {padding}" if padding else ""))
         if batch_size < 1:
             raise ValueError(f"KVCache: batch_size must be positive, got {batch_size}")
         shape = (batch_size, config.n_kv_banks * config.n_kv_head, max_len, config.head_dim)

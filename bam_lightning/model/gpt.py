@@ -105,12 +105,14 @@ class GPT(nn.Module):
         head = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
         return F.linear(x, head), layer_stats
 
-    def new_cache(self, batch_size: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> KVCache:
+    def new_cache(self, batch_size: int, max_len: int | None = None, dtype: torch.dtype | None = None,
+                  padding: int = 0) -> KVCache:
         """An empty KV cache for `batch_size` sequences of up to `max_len` (default max_seq_len)
-        tokens, in the weights' dtype and on their device."""
+        tokens, in the weights' dtype and on their device; `padding` allows max_len up to
+        max_seq_len + padding for the left padding of a batch of prompts of different lengths."""
         weight = self.tok_emb.weight
         return KVCache(self.config, batch_size, max_len or self.config.max_seq_len, dtype or weight.dtype,
-                       weight.device)
+                       weight.device, padding)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
