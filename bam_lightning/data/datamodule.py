@@ -6,7 +6,9 @@ order seed and the sample index (see stream.py): a checkpoint stores one number,
 trained, and resuming (also a resumed run, with any number of workers) continues the very same
 stream; `num_workers` changes the speed only. Validation scores `val_tokens_per_domain` tokens
 per domain in windows spread evenly over the whole held-out split, the same for every model, and
-keeps per-document sums so the report can bootstrap over validation documents.
+keeps per-document sums so the report can bootstrap over validation documents. With several
+processes each rank scores a contiguous share of those windows, each window exactly once, so every
+validation number is the same for any number of processes (see `rank_batches` in stream.py).
 
 Batches are `LongTensor[batch_size, seq_len + 1]`: the model takes inputs `[:, :-1]` and
 targets `[:, 1:]`. Documents are joined by the tokenizer's EOS id, so windows cross them.
@@ -37,7 +39,12 @@ from bam_lightning.data.prepare import (
     read_manifest,
     window_starts,
 )
-from bam_lightning.data.stream import TrainBatchesByIndex, TrainStream, ValidationWindows
+from bam_lightning.data.stream import (
+    TrainBatchesByIndex,
+    TrainStream,
+    ValidationLoader,
+    ValidationWindows,
+)
 from bam_lightning.data.tokenizer import TOKENIZER_FILE, load_tokenizer
 
 _DOMAIN_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")  # it becomes a folder and a metric name
@@ -261,16 +268,18 @@ class BAMDataModule(L.LightningDataModule):
         epoch_batches = max(1, sum(stream.window_counts) // self.batch_size)
         return TrainBatches(self, dataset, epoch_batches)
 
-    def val_dataloader(self) -> list[DataLoader]:
+    def val_dataloader(self) -> list[ValidationLoader]:
+        """One loader per validation domain. With several processes each rank scores its own
+        contiguous share of the windows, every window exactly once (see `rank_batches`)."""
         block = self.seq_len + 1
+        rank, world = self.rank_and_world()
         return [
-            DataLoader(
+            ValidationLoader(
                 ValidationWindows(
                     self._split_dir(domain, "val"), block, max(1, self.val_tokens_per_domain // block),
                     self.chunk_tokens[domain, "val"],
                 ),
-                batch_size=self.batch_size,
-                num_workers=self.num_workers,
+                self.batch_size, rank, world, self.num_workers,
             )
             for domain in self.val_domain_names
         ]
