@@ -58,9 +58,15 @@ class TrainBatches:
 
     An epoch is `epoch_batches` batches (every trained window once, on average); the stream
     itself runs on across epochs. With several processes, global batch g goes to rank
-    g mod world_size, so the global stream is the same for any number of processes. The position advances as batches are handed out; Lightning
-    fetches one batch ahead of the one it trains on, so the data module also counts the batches
-    actually trained (see `BAMDataModule.on_before_batch_transfer`)."""
+    g mod world_size, so the global stream is the same for any number of processes: step s of a
+    run on N processes trains global batches N*s .. N*s + N-1, which are, in rank order, the
+    samples of batch s of a 1-process run with N times the batch size. DDP averages the ranks'
+    gradients, so a dense model trains as that run does up to float rounding of the reduction
+    (tests/test_training_processes.py). A mixture's load-balancing loss is computed per rank from
+    that rank's routing fractions, as in any data-parallel MoE, so it is the average of N
+    half-batch losses rather than the full batch's. The position advances as batches are handed
+    out; Lightning fetches one batch ahead of the one it trains on, so the data module also counts
+    the batches actually trained (see `BAMDataModule.on_before_batch_transfer`)."""
 
     def __init__(self, datamodule: BAMDataModule, dataset: TrainBatchesByIndex, epoch_batches: int):
         self.datamodule, self.dataset, self.epoch_batches = datamodule, dataset, epoch_batches
