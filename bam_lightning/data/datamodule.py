@@ -99,8 +99,11 @@ class BAMDataModule(L.LightningDataModule):
 
     Args:
         domains: name -> "builtin" (one of code, legal, literature, math) or a path, folder,
-            glob, or list of them, to `.txt` (a document per file) or `.jsonl` (a document per
-            line, "text" field) files. None means the four built-in domains.
+            glob, or list of them, to `.txt` (a document per file), `.jsonl` / `.jsonl.gz` /
+            `.jsonl.zst` (a document per line, "text" field), `.parquet` / `.arrow` (a document
+            per row, "text" column) files or Hugging Face `save_to_disk` folders. A folder is
+            read whole; a file in it of another type is an error (hidden files are skipped).
+            None means the four built-in domains.
         train_weights: name -> sampling weight for training. None gives every domain the same
             weight; a domain left out of the dict is not trained on (weight 0).
         val_domains: domains with a validation loader, in this order. None means all domains.
@@ -120,6 +123,8 @@ class BAMDataModule(L.LightningDataModule):
         order_seed: seeds only the training stream's shuffling and mixing (None: `seed`), so a
             repeat with another data order keeps the same documents and validation set.
         num_workers: DataLoader worker processes (speed only: the stream does not depend on it).
+        text_fields: domain -> the JSON field or Parquet/Arrow column holding its documents
+            (None, or a domain left out: "text").
     """
 
     def __init__(
@@ -138,6 +143,7 @@ class BAMDataModule(L.LightningDataModule):
         seed: int = 1234,
         order_seed: int | None = None,
         num_workers: int = 0,
+        text_fields: dict[str, str] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -168,6 +174,11 @@ class BAMDataModule(L.LightningDataModule):
         self.seed = seed
         self.order_seed = seed if order_seed is None else order_seed
         self.num_workers = num_workers
+        for name, field in (text_fields or {}).items():
+            if name not in self.domains or not isinstance(field, str) or not field:
+                raise ValueError(f"text_fields[{name!r}] = {field!r}: give a known domain "
+                                 f"({', '.join(self.domains)}) and a non-empty field name")
+        self.text_fields = dict(text_fields) if text_fields else None
 
         # Known after setup() (data_dir after prepare_data(); vocab_size at once for bytes).
         self.data_dir: Path | None = None
@@ -193,6 +204,7 @@ class BAMDataModule(L.LightningDataModule):
             self.val_fraction,
             self.max_bytes_per_domain,
             self.seed,
+            self.text_fields,
         )
 
     def _resolve_data_dir(self, settings: dict[str, Any]) -> Path:
@@ -207,7 +219,7 @@ class BAMDataModule(L.LightningDataModule):
         if check_reusable(data_dir, settings):
             return
         documents = load_all_documents(
-            self.domains, self.max_bytes_per_domain, self.seed, default_cache_dir()
+            self.domains, self.max_bytes_per_domain, self.seed, default_cache_dir(), self.text_fields
         )
         prepare(data_dir, documents, settings)
 

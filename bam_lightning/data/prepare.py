@@ -81,6 +81,7 @@ def prepare_settings(
     val_fraction: float,
     max_bytes_per_domain: int,
     seed: int,
+    text_fields: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Everything the prepared data depends on, as plain JSON values."""
     settings = {
@@ -95,6 +96,8 @@ def prepare_settings(
         # near-duplicates stay on one side of the split (see dedup.py)
         "near_duplicates": {"shingle_words": SHINGLE_WORDS, "jaccard": JACCARD_THRESHOLD},
     }
+    if text_fields:  # only when set, so data prepared before the option keeps its hash
+        settings["text_fields"] = dict(sorted(text_fields.items()))
     if tokenizer not in ("byte", "bpe"):  # a tokenizer file: prepared data follows its contents
         from bam_lightning.data.hf_tokenizer import HFTokenizer, find_tokenizer_json
 
@@ -296,14 +299,16 @@ def read_document_offsets(split_dir: Path) -> np.ndarray:
 
 
 def load_all_documents(
-    domains: dict[str, str | list[str]], max_bytes: int, seed: int, cache_dir: Path
+    domains: dict[str, str | list[str]], max_bytes: int, seed: int, cache_dir: Path,
+    text_fields: dict[str, str] | None = None,
 ) -> dict[str, list[str]]:
     """User files first: their errors should show before any built-in corpus is built."""
     ordered = sorted(domains, key=lambda domain: domains[domain] == BUILTIN)
     documents = {}
     for domain in ordered:
         started = time.perf_counter()
-        documents[domain] = load_documents(domain, domains[domain], max_bytes, seed, cache_dir)
+        documents[domain] = load_documents(domain, domains[domain], max_bytes, seed, cache_dir,
+                                           (text_fields or {}).get(domain, "text"))
         if len(documents[domain]) < 2:
             raise ValueError(
                 f"domain {domain!r} has {len(documents[domain])} document(s) within "
