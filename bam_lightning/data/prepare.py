@@ -27,6 +27,7 @@ and chunk size. `seq_len` and the validation token cap are read-time choices and
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import random
@@ -57,6 +58,7 @@ PREPARED_FORMAT_VERSION = 3  # 1: litdata, our reading order not yet ours; 2: fl
 MANIFEST_FILE = "manifest.json"
 DOCUMENTS_FILE = "documents.npy"
 CHUNK_BYTES = 1 << 22  # 4 MiB of tokens per litdata chunk file
+TOKENIZE_BLOCK = 4096  # documents encoded per tokenizer call
 GROUP_TOKENS = 1 << 20  # tokens handed to the optimize worker per input (not one message per document)
 
 
@@ -186,14 +188,20 @@ def tokenize_documents(
     tokenizer: TextTokenizer, documents: Sequence[str], dtype: str
 ) -> tuple[np.ndarray, np.ndarray]:
     """All documents' tokens, each EOS-terminated, joined; and the offset of each document
-    (length n + 1). Encoded in batches (in parallel for BPE)."""
-    encoded = tokenizer.encode_batch(documents)
-    offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
-    offsets[1:] = np.cumsum([len(ids) + 1 for ids in encoded])
-    tokens = np.empty(int(offsets[-1]), dtype=dtype)
-    for start, ids in zip(offsets[:-1], encoded, strict=True):
-        tokens[start:start + len(ids)] = ids
-        tokens[start + len(ids)] = tokenizer.eos_id
+    (length n + 1). Encoded TOKENIZE_BLOCK documents at a time (in parallel for BPE), so the
+    tokenizer's Python lists never hold more than a block: the result is `dtype` throughout."""
+    blocks: list[np.ndarray] = []
+    lengths = np.empty(len(documents), dtype=np.int64)
+    for first in range(0, len(documents), TOKENIZE_BLOCK):
+        encoded = tokenizer.encode_batch(documents[first:first + TOKENIZE_BLOCK])
+        lengths[first:first + len(encoded)] = [len(ids) + 1 for ids in encoded]
+        eos = [tokenizer.eos_id]
+        blocks.append(np.fromiter(itertools.chain.from_iterable(ids + eos for ids in encoded), dtype=dtype,
+                                  count=int(lengths[first:first + len(encoded)].sum())))
+        del encoded
+    offsets = np.zeros(len(documents) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    tokens = np.concatenate(blocks) if blocks else np.empty(0, dtype=dtype)
     return tokens, offsets
 
 
