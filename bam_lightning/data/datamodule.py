@@ -321,9 +321,19 @@ class BAMDataModule(L.LightningDataModule):
         return batch
 
     def rank_and_world(self) -> tuple[int, int]:
-        """This process's rank and the number of processes sharing the training stream."""
+        """This process's rank and the number of processes sharing the data: the data-parallel
+        ones (under ModelParallelStrategy with tensor parallelism, the ranks of one tensor-parallel
+        group read the same batches), else every process."""
         trainer = self.trainer
-        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        if trainer is None:
+            return 0, 1
+        try:
+            kwargs = getattr(trainer.strategy, "distributed_sampler_kwargs", None)
+        except AssertionError:  # ModelParallelStrategy before its device mesh exists
+            kwargs = None
+        if kwargs and "rank" in kwargs and "num_replicas" in kwargs:
+            return int(kwargs["rank"]), int(kwargs["num_replicas"])
+        return trainer.global_rank, trainer.world_size
 
     def state_dict(self) -> dict[str, Any]:
         """The training stream's position and what it depends on; Lightning stores it in checkpoints."""
