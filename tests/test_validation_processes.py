@@ -35,11 +35,17 @@ from bam_lightning.config import ModelConfig
 from bam_lightning.data import BAMDataModule
 from bam_lightning.lit import MoELM
 
-devices, settings, out = int(sys.argv[1]), json.loads(sys.argv[2]), sys.argv[3]
+devices, settings, out, mode = int(sys.argv[1]), json.loads(sys.argv[2]), sys.argv[3], sys.argv[4]
+if mode == "fsdp2":  # sharded weights: every forward is a collective, so every rank must run as many
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    strategy = ModelParallelStrategy(data_parallel_size=devices, tensor_parallel_size=1)
+else:
+    strategy = "ddp" if devices > 1 else "auto"
 
 
 def trainer(**overrides):
-    return L.Trainer(accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto",
+    return L.Trainer(accelerator="cpu", devices=devices, strategy=strategy,
                      logger=False, enable_checkpointing=False, enable_progress_bar=False,
                      enable_model_summary=False, **overrides)
 
@@ -49,6 +55,11 @@ model = MoELM(ModelConfig(**settings.pop("config")), warmup_steps=0)
 validating = trainer()
 metrics = validating.validate(model, datamodule=BAMDataModule(**settings), verbose=False)[0]
 result = {"metrics": metrics, "documents": model.val_document_stats}
+if mode == "fsdp2":
+    if validating.global_rank == 0:
+        with open(out, "w") as handle:
+            json.dump(result, handle)
+    sys.exit(0)
 # the same weights, validated inside fit (before step 0, through the DDP wrapper)
 torch.manual_seed(0)
 model = MoELM(ModelConfig(**model.config.to_dict()), warmup_steps=0)
@@ -88,10 +99,10 @@ def toy(tmp_path_factory):
     return root, settings
 
 
-def run_script(root: Path, settings: dict, devices: int) -> dict:
-    out = root / f"result{devices}.json"
+def run_script(root: Path, settings: dict, devices: int, mode: str = "ddp") -> dict:
+    out = root / f"result{devices}{mode}.json"
     run = subprocess.run([sys.executable, str(root / "validate.py"), str(devices),
-                          json.dumps({**settings, "config": CONFIG}), str(out)],
+                          json.dumps({**settings, "config": CONFIG}), str(out), mode],
                          cwd=root, capture_output=True, text=True, timeout=240)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
     return json.loads(out.read_text())
@@ -120,12 +131,12 @@ def test_one_two_and_three_processes_validate_the_same_windows_once(toy):
     root, settings = toy
     results = {devices: run_script(root, settings, devices) for devices in (1, 2, 3)}
     reference = results[1]
+    fsdp2 = run_script(root, settings, 3, "fsdp2")  # a rank with no digits window, sharded weights
     for domain, windows in (("prose", 3), ("digits", 2)):
         assert sum(reference["documents"][domain]["tokens"]) == windows * SEQ_LEN
     assert any(key.startswith("val/prose/attn_gate/") for key in reference["metrics"])
     assert any(key.startswith("val/digits/ffn_load/") for key in reference["metrics"])
-    for devices in (2, 3):
-        got = results[devices]
+    for devices, got in ((2, results[2]), (3, results[3]), ("3 fsdp2", fsdp2)):
         for domain, expected in reference["documents"].items():
             ours = got["documents"][domain]
             assert ours["document"] == expected["document"], (devices, domain)
