@@ -328,7 +328,7 @@ class BAMDataModule(L.LightningDataModule):
         if trainer is None:
             return 0, 1
         try:
-            kwargs = getattr(trainer.strategy, "distributed_sampler_kwargs", None)
+            kwargs = getattr(getattr(trainer, "strategy", None), "distributed_sampler_kwargs", None)
         except AssertionError:  # ModelParallelStrategy before its device mesh exists
             kwargs = None
         if kwargs and "rank" in kwargs and "num_replicas" in kwargs:
