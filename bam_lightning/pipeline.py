@@ -10,10 +10,20 @@ holds its final step, so the next stage never starts from an older one.
 Compute-matched (CM) stages cut the steps to the reference's training FLOPs and scale the
 warm-up with them: warm-up is the same fraction of every run, DM or CM.
 
-Stages are idempotent: a stage whose fingerprint (its composed config plus its upstream stages'
-fingerprints) matches a finished `stage.json` is skipped; an unfinished one resumes from its
-`last.ckpt`; a changed config moves the old stage aside (`<name>.stale`) and reruns it and every
-stage after it.
+Stages are idempotent: a stage whose fingerprint matches a finished `stage.json` is skipped; an
+unfinished one resumes from its `last.ckpt`; a changed one is rerun, and so is every stage after
+it. The fingerprint is what decides a stage's numbers: its composed config, its upstream stages'
+fingerprints (sparse upcycling: the seed's only, the one source it reads) and the identity of the
+prepared data (sources with each file's size and modification time, tokenizer, split). Speed-only
+fields are left out (SPEED_ONLY_*: `data.num_workers`, `data.data_dir`, `checkpoint_every_n_steps`,
+the progress bar, model summary, logging, logger and monitoring callbacks), and paths inside
+`run_dir` count relative to it, so a moved run folder keeps its stages.
+
+Finished work is never lost to a change that cannot run: the data module arguments, every user
+path and an existing seed's tokenizer are checked before the first stage. A changed stage's old
+outputs move aside to `<name>.stale` (then `.stale.1`, ...: never over an earlier one); if the new
+run stops before its first checkpoint they move back (the attempt is kept as `<name>.failed`),
+and a configuration that comes back finds its `.stale` outputs and reuses them.
 
 The recipe is a study file (`bam_lightning/study.py`: every fact said once, stage recipes
 derived) or an older pipeline file that names one recipe file per stage. Either way every stage's

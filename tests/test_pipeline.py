@@ -1,5 +1,6 @@
 """`bam pipeline` end to end on tiny data: stages, report, skip, invalidation, kill and re-run."""
 
+import hashlib
 import json
 import os
 import re
@@ -11,7 +12,7 @@ import time
 import pytest
 import torch
 import yaml
-from helpers import write_domains
+from helpers import read_prepared_split, write_domains
 
 from bam_lightning.pipeline import compute_matched_steps, load_pipeline_config, plan
 
@@ -296,8 +297,13 @@ def test_replacing_a_domains_text_retrains_the_stages_and_records_document_hashe
     first = bam("pipeline", str(path), timeout=600)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     record = json.loads((run_dir / "stages" / "btx" / "stage.json").read_text())
+    (prepared,) = (tmp_path / "cache" / "prepared").glob("*/manifest.json")
     for domain, stats in record["val_documents"].items():  # a content hash per scored document
-        assert len(stats["hash"]) == len(stats["document"]) and all(len(h) == 16 for h in stats["hash"]), domain
+        # recomputed from the split read without the pipeline's reader (tests/helpers.py)
+        tokens, _, offsets = read_prepared_split(prepared.parent / domain / "val", "uint16")
+        expected = [hashlib.blake2b(tokens[offsets[i]:offsets[i + 1]].tobytes(), digest_size=8).hexdigest()
+                    for i in stats["document"]]
+        assert stats["hash"] == expected, domain
     os.rename(run_dir, tmp_path / "moved")
     reused = bam("pipeline", str(path), "--set", f"run_dir={tmp_path / 'moved'}", "--set", "data.num_workers=1",
                  "--set", "checkpoint_every_n_steps=2", timeout=600)
@@ -311,3 +317,34 @@ def test_replacing_a_domains_text_retrains_the_stages_and_records_document_hashe
     new = json.loads((tmp_path / "moved" / "stages" / "btx" / "stage.json").read_text())
     assert new["val_documents"]["digits"]["hash"] != record["val_documents"]["digits"]["hash"]
     assert new["val_documents"]["alpha"]["hash"] == record["val_documents"]["alpha"]["hash"]
+
+
+def test_the_progress_callback_leaves_a_stages_numbers_alone(tmp_path, monkeypatch, capsys):
+    """This version changes every fingerprint but not what a stage trains: the composed recipe
+    differs only by the ProgressLog callback, and a stage fitted with it ends on exactly the
+    weights and validation numbers of one fitted without it."""
+    from bam_lightning.lightning_cli import run_lightning_cli
+    from bam_lightning.pipeline import compose_stage
+
+    monkeypatch.setenv("BAM_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(sys, "argv", ["bam"])
+    path, _, _ = small_study(tmp_path)
+    config = load_pipeline_config(str(path))
+    seed = plan(config)[0]
+    results = []
+    for name in ("with", "without"):
+        recipe = compose_stage(seed, config, tmp_path / name)
+        if name == "without":
+            recipe["trainer"]["callbacks"] = [c for c in recipe["trainer"]["callbacks"]
+                                              if not c["class_path"].endswith("ProgressLog")]
+        recipe_path = tmp_path / f"{name}.yaml"
+        recipe_path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+        cli = run_lightning_cli(["--config", str(recipe_path)], run=False)
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+        results.append(({k: v.clone() for k, v in cli.model.state_dict().items()},
+                         {k: float(v) for k, v in cli.trainer.callback_metrics.items() if k.startswith("val/")}))
+    printed = capsys.readouterr().out
+    assert printed.count("[seed] step 6/6  val/avg/loss") == 1, printed  # only the run with the callback
+    (weights, metrics), (plain_weights, plain_metrics) = results
+    assert metrics == plain_metrics and metrics
+    assert all(torch.equal(weights[k], plain_weights[k]) for k in plain_weights)
