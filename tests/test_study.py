@@ -354,3 +354,25 @@ def test_a_domain_left_out_of_an_explicit_mix_is_named_at_check(tmp_path, capsys
     quiet = write(tmp_path / "quiet.yaml", tiny_study(tmp_path, **{"data.domains": domains,
                                                                    "seed.train_weights": weights}))
     assert load_pipeline_config(quiet)["warnings"] == []
+
+
+def test_a_seed_checkpoint_with_another_tokenizer_is_refused_before_any_stage(tmp_path, capsys):
+    """Issue 22, item 0: the seed's tokenizer is checked against the data before the first stage."""
+    from helpers import random_dense_state_dict, save_lightning_checkpoint, tiny_config
+
+    study = tiny_study(tmp_path)
+    shape = tiny_config(**{k: v for k, v in study["model"].items() if k != "tie_embeddings"})
+    for tokenizer, refused in (("bpe-300-abcdef012345", True), ("byte", False)):
+        checkpoint = save_lightning_checkpoint(tmp_path / f"{tokenizer}.ckpt", shape,
+                                               random_dense_state_dict(shape, 0), tokenizer=tokenizer)
+        study["seed"] = {"domain": "literature", "checkpoint": str(checkpoint)}
+        path = write(tmp_path / "study.yaml", study)
+        if refused:
+            with pytest.raises(SystemExit) as exit_info:
+                pipeline_main([path, "--check"])
+            assert exit_info.value.code == 2
+            assert "tokenizer 'bpe-300-abcdef012345', but data.tokenizer gives 'byte'" in capsys.readouterr().err
+        else:
+            pipeline_main([path, "--check"])
+            assert "stages composed and checked" in capsys.readouterr().out
+    assert not (tmp_path / "run").exists()
