@@ -402,7 +402,7 @@ def fingerprint(composed: dict[str, Any], upstream: list[str], run_dir: Path | N
                 data: str | None = None) -> str:
     """What a stage's numbers depend on: its composed recipe without the speed-only fields, with
     paths inside `run_dir` written relative to it (moving the run folder keeps its stages), the
-    upstream stages' fingerprints, and the identity of the prepared data (`data_identity`)."""
+    upstream stages' fingerprints, and the identity of the prepared data (`data_identities`)."""
     text = json.dumps({"config": result_fields(composed, run_dir), "upstream": upstream, "data": data},
                       sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
