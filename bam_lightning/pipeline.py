@@ -10,10 +10,20 @@ holds its final step, so the next stage never starts from an older one.
 Compute-matched (CM) stages cut the steps to the reference's training FLOPs and scale the
 warm-up with them: warm-up is the same fraction of every run, DM or CM.
 
-Stages are idempotent: a stage whose fingerprint (its composed config plus its upstream stages'
-fingerprints) matches a finished `stage.json` is skipped; an unfinished one resumes from its
-`last.ckpt`; a changed config moves the old stage aside (`<name>.stale`) and reruns it and every
-stage after it.
+Stages are idempotent: a stage whose fingerprint matches a finished `stage.json` is skipped; an
+unfinished one resumes from its `last.ckpt`; a changed one is rerun, and so is every stage after
+it. The fingerprint is what decides a stage's numbers: its composed config, its upstream stages'
+fingerprints (sparse upcycling: the seed's only, the one source it reads) and the identity of the
+prepared data (sources with each file's size and modification time, tokenizer, split). Speed-only
+fields are left out (SPEED_ONLY_*: `data.num_workers`, `data.data_dir`, `checkpoint_every_n_steps`,
+the progress bar, model summary, logging, logger and monitoring callbacks), and paths inside
+`run_dir` count relative to it, so a moved run folder keeps its stages.
+
+Finished work is never lost to a change that cannot run: the data module arguments, every user
+path and an existing seed's tokenizer are checked before the first stage. A changed stage's old
+outputs move aside to `<name>.stale` (then `.stale.1`, ...: never over an earlier one); if the new
+run stops before its first checkpoint they move back (the attempt is kept as `<name>.failed`),
+and a configuration that comes back finds its `.stale` outputs and reuses them.
 
 The recipe is a study file (`bam_lightning/study.py`: every fact said once, stage recipes
 derived) or an older pipeline file that names one recipe file per stage. Either way every stage's
@@ -28,7 +38,6 @@ import argparse
 import copy
 import errno
 import hashlib
-import inspect
 import json
 import math
 import multiprocessing
@@ -54,15 +63,21 @@ from bam_lightning.flops import (
     trainer_tokens_per_step,
     training_flops_per_token,
 )
-from bam_lightning.lit import BaseLM
-from bam_lightning.study import StudyError, is_study, load_study, load_yaml, recipe_path_or_dict
+from bam_lightning.study import (
+    DEFAULT_WARMUP_STEPS,
+    StudyError,
+    is_study,
+    load_study,
+    load_yaml,
+    recipe_path_or_dict,
+    resolve_interpolations,
+)
 
 PIPELINE_KEYS = {"run_dir", "seeds", "seed", "experts", "mixtures", "compute_matched", "dense_baseline",
                  "checkpoint_every_n_steps"}
 SEED_CHECKPOINT = "checkpoint"  # study: `seed: {checkpoint: PATH}` upcycles an existing dense model as the seed
 MIXTURE_METHODS = {"bam", "bam_shared_kv", "btx", "sparse", "btx_param_matched"}
 ERROR_FILE = "error.txt"  # a stage's exception, for the pipeline's failure line
-DEFAULT_WARMUP_STEPS = inspect.signature(BaseLM.__init__).parameters["warmup_steps"].default
 
 
 @dataclass
@@ -90,13 +105,14 @@ def load_pipeline_config(path: str, sweep: list[int] | None = None,
     `overrides` are `--set KEY=VALUE` items laid over a study file before it is checked."""
     if not Path(path).is_file():
         raise UserError(f"{path}: pipeline recipe not found")
-    config = load_yaml(path)
+    config = load_yaml(path, resolve=False)  # --set changes the file's values, then ${...} is resolved
     if not isinstance(config, dict):
         raise UserError(f"{path}: a pipeline recipe is a mapping of {sorted(PIPELINE_KEYS)}")
     if overrides:
         if not is_study(config):
             raise StudyError(f"{path}: --set needs a study file (a pipeline file's stages are separate recipes)")
         apply_overrides(config, overrides)
+    config = resolve_interpolations(path, config)
     seeds = config.setdefault("seeds", [0])
     if (not isinstance(seeds, list) or not seeds or not all(isinstance(x, int) and x >= 0 for x in seeds)
             or len(set(seeds)) != len(seeds)):
@@ -251,12 +267,14 @@ def compose_stage(stage: Stage, config: dict[str, Any], run_dir: Path) -> dict[s
                          "init_args": {"save_dir": str(run_dir / "tensorboard"), "name": stage.name,
                                        "version": "", "default_hp_metric": False}}
     callbacks = [c for c in trainer.get("callbacks") or []
-                 if not c["class_path"].endswith(("ModelCheckpoint", "MetricsFile"))]
+                 if not c["class_path"].endswith(("ModelCheckpoint", "MetricsFile", "ProgressLog"))]
     callbacks.append({"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
                       "init_args": {"dirpath": str(stage_dir / "checkpoints"), "save_last": True,
                                     "save_top_k": 0, "every_n_train_steps": config["checkpoint_every_n_steps"]}})
     callbacks.append({"class_path": "bam_lightning.callbacks.MetricsFile",
                       "init_args": {"path": str(stage_dir / "metrics.jsonl")}})
+    # a line per validation: the only progress a log file gets (the bar needs a terminal)
+    callbacks.append({"class_path": "bam_lightning.callbacks.ProgressLog", "init_args": {"name": stage.name}})
     for callback in callbacks:
         if callback["class_path"].endswith("UpcyclingCallback"):
             callback.setdefault("init_args", {})["sources"] = [ckpt(name) for name in stage.depends]
@@ -320,6 +338,10 @@ def check_stages(stages: list[Stage], config: dict[str, Any], run_dir: Path) -> 
             model_config = recipe_model_config(recipe)
         except (TypeError, ValueError) as error:
             raise fail("model.init_args.config", str(error)) from None
+        seq_len = data.get("seq_len", 128)
+        if isinstance(seq_len, int) and seq_len > model_config.max_seq_len:
+            raise fail("data.seq_len", f"{seq_len} is longer than model.init_args.config.max_seq_len "
+                                       f"{model_config.max_seq_len}; shorten the first or raise the second")
         tokenizer = data.get("tokenizer", "byte")
         if tokenizer == "bpe" and model_config.vocab_size != data.get("bpe_vocab_size", 4096):
             raise fail("model.init_args.config.vocab_size", f"{model_config.vocab_size}, but the BPE tokenizer has "
@@ -370,9 +392,173 @@ def upcycling_method(recipe: dict[str, Any]) -> str | None:
     return None
 
 
-def fingerprint(composed: dict[str, Any], upstream: list[str]) -> str:
-    text = json.dumps({"config": composed, "upstream": upstream}, sort_keys=True)
+# Fields that change how fast a stage runs, how it reports, or where it writes, never its numbers:
+# the fingerprint leaves them out, so changing them reuses finished stages.
+SPEED_ONLY_TRAINER = ("default_root_dir", "logger", "enable_progress_bar", "enable_model_summary",
+                      "log_every_n_steps")
+SPEED_ONLY_CALLBACKS = ("ModelCheckpoint", "MetricsFile", "ProgressLog", "LearningRateMonitor", "TokenThroughput")
+SPEED_ONLY_DATA = ("num_workers", "data_dir")  # data_dir: where the data is; its identity is fingerprinted
+RUN_DIR_MARK = "$RUN_DIR"
+
+
+def fingerprint(composed: dict[str, Any], upstream: list[str], run_dir: Path | None = None,
+                data: str | None = None) -> str:
+    """What a stage's numbers depend on: its composed recipe without the speed-only fields, with
+    paths inside `run_dir` written relative to it (moving the run folder keeps its stages), the
+    upstream stages' fingerprints, and the identity of the prepared data (`data_identities`)."""
+    text = json.dumps({"config": result_fields(composed, run_dir), "upstream": upstream, "data": data},
+                      sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def result_fields(composed: dict[str, Any], run_dir: Path | None = None) -> dict[str, Any]:
+    """The composed recipe less SPEED_ONLY_* (see the module docstring)."""
+    recipe = copy.deepcopy(composed)
+    trainer = recipe.get("trainer") or {}
+    for key in SPEED_ONLY_TRAINER:
+        trainer.pop(key, None)
+    if "callbacks" in trainer:
+        trainer["callbacks"] = [c for c in trainer["callbacks"] or []
+                                if not c["class_path"].endswith(SPEED_ONLY_CALLBACKS)]
+    for key in SPEED_ONLY_DATA:
+        (recipe.get("data") or {}).pop(key, None)
+    return _relative_to(recipe, str(run_dir)) if run_dir is not None else recipe
+
+
+def _relative_to(value: Any, root: str) -> Any:
+    if isinstance(value, dict):
+        return {key: _relative_to(item, root) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_relative_to(item, root) for item in value]
+    if isinstance(value, str) and (value == root or value.startswith(root + os.sep)):
+        return RUN_DIR_MARK + value[len(root):]
+    return value
+
+
+def stage_fingerprints(stages: list[Stage], composed: dict[str, dict[str, Any]], config: dict[str, Any],
+                       run_dir: Path) -> dict[str, str]:
+    """Every stage's fingerprint, in run order (each includes its upstream stages')."""
+    data = data_identities(stages, composed, config)
+    existing_seed = seed_checkpoint(config)
+    # an existing seed checkpoint is fingerprinted by path, size and time, so replacing it reruns the rest
+    prints = {"seed": fingerprint({"checkpoint": existing_seed, "stat": [Path(existing_seed).stat().st_size,
+                                                                          Path(existing_seed).stat().st_mtime_ns]}, [])
+              } if existing_seed else {}
+    for stage in stages:
+        prints[stage.name] = stage_fingerprint(stage, composed[stage.name], prints, run_dir, data[stage.name])
+    return prints
+
+
+def stage_fingerprint(stage: Stage, composed: dict[str, Any], prints: dict[str, str], run_dir: Path,
+                      data: str | None) -> str:
+    """`sparse` upcycling reads only the seed (the other sources are checked, not used): its stages
+    depend on the seed's fingerprint alone, so retraining an expert leaves them finished."""
+    upstream = stage.depends
+    if upcycling_method(composed) == "sparse":
+        upcycling = next(c for c in composed["trainer"]["callbacks"] if c["class_path"].endswith("UpcyclingCallback"))
+        upstream = [stage.depends[int((upcycling.get("init_args") or {}).get("seed_index", 0))]]
+    return fingerprint(composed, [prints[name] for name in upstream], run_dir, data)
+
+
+# ----- the data every stage reads: checked, and identified, before the first stage runs -----
+def data_identities(stages: list[Stage], composed: dict[str, dict[str, Any]],
+                    config: dict[str, Any]) -> dict[str, str]:
+    """Per stage, the identity of the prepared data it reads: the prepared-data settings digest
+    (data/prepare.py: sources with each user file's path, size and modification time, tokenizer,
+    split, byte cap), the key of the prepared folder itself. Building it checks what a stage would
+    refuse within seconds (data module arguments, user paths, a seed checkpoint's tokenizer), so a
+    study that cannot run fails here, before any stage is touched."""
+    from bam_lightning.data.datamodule import BAMDataModule
+    from bam_lightning.data.prepare import settings_digest
+
+    by_data: dict[str, tuple[str, str | None]] = {}
+    identities = {}
+    for stage in stages:
+        data = dict(composed[stage.name].get("data") or {})
+        key = json.dumps({k: v for k, v in data.items() if k not in ("train_weights", "order_seed", "num_workers")},
+                         sort_keys=True)
+        if key not in by_data:
+            try:
+                module = BAMDataModule(**data)
+                settings = module._settings()  # resolves user paths: a missing file fails here
+            except (TypeError, ValueError, OSError) as error:
+                raise StudyError(f"stage {stage.name} ({stage.source}): data: {error}") from None
+            by_data[key] = (settings_digest(settings), data_tokenizer_fingerprint(module, settings))
+        identities[stage.name] = by_data[key][0]
+    existing_seed = seed_checkpoint(config)
+    if existing_seed and stages:
+        from bam_lightning.checkpoint import read_checkpoint
+
+        seed_tokenizer = read_checkpoint(existing_seed).tokenizer
+        tokenizers = {tokenizer for _, tokenizer in by_data.values() if tokenizer}
+        for tokenizer in tokenizers:
+            if seed_tokenizer and tokenizer != seed_tokenizer:
+                raise StudyError(f"{config.get('path', 'study')}: seed.checkpoint: {existing_seed} was trained with "
+                                 f"tokenizer {seed_tokenizer!r}, but data.tokenizer gives {tokenizer!r}; set "
+                                 "data.tokenizer to the seed's tokenizer.json (the folder `bam import-hf` wrote)")
+    return identities
+
+
+def add_document_hashes(record: dict[str, Any], data: dict[str, Any]) -> None:
+    """Put a content hash beside each scored validation document (`val_documents[domain]["hash"]`,
+    in the order of `["document"]`), read from the prepared validation split the stage scored,
+    so the report pairs two rows only when they scored the same texts."""
+    from bam_lightning.data.datamodule import BAMDataModule
+
+    documents = record.get("val_documents") or {}
+    if not documents:
+        return
+    module = BAMDataModule(**data)
+    hashes = validation_document_hashes(module._resolve_data_dir(module._settings()), list(documents))
+    for domain, stats in documents.items():
+        stats["hash"] = [hashes[domain][int(i)] for i in stats["document"]]
+
+
+def validation_document_hashes(data_dir: Path, domains: list[str]) -> dict[str, list[str]]:
+    """Per domain, a short hash of each validation document's tokens (the tokenizer is the same
+    for every stage of a study, so equal tokens are equal texts)."""
+    from bam_lightning.data.prepare import read_document_offsets, read_manifest
+
+    manifest = read_manifest(data_dir)
+    if manifest is None:
+        raise FileNotFoundError(f"{data_dir}: no prepared data (manifest.json) to hash validation documents from")
+    out = {}
+    for domain in domains:
+        split = data_dir / domain / "val"
+        tokens = read_split_tokens(split, manifest["token_dtype"])
+        offsets = read_document_offsets(split)
+        out[domain] = [hashlib.blake2b(tokens[start:stop].tobytes(), digest_size=8).hexdigest()
+                       for start, stop in zip(offsets[:-1], offsets[1:], strict=True)]
+    return out
+
+
+def read_split_tokens(split_dir: Path, dtype: str):
+    """A prepared split's whole token sequence, read from litdata's chunk files (a header of
+    uint32 item count and offsets, then the tokens), checked against its index."""
+    import numpy as np
+
+    index = json.loads((split_dir / "index.json").read_text())
+    parts = []
+    for chunk in index["chunks"]:
+        header = (1 + int(chunk["chunk_size"]) + 1) * 4
+        tokens = np.fromfile(split_dir / chunk["filename"], dtype=dtype, offset=header)
+        if len(tokens) != int(chunk["dim"]):
+            raise ValueError(f"{split_dir / chunk['filename']}: {len(tokens)} tokens, its index says {chunk['dim']}")
+        parts.append(tokens)
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
+
+
+def data_tokenizer_fingerprint(module: Any, settings: dict[str, Any]) -> str | None:
+    """The data's tokenizer fingerprint where it is known before preparing: bytes, a tokenizer
+    file, or a BPE tokenizer already trained for exactly these settings; else None."""
+    if settings["tokenizer"] == "byte":
+        return "byte"
+    if settings.get("tokenizer_fingerprint"):
+        return settings["tokenizer_fingerprint"]
+    from bam_lightning.data.prepare import read_manifest
+
+    manifest = read_manifest(module._resolve_data_dir(settings))
+    return manifest["tokenizer"]["fingerprint"] if manifest and manifest.get("settings") == settings else None
 
 
 # ----- running -----
@@ -442,7 +628,10 @@ def run_pipeline(path: str, force: bool = False, seeds: list[int] | None = None,
     if existing_seed and not Path(existing_seed).is_file():
         raise UserError(f"{path}: seed.checkpoint: {existing_seed} not found")
     composed_stages = check_stages(stages, config, run_dir)
+    prints = stage_fingerprints(stages, composed_stages, config, run_dir)  # also checks the data
     print(f"{len(stages)} stages composed and checked", flush=True)
+    for warning in config.get("warnings", []):
+        print(f"warning: {warning}", flush=True)
     if check_only:
         for stage in stages:
             recipe = composed_stages[stage.name]
@@ -451,25 +640,26 @@ def run_pipeline(path: str, force: bool = False, seeds: list[int] | None = None,
             print(f"  {stage.name}: {' '.join(filter(None, (stage.role, stage.budget)))}, {recipe['trainer']['max_steps']} steps{experts}"
                   + (f", from {', '.join(stage.depends)}" if stage.depends else ""), flush=True)
         return None
-    # an existing seed checkpoint is fingerprinted by path, size and time, so replacing it reruns the rest
-    prints = {"seed": fingerprint({"checkpoint": existing_seed, "stat": [Path(existing_seed).stat().st_size,
-                                                                          Path(existing_seed).stat().st_mtime_ns]}, [])
-              } if existing_seed else {}
     started = time.perf_counter()
     for number, stage in enumerate(stages, 1):
         composed = composed_stages[stage.name]
-        prints[stage.name] = fingerprint(composed, [prints[d] for d in stage.depends])
         label = f"[{number}/{len(stages)}] {stage.name}"
         stage_dir = run_dir / "stages" / stage.name
         done = stage_dir / "stage.json"
+        if not force and _stored_fingerprint(stage_dir) != prints[stage.name]:
+            earlier = _matching_stale(stage_dir, prints[stage.name])
+            if earlier is not None:  # the study came back to a configuration run before
+                if stage_dir.exists():
+                    print(f"{label}: config changed, previous outputs moved to {move_aside(stage_dir)}", flush=True)
+                earlier.rename(stage_dir)
+                print(f"{label}: outputs of this configuration restored from {earlier}", flush=True)
         if done.exists() and not force and json.loads(done.read_text()).get("fingerprint") == prints[stage.name]:
             print(f"{label}: done earlier, skipped", flush=True)
             continue
+        moved = None
         if stage_dir.exists() and (force or _stored_fingerprint(stage_dir) != prints[stage.name]):
-            stale = stage_dir.with_name(stage.name + ".stale")
-            shutil.rmtree(stale, ignore_errors=True)
-            stage_dir.rename(stale)
-            print(f"{label}: config changed, previous outputs moved to {stale}", flush=True)
+            moved = move_aside(stage_dir)
+            print(f"{label}: config changed, previous outputs moved to {moved}", flush=True)
         stage_dir.mkdir(parents=True, exist_ok=True)
         (stage_dir / "fingerprint").write_text(prints[stage.name])
         config_path = stage_dir / "config.yaml"
@@ -479,10 +669,21 @@ def run_pipeline(path: str, force: bool = False, seeds: list[int] | None = None,
               f"{composed['trainer']['max_steps']} steps)", flush=True)
         returncode = run_stage_process(config_path)
         if returncode != 0:
+            if moved is not None and not _holds_checkpoint(stage_dir):
+                # refused before its first checkpoint: the attempt is kept aside, the old outputs come back
+                failed = stage_dir.with_name(stage.name + ".failed")
+                if failed.exists() and not _holds_checkpoint(failed):
+                    shutil.rmtree(failed)  # an earlier refused attempt: a config and an error, no weights
+                failed = move_aside(stage_dir, ".failed")
+                moved.rename(stage_dir)
+                print(f"{label}: the new configuration stopped before its first checkpoint; previous outputs "
+                      f"restored to {stage_dir} (this attempt: {failed})", flush=True)
+                config_path = failed / "config.yaml"
             raise SystemExit(failure_message(label, returncode, stage, config_path))
         record = json.loads((stage_dir / "result.json").read_text())
         check_stage_checkpoint(label, stage_dir / "checkpoints" / "last.ckpt", record["steps"])
         record.update(fingerprint=prints[stage.name], **stage_labels(stage, composed, config))
+        add_document_hashes(record, composed["data"])
         write_json_atomic(done, record)
         print(f"{label}: val/avg/ppl {record['final'].get('val/avg/ppl', float('nan')):.3f} "
               f"in {record['wall_time_s']:.0f} s", flush=True)
@@ -558,6 +759,30 @@ def check_stage_checkpoint(label: str, last: Path, steps: int) -> None:
 def _stored_fingerprint(stage_dir: Path) -> str | None:
     path = stage_dir / "fingerprint"
     return path.read_text().strip() if path.exists() else None
+
+
+def move_aside(stage_dir: Path, suffix: str = ".stale") -> Path:
+    """Rename a stage's outputs to `<name>.stale`, `<name>.stale.1`, ...: never over an earlier one,
+    so no final checkpoint is ever deleted (remove the folders you no longer need by hand)."""
+    for number in range(10_000):
+        aside = stage_dir.with_name(stage_dir.name + suffix + (f".{number}" if number else ""))
+        if not aside.exists():
+            stage_dir.rename(aside)
+            return aside
+    raise SystemExit(f"{stage_dir}: 10,000 earlier outputs beside it; remove the {suffix} folders you do not need")
+
+
+def _matching_stale(stage_dir: Path, wanted: str) -> Path | None:
+    """A folder moved aside earlier that holds this fingerprint's stage (finished ones first)."""
+    candidates = [p for p in stage_dir.parent.glob(stage_dir.name + ".stale*")
+                  if p.is_dir() and _stored_fingerprint(p) == wanted]
+    candidates.sort(key=lambda p: not (p / "stage.json").exists())
+    return candidates[0] if candidates else None
+
+
+def _holds_checkpoint(stage_dir: Path) -> bool:
+    folder = stage_dir / "checkpoints"
+    return folder.is_dir() and any(folder.iterdir())
 
 
 def run_stage(config_path: str) -> None:

@@ -2,7 +2,8 @@
 
 from bam_lightning.callbacks.metrics_file import MetricsFile
 from bam_lightning.callbacks.monitoring import NonFiniteLossGuard, TokenThroughput
+from bam_lightning.callbacks.progress import ProgressLog
 from bam_lightning.callbacks.samples import GenerationSamples
 from bam_lightning.callbacks.upcycling import UpcyclingCallback
 
-__all__ = ["GenerationSamples", "MetricsFile", "NonFiniteLossGuard", "TokenThroughput", "UpcyclingCallback"]
+__all__ = ["GenerationSamples", "MetricsFile", "NonFiniteLossGuard", "ProgressLog", "TokenThroughput", "UpcyclingCallback"]

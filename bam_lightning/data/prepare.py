@@ -108,9 +108,14 @@ def prepare_settings(
     return json.loads(json.dumps(settings))  # tuples -> lists, as a manifest reads back
 
 
+def settings_digest(settings: dict[str, Any]) -> str:
+    """The prepared data's identity: it names the default data dir, and `bam pipeline` puts it
+    into every stage's fingerprint (a changed source file retrains the stages that read it)."""
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def default_data_dir(settings: dict[str, Any], cache_dir: Path) -> Path:
-    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
-    return cache_dir / "prepared" / digest
+    return cache_dir / "prepared" / settings_digest(settings)
 
 
 def read_manifest(data_dir: Path) -> dict[str, Any] | None:
