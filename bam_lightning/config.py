@@ -15,6 +15,7 @@ from bam_lightning.errors import UserError
 ROPE_SCALING_KEYS = {  # type -> its required keys (the names follow transformers' rope_parameters)
     "linear": ("factor",),
     "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+    "factors": ("factors",),  # llama.cpp's rope_freqs tensor: frequency i is divided by factors[i]
 }
 FFN_ACTIVATIONS = ("swiglu", "gelu", "gelu_tanh")
 
@@ -98,6 +99,10 @@ class ModelConfig:
             need(not missing, f"rope_scaling of type {kind!r} needs {missing}")
             unknown = sorted(set(self.rope_scaling) - {"type", *ROPE_SCALING_KEYS[kind]})
             need(not unknown, f"rope_scaling of type {kind!r}: unknown keys {unknown}")
+            if kind == "factors":
+                need(len(self.rope_scaling["factors"]) == self.rotary_dim // 2,
+                     f"rope_scaling factors: {len(self.rope_scaling['factors'])} values, rotary_dim / 2 = "
+                     f"{self.rotary_dim // 2} frequencies")
         need(self.sliding_window is None or self.sliding_window > 0,
              f"sliding_window must be positive or null, got {self.sliding_window}")
         need(self.ffn_activation in FFN_ACTIVATIONS,
@@ -126,6 +131,10 @@ class ModelConfig:
              f"router_init must be normal|zeros, got {self.router_init!r}")
 
     # --- derived shapes ---
+    @property
+    def rope_scaling_type(self) -> str | None:
+        return None if self.rope_scaling is None else self.rope_scaling["type"]
+
     @property
     def is_moe(self) -> bool:
         return self.n_experts > 0 or self.attn_experts > 0

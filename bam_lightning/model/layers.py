@@ -38,10 +38,13 @@ def config_rope_tables(config: ModelConfig, seq_len: int, device, dtype) -> tupl
 
 
 def scale_inv_freq(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
-    """Context extension by frequency: `linear` divides every frequency by `factor` (positions
+    """Context extension by frequency: `factors` divides frequency i by factors[i] (llama.cpp's
+    rope_freqs tensor); `linear` divides every frequency by `factor` (positions
     / factor); `llama3` divides only the low frequencies (wavelengths longer than
     original_context / low_freq_factor), keeps the high ones (shorter than original_context /
     high_freq_factor) and interpolates smoothly between the two bands."""
+    if scaling["type"] == "factors":
+        return inv_freq / torch.tensor(scaling["factors"], dtype=inv_freq.dtype, device=inv_freq.device)
     factor = float(scaling["factor"])
     if scaling["type"] == "linear":
         return inv_freq / factor
