@@ -19,16 +19,20 @@ import torch
 if os.environ.get("CI", "").lower() != "true":  # CI installs the hf extra (dev): there it must not skip
     pytest.importorskip("transformers", reason="the hf extra (pip install 'bam_lightning[hf]')")
 import transformers  # noqa: E402
+from test_interop import VOCAB, tiny_gguf_tensors, write_gguf, write_tokenizer  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
 from bam_lightning.checkpoint import read_checkpoint, save_safetensors  # noqa: E402
 from bam_lightning.config import ModelConfig  # noqa: E402
 from bam_lightning.errors import UserError  # noqa: E402
 from bam_lightning.interop import export_hf, import_hf  # noqa: E402
-from bam_lightning.interop.hf_import import MISTRAL_DEFAULT_SLIDING_WINDOW, config_from_hf, plan_gguf  # noqa: E402
+from bam_lightning.interop.hf_import import (  # noqa: E402
+    MISTRAL_DEFAULT_SLIDING_WINDOW,
+    config_from_hf,
+    plan_gguf,
+)
 from bam_lightning.model import GPT  # noqa: E402
 from bam_lightning.upcycle import upcycle  # noqa: E402
-from test_interop import VOCAB, tiny_gguf_tensors, write_gguf, write_tokenizer  # noqa: E402
 
 COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
               max_position_embeddings=64, tie_word_embeddings=False, eos_token_id=VOCAB - 7)

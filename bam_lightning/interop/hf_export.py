@@ -253,8 +253,12 @@ def native_config(kind: str, config: ModelConfig) -> dict[str, Any]:
 def bam_config(config: ModelConfig) -> dict[str, Any]:
     from bam_lightning.interop.remote_code.configuration_bam import BamConfig
 
-    fields = {name: value for name, value in config.to_dict().items()
-              if name in BamConfig.__init__.__code__.co_varnames}
+    values = config.to_dict()
+    # names transformers would act on: it rewrites `rope_scaling`, and a `sliding_window` makes
+    # generate() build a cache that keeps only the window (our keys are all kept and masked)
+    values["rope_scaling_bam"] = values.pop("rope_scaling")
+    values["sliding_window_bam"] = values.pop("sliding_window")
+    fields = {name: value for name, value in values.items() if name in BamConfig.__init__.__code__.co_varnames}
     return {"architectures": ["BamForCausalLM"], "model_type": "bam",
             "auto_map": {"AutoConfig": "configuration_bam.BamConfig",
                          "AutoModelForCausalLM": "modeling_bam.BamForCausalLM"}, **fields}

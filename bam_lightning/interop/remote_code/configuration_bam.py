@@ -18,7 +18,7 @@ class BamConfig(_BaseConfig):
                  max_seq_len=128, rope_base=10000.0, tie_embeddings=False, norm="rmsnorm", norm_eps=1e-5,
                  block_layout="parallel", n_experts=0, ffn_top_k=1, ffn_renormalize=False, ffn_gate_scale=1.0,
                  attn_experts=0, attn_shared_kv=False, attn_routing="soft", attn_top_k=1, head_dim=None,
-                 rotary_dim=None, rope_scaling=None, sliding_window=None, qkv_bias=False, attn_out_bias=False,
+                 rotary_dim=None, rope_scaling_bam=None, sliding_window_bam=None, qkv_bias=False, attn_out_bias=False,
                  qk_norm=False, ffn_activation="swiglu", ffn_bias=False, norm_bias=False, parallel_ffn_norm=False,
                  **kwargs):
         self.vocab_size = vocab_size
@@ -43,8 +43,8 @@ class BamConfig(_BaseConfig):
         self.attn_top_k = attn_top_k
         # other families' fields (bam_lightning's ModelConfig; the defaults are the original model)
         self.rotary_dim = rotary_dim
-        self.rope_scaling = rope_scaling
-        self.sliding_window = sliding_window
+        self.rope_scaling_bam = rope_scaling_bam  # ModelConfig.rope_scaling (transformers owns `rope_scaling`)
+        self.sliding_window_bam = sliding_window_bam  # not `sliding_window`: generate() would drop old keys
         self.qkv_bias = qkv_bias
         self.attn_out_bias = attn_out_bias
         self.qk_norm = qk_norm

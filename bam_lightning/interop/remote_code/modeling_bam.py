@@ -44,7 +44,7 @@ def _inv_freq(config, device):
     kept), `factors` divides frequency i by factors[i] (llama.cpp's rope_freqs)."""
     dim = config.rotary_dim
     inv_freq = 1.0 / (config.rope_base ** (torch.arange(0, dim, 2, device=device, dtype=torch.float32) / dim))
-    scaling = getattr(config, "rope_scaling", None)
+    scaling = getattr(config, "rope_scaling_bam", None)
     if not scaling:
         return inv_freq
     if scaling["type"] == "factors":
@@ -244,7 +244,7 @@ class BamForCausalLM(BamPreTrainedModel, GenerationMixin):
         if position_ids is None:  # left padding: a row's first real token is position 0
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:past + T]
         mask = self._mask(attention_mask.bool(), past, T)
-        window = getattr(self.config, "sliding_window", None)
+        window = getattr(self.config, "sliding_window_bam", None)
         if window:  # Mistral: a query sees the keys of its last `window` positions
             key_position = attention_mask.long().cumsum(-1) - 1
             inside = key_position[:, None, None, :] > position_ids[:, None, :, None] - window
