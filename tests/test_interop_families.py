@@ -224,3 +224,32 @@ def test_export_of_a_family_model_to_another_family_is_refused_naming_the_fields
         choose_target(qwen3, "llama")
     assert choose_target(ModelConfig(vocab_size=VOCAB, block_layout="sequential", n_experts=2, qk_norm=True,
                                      head_dim=48)) == "qwen3_moe"
+
+
+def test_qwen_tiny_study_checks_from_its_documented_seed(tmp_path):
+    """recipes/qwen_tiny: the documented seed command, `bam import-hf`, then `bam pipeline --check`
+    (a subprocess, so a hang fails): the study's model block is exactly what the import records."""
+    import importlib.util
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("make_seed", repo / "recipes" / "qwen_tiny" / "make_seed.py")
+    make_seed = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make_seed)
+    make_seed.main(["--out", str(tmp_path / "hf")])
+    seed = tmp_path / "import" / "qwen_tiny.safetensors"
+    bam = Path(sys.executable).with_name("bam")
+    imported = subprocess.run([str(bam), "import-hf", str(tmp_path / "hf"), "--out", str(seed)],
+                              capture_output=True, text=True, timeout=300)
+    assert imported.returncode == 0, imported.stderr[-2000:]
+    assert read_checkpoint(seed).config.qk_norm and read_checkpoint(seed).config.head_dim == 64
+    result = subprocess.run(
+        [str(bam), "pipeline", str(repo / "recipes" / "qwen_tiny" / "study.yaml"), "--check",
+         "--set", f"run_dir={tmp_path / 'run'}", "--set", f"seed.checkpoint={seed}",
+         "--set", f"data.tokenizer={tmp_path / 'import' / 'qwen_tiny.tokenizer'}"],
+        capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "6 stages composed and checked" in result.stdout
+    assert "bam_shared_kv: mixture DM, 60 steps, 4 FFN / 4 attention experts" in result.stdout

@@ -1,12 +1,14 @@
-"""`bam import-hf SRC --out CKPT`: a pretrained Llama-family model becomes a dense seed checkpoint.
+"""`bam import-hf SRC --out CKPT`: a pretrained model becomes a dense seed checkpoint.
 
-SRC is a Hugging Face folder (`config.json` + `*.safetensors`, sharded or not) or a `.gguf`
-file. The result is a self-describing `.safetensors` seed (`block_layout: sequential`, the
+SRC is a Hugging Face folder (`config.json` + `*.safetensors`, sharded or not) of a Llama
+(incl. 3.x RoPE scaling), Mistral, Qwen2/2.5, Qwen3 or GPT-NeoX (Pythia) model, or a Llama
+`.gguf` file (incl. llama.cpp's `rope_freqs` scaling). The result is a self-describing `.safetensors` seed (`block_layout: sequential`, the
 model's GQA, tying, RoPE base and norm epsilon in its metadata, like any checkpoint we write)
 and the model's tokenizer in a folder beside it (`<name>.tokenizer/`), whose fingerprint the
 checkpoint records. Everything is checked before a tensor is read: an architecture or feature
 ModelConfig cannot express is refused with the config field that says so, a tokenizer larger
-than the embedding is refused, a missing tensor is named. Tensors are then read one at a time
+than the embedding is refused, a missing tensor is named, and so is a source tensor the plan has
+no place for (dropping it would import a different model). Tensors are then read one at a time
 (memory-mapped safetensors; GGUF blocks dequantised per tensor) and written as they come, so
 peak memory is about one tensor, not the model.
 
