@@ -47,6 +47,12 @@ FAMILIES = {  # name -> (transformers config class, its fields, the class the ex
     "gpt_neox": ("GPTNeoXConfig", dict(intermediate_size=128, hidden_act="gelu",
                                        rope_parameters={"rope_type": "default", "rope_theta": 1e4,
                                                         "partial_rotary_factor": 0.25}), "GPTNeoXForCausalLM"),
+    # the sequential GPT-NeoX variant with the tanh GELU (import and export only)
+    "gpt_neox_sequential": ("GPTNeoXConfig", dict(intermediate_size=128, hidden_act="gelu_new",
+                                                  use_parallel_residual=False,
+                                                  rope_parameters={"rope_type": "default", "rope_theta": 1e4,
+                                                                   "partial_rotary_factor": 0.5}),
+                            "GPTNeoXForCausalLM"),
 }
 
 
@@ -109,7 +115,8 @@ def test_family_imports_to_transformers_logits_and_exports_back(tmp_path, name):
     with torch.no_grad():
         for ids in prompts():
             assert (exported(ids).logits - reference(ids).logits).abs().max().item() <= 1e-5
-    family = {"llama3": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3", "gpt_neox": "GPT-NeoX"}
+    family = {"llama3": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3", "gpt_neox": "GPT-NeoX",
+              "gpt_neox_sequential": "GPT-NeoX"}
     assert f"| seed family | {family[name]}" in (out / "README.md").read_text()
 
 
@@ -135,7 +142,7 @@ def imported_seed(tmp_path_factory):
     return get
 
 
-@pytest.mark.parametrize("name", list(FAMILIES))
+@pytest.mark.parametrize("name", list(MIXTURE_HOMES))
 @pytest.mark.parametrize("method", ["btx", "bam", "bam_shared_kv"])
 def test_family_mixtures_export_and_reload_with_our_logits_and_tokens(tmp_path, imported_seed, name, method):
     seed, reference_folder = imported_seed(name)
