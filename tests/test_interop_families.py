@@ -272,3 +272,54 @@ def test_qwen_tiny_study_checks_from_its_documented_seed(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert "6 stages composed and checked" in result.stdout
     assert "bam_shared_kv: mixture DM, 60 steps, 4 FFN / 4 attention experts" in result.stdout
+
+
+# ----- GGUF of the Qwen families: llama.cpp's names, rows as Hugging Face stores them -----
+GGUF_LAYER = {  # Hugging Face suffix -> llama.cpp's, from llama.cpp's tensor naming
+    "input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
+    "self_attn.q_proj.weight": "attn_q.weight", "self_attn.k_proj.weight": "attn_k.weight",
+    "self_attn.v_proj.weight": "attn_v.weight", "self_attn.o_proj.weight": "attn_output.weight",
+    "self_attn.q_proj.bias": "attn_q.bias", "self_attn.k_proj.bias": "attn_k.bias",
+    "self_attn.v_proj.bias": "attn_v.bias", "self_attn.o_proj.bias": "attn_output.bias",
+    "self_attn.q_norm.weight": "attn_q_norm.weight", "self_attn.k_norm.weight": "attn_k_norm.weight",
+    "mlp.gate_proj.weight": "ffn_gate.weight", "mlp.up_proj.weight": "ffn_up.weight",
+    "mlp.down_proj.weight": "ffn_down.weight",
+}
+
+
+@pytest.mark.parametrize("name", ["qwen2", "qwen3"])
+def test_qwen_gguf_imports_to_transformers_logits(tmp_path, name):
+    import gguf
+
+    reference = make_reference(name, tmp_path / "hf")
+    config = reference.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    writer = gguf.GGUFWriter(str(tmp_path / f"{name}.gguf"), name)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
+    for key, value in reference.state_dict().items():
+        array = value.numpy().astype(np.float32)
+        if key.startswith("model.layers."):
+            _, _, layer, suffix = key.split(".", 3)
+            writer.add_tensor(f"blk.{layer}.{GGUF_LAYER[suffix]}", array)
+        elif key != "lm_head.weight" or not config.tie_word_embeddings:
+            writer.add_tensor({"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+                               "lm_head.weight": "output.weight"}[key], array)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    plan = plan_gguf(tmp_path / f"{name}.gguf")
+    model = GPT(plan.config).eval()
+    shapes = {key: value.shape for key, value in model.state_dict().items()}
+    model.load_state_dict({key: source.load().reshape(shapes[key]) for key, source in plan.tensors.items()})
+    with torch.no_grad():
+        for ids in prompts():
+            assert (model(ids)[0] - reference(ids).logits).abs().max().item() <= 1e-4

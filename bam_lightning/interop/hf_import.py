@@ -55,7 +55,9 @@ IMPORTED_FROM_KEY = "bam_lightning.imported_from"
 FAMILY_OF_MODEL_TYPE = {"llama": "llama", "mistral": "llama", "qwen2": "llama", "qwen3": "llama",
                         "gpt_neox": "gpt_neox"}
 GELU_NAMES = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}
-GGUF_ARCHITECTURES = ("llama",)
+# llama.cpp architectures: llama's q/k rows are stored permuted for its interleaved rotary, qwen2
+# and qwen3 rotate halves as we do and are stored as they are (transformers' GGUF loader agrees)
+GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3")
 TOKENIZER_FILES = ("tokenizer.json", TOKENIZER_CONFIG_FILE, "special_tokens_map.json", "chat_template.jinja")
 
 
@@ -336,7 +338,7 @@ def plan_gguf(path: Path) -> ImportPlan:
     config = config_from_gguf(meta, tensors, str(path))
     names = dense_name_map(config, GGUF, "llama")
     _refuse_unmapped([name for name in tensors if name != ROPE_FREQS], names, path, "GGUF metadata")
-    heads = {"attn.wq": config.n_head, "attn.wk": config.n_kv_head}
+    heads = {"attn.wq": config.n_head, "attn.wk": config.n_kv_head} if arch == "llama" else {}
     plan = {}
     for ours, theirs in names.items():
         if theirs in tensors:
@@ -388,7 +390,10 @@ def config_from_gguf(meta: dict, tensors: dict, where: str) -> ModelConfig:
         d_ff=int(need("feed_forward_length")), max_seq_len=int(meta.get(f"{arch}.context_length", 2048)),
         rope_base=float(meta.get(f"{arch}.rope.freq_base", 10000.0)), head_dim=head_dim, rope_scaling=scaling,
         tie_embeddings="output.weight" not in tensors, norm="rmsnorm",
-        norm_eps=float(need("attention.layer_norm_rms_epsilon")), block_layout="sequential")
+        norm_eps=float(need("attention.layer_norm_rms_epsilon")), block_layout="sequential",
+        # Qwen2 always has q/k/v biases; Qwen3 has q/k norms, and biases on all four when present
+        qkv_bias=arch == "qwen2" or (arch == "qwen3" and "blk.0.attn_q.bias" in tensors),
+        attn_out_bias=arch == "qwen3" and "blk.0.attn_q.bias" in tensors, qk_norm=arch == "qwen3")
 
 
 def _field_value(field):
