@@ -231,6 +231,12 @@ def test_gguf_with_rope_freqs_imports_llama3_scaling(tmp_path):
         for ids in prompts():  # 60 positions, past the original 16
             assert (model(ids)[0] - reference(ids).logits).abs().max().item() <= 1e-4
 
+    published = {"factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                 "original_max_position_embeddings": 8192}  # Llama 3.2's: recognised as llama3 by name
+    tensors["rope_freqs.weight"] = llama_cpp_rope_freqs(16, 5e4, published)
+    write_gguf(tmp_path / "llama32.gguf", tensors)
+    assert plan_gguf(tmp_path / "llama32.gguf").config.rope_scaling == {"type": "llama3", **published}
+
     tensors["blk.0.attn_q.bias"] = np.zeros(64, dtype=np.float32)
     write_gguf(tmp_path / "extra.gguf", tensors)
     with pytest.raises(UserError, match="'blk.0.attn_q.bias'"):

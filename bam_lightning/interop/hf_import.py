@@ -381,7 +381,8 @@ def config_from_gguf(meta: dict, tensors: dict, where: str) -> ModelConfig:
         if factors.numel() != head_dim // 2:
             raise UserError(f"{where}: tensor {ROPE_FREQS!r} has {factors.numel()} values, the head size "
                             f"{head_dim} has {head_dim // 2} frequencies")
-        scaling = {"type": "factors", "factors": factors.tolist()}
+        scaling = _llama3_matching(factors, head_dim, float(meta.get(f"{arch}.rope.freq_base", 10000.0))) or {
+            "type": "factors", "factors": factors.tolist()}
     if "token_embd.weight" not in tensors:
         raise UserError(f"{where}: missing tensor 'token_embd.weight'")
     return ModelConfig(
@@ -394,6 +395,23 @@ def config_from_gguf(meta: dict, tensors: dict, where: str) -> ModelConfig:
         # Qwen2 always has q/k/v biases; Qwen3 has q/k norms, and biases on all four when present
         qkv_bias=arch == "qwen2" or (arch == "qwen3" and "blk.0.attn_q.bias" in tensors),
         attn_out_bias=arch == "qwen3" and "blk.0.attn_q.bias" in tensors, qk_norm=arch == "qwen3")
+
+
+# Llama 3.1 and 3.2's published scaling (their config.json): tried against a GGUF's rope_freqs so
+# the import carries the named type (and exports to LlamaForCausalLM) when the factors are these
+LLAMA3_PUBLISHED = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+
+
+def _llama3_matching(factors: torch.Tensor, head_dim: int, base: float) -> dict | None:
+    """The llama3 scaling whose frequencies are rope_freqs' (published low/high factors and
+    original context, factor = the largest divisor), else None."""
+    from bam_lightning.model.layers import scale_inv_freq
+
+    candidate = {"type": "llama3", "factor": float(factors.max()), **LLAMA3_PUBLISHED}
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    if torch.allclose(scale_inv_freq(inv_freq, candidate), inv_freq / factors.float(), rtol=1e-5, atol=0):
+        return candidate
+    return None
 
 
 def _field_value(field):
