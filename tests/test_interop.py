@@ -173,10 +173,10 @@ def test_export_refuses_a_tokenizer_the_checkpoint_was_not_trained_with(tmp_path
 @pytest.mark.parametrize("edit, message", [
     ({"model_type": "gpt2"}, "model_type 'gpt2'"),
     ({"hidden_act": "gelu"}, "hidden_act"),
-    ({"attention_bias": True}, "attention_bias"),
-    ({"head_dim": 32}, "head_dim"),
-    ({"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "rope_scaling"),
     ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0}}, "rope_parameters"),
+    ({"rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5}}, "partial rotary"),
+    ({"use_sliding_window": True}, "use_sliding_window"),
+    ({"layer_types": ["sliding_attention", "full_attention"]}, "layer_types"),
 ])
 def test_config_features_modelconfig_cannot_express_are_refused(tmp_path, edit, message):
     tiny_llama(tmp_path / "hf")

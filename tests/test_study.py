@@ -208,7 +208,8 @@ def test_an_existing_seed_checkpoint_of_another_shape_is_refused_before_any_stag
     study = tiny_study(tmp_path)
     shape = {k: v for k, v in study["model"].items() if k != "tie_embeddings"}
     right = tiny_config(**shape)
-    for name, model, message in (("wrong", tiny_config(**{**shape, "d_model": 64}), r"\['d_model'\] differ from the seed"),
+    wrong = tiny_config(**{**shape, "d_model": 64})  # head_dim and rotary_dim follow d_model
+    for name, model, message in (("wrong", wrong, r"\['d_model', 'head_dim', 'rotary_dim'\] differ from the seed"),
                                   ("right", right, None)):
         checkpoint = save_lightning_checkpoint(tmp_path / f"{name}.ckpt", model, random_dense_state_dict(model, 0))
         study["seed"] = {"domain": "literature", "checkpoint": str(checkpoint)}

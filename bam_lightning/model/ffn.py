@@ -149,18 +149,33 @@ class MixtureOfFFN(nn.Module):
         super().__init__()
         self.config = config
         E, d, f = config.n_ffn_banks, config.d_model, config.d_ff
-        self.w_gate = nn.Parameter(torch.empty(E, f, d))
+        gated = config.ffn_activation == "swiglu"
+        self.w_gate = nn.Parameter(torch.empty(E, f, d)) if gated else None
         self.w_up = nn.Parameter(torch.empty(E, f, d))
         self.w_down = nn.Parameter(torch.empty(E, d, f))
         self.router = nn.Linear(d, config.n_experts, bias=False) if config.n_experts else None
+        # --- expert MLP form of other families (see `expert_mlp`); absent by default ---
+        self.b_gate = nn.Parameter(torch.empty(E, f)) if gated and config.ffn_bias else None
+        self.b_up = nn.Parameter(torch.empty(E, f)) if config.ffn_bias else None
+        self.b_down = nn.Parameter(torch.empty(E, d)) if config.ffn_bias else None
 
     def reset_parameters(self) -> None:
         std = self.config.init_std
-        nn.init.normal_(self.w_gate, std=std)
+        if self.w_gate is not None:
+            nn.init.normal_(self.w_gate, std=std)
         nn.init.normal_(self.w_up, std=std)
         nn.init.normal_(self.w_down, std=std / math.sqrt(2 * self.config.n_layer))
         if self.router is not None:
             init_router(self.router, self.config)
+        for bias in (self.b_gate, self.b_up, self.b_down):
+            if bias is not None:
+                nn.init.zeros_(bias)
+
+    def bank(self, rows: torch.Tensor, group_end: torch.Tensor) -> torch.Tensor:
+        """Expert e's MLP on rows[group_end[e-1]:group_end[e]] (see `grouped_swiglu`)."""
+        if self.w_gate is not None and self.b_up is None:  # the default SwiGLU without biases
+            return grouped_swiglu(rows, group_end, self.w_gate, self.w_up, self.w_down)
+        return looped_expert_mlp(rows, group_end, self)
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, RouterStats]:
         """Top-k expert indices [N, k], their weights [N, k] and the router's losses/stats."""
@@ -183,7 +198,7 @@ class MixtureOfFFN(nn.Module):
         x = h.reshape(B * T, d)
         if self.router is None:
             group_end = torch.full((1,), x.shape[0], device=x.device)
-            out = grouped_swiglu(x, group_end, self.w_gate, self.w_up, self.w_down)
+            out = self.bank(x, group_end)
             return out.view(B, T, d), RouterStats()
         idx, weights, stats = self.route(x)
         out = self.experts(x, idx, weights)
@@ -193,7 +208,7 @@ class MixtureOfFFN(nn.Module):
         """Gather the (token, slot) pairs in expert order, run the bank, gather them back and sum
         each token's k outputs with their gate weights."""
         n_tokens, k = idx.shape
-        E = self.w_gate.shape[0]
+        E = self.w_up.shape[0]
         flat_expert = idx.reshape(-1)
         order = flat_expert.argsort(stable=True)  # sorted row i holds pair order[i] = token * k + slot
         rank = order.argsort()  # the sorted row of each pair
@@ -201,7 +216,7 @@ class MixtureOfFFN(nn.Module):
         rows = _GatherRows.apply(x, order // k, rank, k)
         align = row_alignment(_matmul_dtype(x))
         if align == 1:
-            out_rows = grouped_swiglu(rows, counts.cumsum(0), self.w_gate, self.w_up, self.w_down)
+            out_rows = self.bank(rows, counts.cumsum(0))
         else:
             # Each expert's block starts on a multiple of `align`; the buffer has a fixed size
             # (no host sync). The gaps are zero rows: their outputs are dropped and their zero
@@ -210,7 +225,36 @@ class MixtureOfFFN(nn.Module):
             shift = (padded.cumsum(0) - padded) - (counts.cumsum(0) - counts)
             slot = shift[flat_expert[order]] + torch.arange(order.numel(), device=x.device)
             buffer = rows.new_zeros(order.numel() + E * (align - 1), x.shape[1]).index_copy(0, slot, rows)
-            out_rows = grouped_swiglu(buffer, padded.cumsum(0), self.w_gate, self.w_up, self.w_down)
+            out_rows = self.bank(buffer, padded.cumsum(0))
             out_rows = out_rows.index_select(0, slot)
         pairs = _GatherRows.apply(out_rows, rank, order, 1).view(n_tokens, k, -1)
         return (pairs * weights.to(x.dtype)[..., None]).sum(dim=1)
+
+
+# ----- the expert MLP of other families (GPT-NeoX's 2-layer GELU MLP, biases) -----
+def looped_expert_mlp(rows: torch.Tensor, group_end: torch.Tensor, ffn: MixtureOfFFN) -> torch.Tensor:
+    """`MixtureOfFFN.bank` for the non-default MLP forms: one product per expert (imported
+    families are fine-tuned, not benchmarked; the SwiGLU bank keeps the grouped kernel)."""
+    dtype = _matmul_dtype(rows)
+    rows = rows.to(dtype)
+    ends = group_end.tolist()
+    sizes = [end - start for start, end in zip([0, *ends[:-1]], ends, strict=True)] + [rows.shape[0] - ends[-1]]
+    *blocks, padding = rows.split(sizes)
+    outputs = [expert_mlp(block, ffn, e) for e, block in enumerate(blocks)]
+    return torch.cat(outputs + [padding.new_zeros(padding.shape[0], ffn.w_down.shape[1])])
+
+
+def expert_mlp(x: torch.Tensor, ffn: MixtureOfFFN, e: int) -> torch.Tensor:
+    """Expert e: SwiGLU, or act(x W_up^T + b_up) W_down^T + b_down with act = GELU (exact or tanh)."""
+    dtype = x.dtype
+
+    def linear(weight, bias):
+        return F.linear(x, weight[e].to(dtype), None if bias is None else bias[e].to(dtype))
+
+    if ffn.w_gate is not None:
+        hidden = F.silu(linear(ffn.w_gate, ffn.b_gate)) * linear(ffn.w_up, ffn.b_up)
+    else:
+        approximate = "tanh" if ffn.config.ffn_activation == "gelu_tanh" else "none"
+        hidden = F.gelu(linear(ffn.w_up, ffn.b_up), approximate=approximate)
+    bias = None if ffn.b_down is None else ffn.b_down[e].to(dtype)
+    return F.linear(hidden, ffn.w_down[e].to(dtype), bias)
