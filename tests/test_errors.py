@@ -21,7 +21,8 @@ def test_user_errors_end_with_one_line_and_no_traceback(tmp_path):
     gelu = tmp_path / "gelu_model"
     gelu.mkdir()
     (gelu / "config.json").write_text(json.dumps({
-        "model_type": "llama", "hidden_size": 64, "num_attention_heads": 4, "hidden_act": "gelu"}))
+        "model_type": "llama", "hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": 2,
+        "intermediate_size": 128, "vocab_size": 100, "hidden_act": "gelu"}))
     cases = {  # argv -> what the error line must say
         ("pipeline", str(STUDY), "--check", "--set", "trainer.max_epoch=3"):
             ("bam pipeline: error: stage seed (", "does not accept option 'max_epoch'"),
@@ -35,7 +36,7 @@ def test_user_errors_end_with_one_line_and_no_traceback(tmp_path):
         ("export", str(tmp_path / "missing.ckpt"), "--out", str(a_file)):
             ("bam export: error: ", f"--out {a_file}: is a file"),
         ("import-hf", str(gelu), "--out", str(tmp_path / "seed.safetensors")):
-            ("bam import-hf: error: ", "hidden_act = 'gelu': only SwiGLU (silu) FFNs exist here"),
+            ("bam import-hf: error: ", "hidden_act = 'gelu': the Llama-family FFN here is SwiGLU (silu)"),
         ("import-hf", str(gelu), "--out", str(tmp_path / "seed.bin")):
             ("bam import-hf: error: ", "the imported seed is written as a .safetensors file"),
     }
