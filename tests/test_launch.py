@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -137,3 +138,21 @@ def test_torchrun_as_two_nodes_of_one_process(recipe):
     for code, output in results:
         assert code == 0, output[-4000:]
     assert_trained_once(run_dir, results[0][1], 2)
+
+
+def test_a_rank_that_cannot_meet_the_others_stops_within_the_timeout_naming_the_cause(recipe):
+    """Node 0 of two started by hand (Lightning's environment variables), node 1 never: rank 0
+    gives up after the strategy's timeout, here 10 s, and says what was missing."""
+    run_dir, timeout_s = recipe.parent / "alone", 10
+    started = time.monotonic()
+    process = start([BAM, "fit", "--config", str(recipe), "--trainer.num_nodes", "2",
+                     "--trainer.strategy.class_path", "lightning.pytorch.strategies.DDPStrategy",
+                     "--trainer.strategy.init_args.timeout", f"0:00:{timeout_s}"], run_dir, recipe,
+                    MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), NODE_RANK="0")
+    code, output = finish(process, timeout=120)
+    elapsed = time.monotonic() - started
+    assert code == 1, output[-4000:]
+    assert "bam fit: this process could not meet the other ranks" in output, output[-4000:]
+    assert "1/2 clients joined" in output and "--trainer.strategy.init_args.timeout" in output
+    assert timeout_s <= elapsed < timeout_s + 60  # start-up plus the wait, not Lightning's 30 minutes
+    assert not (run_dir / "checkpoints").exists()
