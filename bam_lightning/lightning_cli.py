@@ -18,6 +18,7 @@ import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
+from bam_lightning.callbacks.preemption import PreemptionCheckpoint
 from bam_lightning.checkpoint import read_checkpoint, write_atomically
 from bam_lightning.data import BAMDataModule
 from bam_lightning.lit import BaseLM, check_seq_len
@@ -176,7 +177,8 @@ def _build_cli(args: list[str] | None, run: bool) -> BAMCLI:
         parser_kwargs={"parser_mode": "omegaconf", "allow_abbrev": False},
         save_config_callback=SaveConfigAtTrainStart,
         save_config_kwargs={"overwrite": True},
-        trainer_defaults=TRAINER_DEFAULTS,
+        # a fresh instance per CLI: persistent callbacks are added to whatever the recipe lists
+        trainer_defaults={**TRAINER_DEFAULTS, "callbacks": [PreemptionCheckpoint()]},
         args=args,
         run=run,
     )

@@ -4,6 +4,7 @@ one process each. Each run is a subprocess with a timeout, so a hang fails inste
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -22,8 +23,26 @@ MODULE = [sys.executable, "-m", "bam_lightning.cli"]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 
 
-def write_recipe(root: Path, **trainer) -> Path:
+STEP_LOG = '''
+import json, os, time
+import lightning as L
+
+
+class StepLog(L.Callback):
+    """Appends each step (rank, step, loss) at once; STEP_PAUSE_S slows a run down so a test can
+    signal it part-way. It changes no number."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        record = {"rank": trainer.global_rank, "step": trainer.global_step, "loss": float(outputs["loss"])}
+        with open("steps.jsonl", "a") as handle:
+            handle.write(json.dumps(record) + "\\n")
+        time.sleep(float(os.environ.get("STEP_PAUSE_S", "0")))
+'''
+
+
+def write_recipe(root: Path, max_steps: int = MAX_STEPS, every_n_train_steps: int = 2, **trainer) -> Path:
     """Two tiny word domains and a recipe that checkpoints into ./checkpoints."""
+    (root / "step_log.py").write_text(STEP_LOG)
     for domain, words in (("animals", "cat dog owl fox hen"), ("numbers", "one two three four five")):
         folder = root / domain
         folder.mkdir(exist_ok=True)
@@ -33,12 +52,13 @@ def write_recipe(root: Path, **trainer) -> Path:
     recipe = {
         "seed_everything": 7,
         "trainer": {
-            "accelerator": "cpu", "devices": 1, "max_steps": MAX_STEPS, "logger": False,
-            "val_check_interval": MAX_STEPS, "check_val_every_n_epoch": None, "num_sanity_val_steps": 0,
+            "accelerator": "cpu", "devices": 1, "max_steps": max_steps, "logger": False,
+            "val_check_interval": max_steps, "check_val_every_n_epoch": None, "num_sanity_val_steps": 0,
             "enable_progress_bar": False, "enable_model_summary": False,
             "callbacks": [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
                            "init_args": {"dirpath": "checkpoints", "save_last": True, "save_top_k": 0,
-                                         "every_n_train_steps": 2}}],
+                                         "every_n_train_steps": every_n_train_steps}},
+                          {"class_path": "step_log.StepLog"}],
             **trainer,
         },
         "model": {"class_path": "bam_lightning.lit.DenseLM", "init_args": {
@@ -67,7 +87,9 @@ def free_port() -> int:
 def start(command: list[str], run_dir: Path, recipe: Path, **env: str) -> subprocess.Popen:
     """`command` in `run_dir`, in its own process group (a timeout stops every rank it started)."""
     run_dir.mkdir(exist_ok=True)
-    environment = dict(os.environ, BAM_CACHE_DIR=str(recipe.parent / "cache"), PYTHONUNBUFFERED="1", **env)
+    path = os.pathsep.join(filter(None, [str(recipe.parent), os.environ.get("PYTHONPATH")]))  # step_log.py
+    environment = dict(os.environ, BAM_CACHE_DIR=str(recipe.parent / "cache"), PYTHONUNBUFFERED="1",
+                       PYTHONPATH=path, **env)
     return subprocess.Popen(command, cwd=run_dir, env=environment, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
@@ -156,3 +178,103 @@ def test_a_rank_that_cannot_meet_the_others_stops_within_the_timeout_naming_the_
     assert "1/2 clients joined" in output and "--trainer.strategy.init_args.timeout" in output
     assert timeout_s <= elapsed < timeout_s + 60  # start-up plus the wait, not Lightning's 30 minutes
     assert not (run_dir / "checkpoints").exists()
+
+
+# --- SIGTERM (preemption) -----------------------------------------------------------------------
+SIGTERM_STEPS = 10
+
+
+@pytest.fixture(scope="module")
+def preemptible(tmp_path_factory):
+    """A recipe whose interval checkpoints never come (every 100 steps), and its uninterrupted run
+    (in this process: no second start-up)."""
+    from bam_lightning.lightning_cli import run_lightning_cli
+
+    root = tmp_path_factory.mktemp("sigterm")
+    recipe = write_recipe(root, max_steps=SIGTERM_STEPS, every_n_train_steps=100)
+    whole = root / "uninterrupted"
+    whole.mkdir()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(whole)
+        patch.setenv("BAM_CACHE_DIR", str(root / "cache"))
+        patch.syspath_prepend(str(root))
+        run_lightning_cli(["fit", "--config", str(recipe)])
+    return recipe, whole
+
+
+def steps(run_dir: Path) -> list[dict]:
+    path = run_dir / "steps.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def terminate_after(process: subprocess.Popen, run_dir: Path, n_steps: int) -> tuple[int, str]:
+    """SIGTERM to the command's own process (rank 0) once `n_steps` steps are logged."""
+    deadline = time.time() + 120
+    while len(steps(run_dir)) < n_steps and process.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    return finish(process)
+
+
+def assert_saved_at_the_step_reached(run_dir: Path, code: int, output: str) -> int:
+    """Exit 143, and `last.ckpt` holds the last step any rank trained."""
+    assert code == 143, output[-4000:]
+    reached = max(r["step"] for r in steps(run_dir))
+    assert 3 <= reached < SIGTERM_STEPS, output[-4000:]
+    assert f"SIGTERM: saved step {reached} to " in output, output[-4000:]
+    saved = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    assert saved["global_step"] == reached and not saved["bam_lightning"]["final"]
+    return reached
+
+
+def assert_all_exit(process: subprocess.Popen, within_s: float = 60) -> None:
+    """Every rank the command started ends too (rank 1 may finish its exit after rank 0)."""
+    deadline = time.time() + within_s
+    while time.time() < deadline:
+        try:
+            os.killpg(process.pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.2)
+    os.killpg(process.pid, signal.SIGKILL)
+    pytest.fail(f"a rank of {process.args} was still running {within_s} s after rank 0 exited")
+
+
+def assert_resumed_exactly(run_dir: Path, whole: Path, reached: int) -> None:
+    expected = {r["step"]: r["loss"] for r in steps(whole)}
+    after = [r for r in steps(run_dir) if r["step"] > reached]
+    assert sorted({r["step"] for r in after}) == list(range(reached + 1, SIGTERM_STEPS + 1))
+    for record in after:
+        assert record["loss"] == expected[record["step"]], record
+    final = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    reference = torch.load(whole / "checkpoints" / "last.ckpt", weights_only=True)
+    assert final["global_step"] == SIGTERM_STEPS and final["bam_lightning"]["final"]
+    for key, value in reference["state_dict"].items():
+        torch.testing.assert_close(final["state_dict"][key], value, rtol=0, atol=0, msg=key)
+
+
+def test_sigterm_saves_the_step_reached_exits_143_and_resumes_exactly(preemptible):
+    recipe, whole = preemptible
+    run_dir = recipe.parent / "terminated"
+    command = [BAM, "fit", "--config", str(recipe)]
+    code, output = terminate_after(start(command, run_dir, recipe, STEP_PAUSE_S="0.4"), run_dir, 3)
+    reached = assert_saved_at_the_step_reached(run_dir, code, output)
+    run([*command, "--ckpt_path", "checkpoints/last.ckpt"], run_dir, recipe)
+    assert_resumed_exactly(run_dir, whole, reached)
+
+
+def test_sigterm_to_rank_0_stops_both_ranks_after_the_same_step(preemptible):
+    """Kubernetes signals the container's first process only: rank 1 (started by Lightning's
+    launcher) learns of it through the per-step agreement, saves with rank 0 and exits too."""
+    recipe, _ = preemptible
+    run_dir = recipe.parent / "terminated_ddp"
+    command = [BAM, "fit", "--config", str(recipe), "--trainer.devices", "2", "--trainer.strategy", "ddp"]
+    process = start(command, run_dir, recipe, STEP_PAUSE_S="0.4")
+    code, output = terminate_after(process, run_dir, 6)
+    reached = assert_saved_at_the_step_reached(run_dir, code, output)
+    assert {max(r["step"] for r in steps(run_dir) if r["rank"] == rank) for rank in (0, 1)} == {reached}
+    assert_all_exit(process)
+    resumed = run([*command, "--ckpt_path", "checkpoints/last.ckpt"], run_dir, recipe)
+    assert f"`max_steps={SIGTERM_STEPS}` reached" in resumed
+    saved = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    assert saved["global_step"] == SIGTERM_STEPS and saved["bam_lightning"]["final"]
