@@ -142,3 +142,28 @@ def test_a_rank_killed_mid_stage_stops_the_pipeline_naming_the_stage_and_a_rerun
     assert "[1/3] seed: done earlier, skipped" in output and "[2/3] expert_digits: resuming" in output
     assert json.loads((tmp_path / "run" / "stages" / "expert_digits" / "stage.json").read_text())["steps"] == 16
     assert (tmp_path / "run" / "report.md").exists()
+
+
+def test_sigterm_to_a_stage_stops_the_pipeline_with_its_step_saved_and_a_rerun_resumes(tmp_path):
+    """Preemption reaches the stage's process: it saves the step it reached, and the pipeline
+    exits 143 saying so (not a missing result.json); the same command then resumes."""
+    study = write_study(tmp_path, expert_steps=120)
+    command = [sys.executable, "-m", "bam_lightning.cli", "pipeline", str(study)]  # one process per stage
+    process = start(command, tmp_path)
+    checkpoint = tmp_path / "run" / "stages" / "expert_digits" / "checkpoints" / "last.ckpt"
+    deadline = time.time() + 300
+    while not checkpoint.exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    (stage,) = Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()  # the forked stage
+    os.kill(int(stage), signal.SIGTERM)
+    code, output = finish(process)
+    assert code == 143, output[-4000:]
+    assert "[2/3] expert_digits was stopped by SIGTERM (its last step is saved). Re-run the same command" in output
+    assert "Traceback" not in output, output[-4000:]
+    saved = torch.load(checkpoint, weights_only=True)
+    assert 2 <= saved["global_step"] < 120 and not saved["bam_lightning"]["final"]
+
+    code, output = finish(start(command, tmp_path))
+    assert code == 0, output[-4000:]
+    assert "[2/3] expert_digits: resuming" in output
+    assert json.loads((tmp_path / "run" / "stages" / "expert_digits" / "stage.json").read_text())["steps"] == 120
