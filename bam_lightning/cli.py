@@ -45,10 +45,27 @@ def usage() -> str:
     return "\n".join(lines)
 
 
+# Lightning's default process-group timeout (`default_pg_timeout`), kept as ours: it bounds the
+# wait for the other ranks at start-up and every collective after it, so a shorter one would stop
+# ranks that wait while rank 0 prepares data or writes a large checkpoint.
+RENDEZVOUS_TIMEOUT_HINT = (
+    "Start every rank (trainer.devices x trainer.num_nodes processes) with the same MASTER_ADDR and "
+    "MASTER_PORT (torchrun/srun set them). The wait is bounded by the strategy's timeout, 30 minutes "
+    "unless set, e.g. --trainer.strategy.class_path lightning.pytorch.strategies.DDPStrategy "
+    "--trainer.strategy.init_args.timeout 0:05:00")
+
+
 def run_lightning_cli(argv: list[str]) -> None:
+    import torch.distributed
+
     from bam_lightning.lightning_cli import run_lightning_cli as run
 
-    run(argv)
+    try:
+        run(argv)
+    except torch.distributed.DistError as error:
+        # e.g. "Timed out after 1801 seconds waiting for clients. 1/2 clients joined."
+        cause = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        sys.exit(f"bam {argv[0]}: this process could not meet the other ranks: {cause}\n{RENDEZVOUS_TIMEOUT_HINT}")
 
 
 def main(argv: list[str] | None = None) -> None:

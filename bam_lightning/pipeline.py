@@ -78,6 +78,9 @@ PIPELINE_KEYS = {"run_dir", "seeds", "seed", "experts", "mixtures", "compute_mat
 SEED_CHECKPOINT = "checkpoint"  # study: `seed: {checkpoint: PATH}` upcycles an existing dense model as the seed
 MIXTURE_METHODS = {"bam", "bam_shared_kv", "btx", "sparse", "btx_param_matched"}
 ERROR_FILE = "error.txt"  # a stage's exception, for the pipeline's failure line
+RANK_LOST = "another process of the stage stopped"
+# what gloo says (as a plain RuntimeError) when a peer process died; NCCL raises DistBackendError
+PEER_LOST_MARKERS = ("Connection reset by peer", "Connection closed by peer", "remote worker")
 
 
 @dataclass
@@ -573,29 +576,101 @@ def _die_with_parent() -> None:
 
 
 def run_stage_process(config_path: Path) -> int:
-    """Run one stage in a child process and return its exit code.
+    """Run one stage and return its exit code (143: stopped by SIGTERM after saving its step).
 
-    On Linux the child is forked from this process, which has already imported torch and
-    Lightning: that saves the 7-10 s a fresh interpreter spends on imports, for every stage.
-    The parent never runs a torch kernel before forking, so the child's OpenMP pool starts clean.
-    Elsewhere (no `fork`), a fresh interpreter runs the stage.
+    Under torchrun or SLURM (several ranks, each running this pipeline) every rank runs the stage
+    in its own process, in lockstep (see `lockstep.py`). Otherwise the stage gets a process of its
+    own: a stage on several devices a fresh `python -m bam_lightning.pipeline --stage CONFIG`, whose
+    command line Lightning's launcher runs again for the other ranks (the pipeline's own command
+    would start a second pipeline); a one-device stage a fork of this process, which has already
+    imported torch and Lightning (7-10 s saved per stage; the parent never runs a torch kernel
+    before forking, so the child's OpenMP pool starts clean). A SIGTERM to the pipeline is passed
+    on to the stage, which saves its step and exits 143.
     """
-    if "fork" not in multiprocessing.get_all_start_methods():
+    from bam_lightning import lockstep
+
+    if lockstep.active():
+        return _run_stage_in_lockstep(config_path)
+    if _stage_devices(config_path) != 1 or "fork" not in multiprocessing.get_all_start_methods():
         command = [sys.executable, "-m", "bam_lightning.pipeline", "--stage", str(config_path)]
-        return subprocess.run(command).returncode
+        child = subprocess.Popen(command, preexec_fn=_die_with_parent)
+        with _sigterm_passed_to(child.pid):
+            try:
+                return child.wait()
+            except BaseException:
+                child.terminate()
+                child.wait()
+                raise
     import bam_lightning.lightning_cli  # noqa: F401  (imported once here, inherited by every forked stage)
 
     sys.stdout.flush()
     sys.stderr.flush()
-    child = multiprocessing.get_context("fork").Process(target=_stage_child, args=(str(config_path),))
-    child.start()
+    forked = multiprocessing.get_context("fork").Process(target=_stage_child, args=(str(config_path),))
+    forked.start()
+    with _sigterm_passed_to(forked.pid):
+        try:
+            forked.join()
+        except BaseException:  # Ctrl-C or a kill of the pipeline: never leave a stage training alone
+            forked.terminate()
+            forked.join()
+            raise
+    return forked.exitcode if forked.exitcode is not None else 1
+
+
+def _run_stage_in_lockstep(config_path: Path) -> int:
+    """Rank 0 of a torchrun/SLURM pipeline: announce the stage, then run it with the others."""
+    import traceback
+
+    from bam_lightning import lockstep
+    from bam_lightning.callbacks.preemption import PREEMPTED_EXIT_CODE, Preempted
+
+    lockstep.send(("stage", str(config_path)))
     try:
-        child.join()
-    except BaseException:  # Ctrl-C or a kill of the pipeline: never leave a stage training alone
-        child.terminate()
-        child.join()
-        raise
-    return child.exitcode if child.exitcode is not None else 1
+        run_stage(str(config_path))
+    except Preempted:
+        lockstep.stage_failed = True
+        return PREEMPTED_EXIT_CODE
+    except Exception:
+        lockstep.stage_failed = True  # the other ranks may be inside the stage: no more messages
+        traceback.print_exc()
+        return 1
+    return 0
+
+
+def _stage_devices(config_path: Path) -> int | None:
+    """Processes the stage starts: 1 when it runs on one device (then it may be forked), None
+    when it is not one (several devices or nodes, or "auto" on a machine with several GPUs)."""
+    trainer = OmegaConf.to_container(OmegaConf.load(config_path)).get("trainer") or {}
+    devices, nodes = trainer.get("devices", "auto"), trainer.get("num_nodes", 1)
+    if nodes not in (1, None):
+        return None
+    if devices in (1, "1", [0], "0,"):
+        return 1
+    if devices in ("auto", None, -1, "-1") and trainer.get("accelerator", "auto") in ("cpu", "auto"):
+        import torch
+
+        if trainer.get("accelerator") == "cpu" or torch.cuda.device_count() <= 1:
+            return 1
+    return None
+
+
+class _sigterm_passed_to:
+    """While a stage runs, a SIGTERM to the pipeline goes to the stage (which saves its step)."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+
+    def __enter__(self) -> None:
+        self.previous = signal.signal(signal.SIGTERM, self._forward)
+
+    def _forward(self, signum: int, frame: Any) -> None:
+        try:
+            os.kill(self.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+
+    def __exit__(self, *exc: Any) -> None:
+        signal.signal(signal.SIGTERM, self.previous)
 
 
 def _stage_child(config_path: str) -> None:
@@ -679,7 +754,7 @@ def run_pipeline(path: str, force: bool = False, seeds: list[int] | None = None,
                 print(f"{label}: the new configuration stopped before its first checkpoint; previous outputs "
                       f"restored to {stage_dir} (this attempt: {failed})", flush=True)
                 config_path = failed / "config.yaml"
-            raise SystemExit(failure_message(label, returncode, stage, config_path))
+            raise stage_failure(label, returncode, stage, config_path)
         record = json.loads((stage_dir / "result.json").read_text())
         check_stage_checkpoint(label, stage_dir / "checkpoints" / "last.ckpt", record["steps"])
         record.update(fingerprint=prints[stage.name], **stage_labels(stage, composed, config))
@@ -717,10 +792,27 @@ def with_existing_seed_row(records: list[dict[str, Any]], existing_seed: str | N
     return [seed, *records]
 
 
+def stage_failure(label: str, returncode: int, stage: Stage, config_path: Path) -> SystemExit:
+    """The pipeline's exit: 143 when the stage was stopped by SIGTERM (preemption: a re-run
+    resumes), with the message printed; otherwise code 1 with the message."""
+    from bam_lightning.callbacks.preemption import PREEMPTED_EXIT_CODE
+
+    message = failure_message(label, returncode, stage, config_path)
+    if returncode in (PREEMPTED_EXIT_CODE, -signal.SIGTERM):
+        print(message, file=sys.stderr, flush=True)
+        return SystemExit(PREEMPTED_EXIT_CODE)
+    return SystemExit(message)
+
+
 def failure_message(label: str, returncode: int, stage: Stage, config_path: Path) -> str:
     """Say "re-run to resume" only where a re-run can help (the stage was killed or interrupted);
     for an error, name it and what to fix."""
+    from bam_lightning.callbacks.preemption import PREEMPTED_EXIT_CODE
+
     error_file = config_path.parent / ERROR_FILE
+    if returncode in (PREEMPTED_EXIT_CODE, -signal.SIGTERM):
+        return (f"{label} was stopped by SIGTERM (its last step is saved). Re-run the same command to "
+                "resume from it (finished stages are kept).")
     if returncode < 0 or not error_file.exists():
         how = f"was stopped by signal {-returncode}" if returncode < 0 else f"stopped (exit {returncode})"
         return (f"{label} {how}. Re-run the same command to resume from its last checkpoint "
@@ -728,6 +820,9 @@ def failure_message(label: str, returncode: int, stage: Stage, config_path: Path
     error = error_file.read_text().strip()
     if error.startswith("KeyboardInterrupt"):
         return f"{label} was interrupted. Re-run the same command to resume from its last checkpoint."
+    if error.startswith(RANK_LOST):
+        return (f"{label} stopped: {error}. Re-run the same command to resume from its last checkpoint "
+                "(finished stages are kept).")
     if error.startswith(DiskFullError.__name__):
         reason = error.partition(": ")[2]
     elif f"[Errno {errno.ENOSPC}]" in error or free_bytes(config_path.parent) < DISK_FULL_MARGIN_BYTES:
@@ -788,15 +883,24 @@ def _holds_checkpoint(stage_dir: Path) -> bool:
 def run_stage(config_path: str) -> None:
     """Inside the stage's process: fit (resuming if a last checkpoint exists), validate, record.
     An error is also written to the stage's `error.txt`, for the pipeline's failure line."""
+    import torch.distributed
+
+    from bam_lightning.callbacks.preemption import Preempted
+
     error_file = Path(config_path).parent / ERROR_FILE
     error_file.unlink(missing_ok=True)
     try:
         _run_stage(config_path)
+    except Preempted:
+        raise  # saved its step: nothing to fix
     except (Exception, KeyboardInterrupt, SystemExit) as error:
         try:
             if isinstance(error, SystemExit):
                 if error.code not in (0, None):  # the CLI refused the recipe and printed why above
                     error_file.write_text(f"the recipe was refused (exit {error.code}); its error is printed above")
+            elif isinstance(error, torch.distributed.DistError) or any(m in str(error) for m in PEER_LOST_MARKERS):
+                # another rank of the stage died (killed, out of memory): its own error is above
+                error_file.write_text(f"{RANK_LOST} ({type(error).__name__}: {str(error).splitlines()[0]})")
             else:
                 error_file.write_text(f"{type(error).__name__}: {error}")
         except OSError:  # a full disk: the pipeline says so from an empty or missing error.txt
@@ -807,7 +911,6 @@ def run_stage(config_path: str) -> None:
 def _run_stage(config_path: str) -> None:
     from bam_lightning.lightning_cli import check_before_fit, run_lightning_cli
 
-    sys.argv = sys.argv[:1]  # the stage's arguments are the config below, not this process's
     cli = run_lightning_cli(["--config", config_path], run=False)
     stage_dir = Path(config_path).parent
     last = stage_dir / "checkpoints" / "last.ckpt"
@@ -818,8 +921,9 @@ def _run_stage(config_path: str) -> None:
     steps = cli.trainer.global_step
     records = read_metrics(metrics_file.path) if metrics_file.path.exists() else []
     final = {k: v for k, v in records[-1].items() if k.startswith("val/")} if records else {}
-    if (not records or records[-1]["step"] != steps or records[-1]["stage"] != "fit" or not final
-            or not cli.model.val_document_stats):
+    stale = (not records or records[-1]["step"] != steps or records[-1]["stage"] != "fit" or not final
+             or not cli.model.val_document_stats)
+    if cli.trainer.strategy.broadcast(stale, src=0):  # rank 0 wrote the metrics: every rank follows it
         # the fit's last validation was before its last step (or in a killed process, so its
         # per-document sums are lost): score the final weights once more
         # one dict per validation loader (domain); routing is logged per loader, so merge them all
@@ -829,6 +933,8 @@ def _run_stage(config_path: str) -> None:
     seq_len = cli.datamodule.seq_len
     tokens = steps * trainer_tokens_per_step(cli.trainer, cli.datamodule.batch_size, seq_len)
     total, active = parameter_counts(model_config)
+    if not cli.trainer.is_global_zero:
+        return
     write_json_atomic(stage_dir / "result.json", {
         "final": {k: float(v) for k, v in final.items()},
         "initial": cli.model.initial_val_metrics,
@@ -865,14 +971,25 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.stage:
         run_stage(args.stage)
-    elif args.recipe:
-        try:
-            run_pipeline(args.recipe, force=args.force, seeds=args.seeds, check_only=args.check, sweep=args.sweep,
-                         overrides=args.overrides)
-        except StudyError as error:  # a bad study file or --set: the message names the field; no traceback
-            parser.exit(2, f"bam pipeline: error: {error}\n")
-    else:
+        return
+    if not args.recipe:
         parser.error("give a study file, e.g. `bam pipeline recipes/tiny/study.yaml`")
+    from bam_lightning import lockstep
+
+    environment = lockstep.cluster_environment()
+    if environment is not None:  # torchrun / srun: rank 0 runs the pipeline, the others follow it
+        lockstep.init_process_group(environment)
+        if lockstep.rank() != 0:
+            lockstep.follow()
+            return
+    try:
+        run_pipeline(args.recipe, force=args.force, seeds=args.seeds, check_only=args.check, sweep=args.sweep,
+                     overrides=args.overrides)
+    except StudyError as error:  # a bad study file or --set: the message names the field; no traceback
+        parser.exit(2, f"bam pipeline: error: {error}\n")
+    finally:
+        if environment is not None and not lockstep.stage_failed:
+            lockstep.send(("done", ""))
 
 
 if __name__ == "__main__":
