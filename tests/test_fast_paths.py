@@ -94,7 +94,7 @@ def test_ffn_fast_path_matches_expert_loop(path, top_k, renormalize, monkeypatch
     if path == "fallback_loop":
         monkeypatch.setattr(ffn_module, "ffn_kernel", lambda device, dtype: ffn_module.LOOP)
     if path == "padded_rows":  # the bf16 row padding, checked exactly in fp32
-        monkeypatch.setattr(ffn_module, "row_alignment", lambda dtype: 8)
+        monkeypatch.setattr(ffn_module, "row_alignment", lambda device, dtype: 8)
     ffn, x = ffn_with_idle_experts(top_k, renormalize)
     grad = torch.randn_like(x)
     out, grads = run_with_grads(ffn, x, lambda t: ffn(t)[0], grad)
