@@ -17,6 +17,7 @@ fp32 on CUDA, older torch). `last_ffn_kernel()` says which one the latest forwar
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -62,11 +63,19 @@ def swiglu(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: to
 
 
 def row_alignment(device: torch.device | str, dtype: torch.dtype) -> int:
-    """Rows per expert are padded to a multiple of this where the kernel needs it. bf16/fp16
-    matmuls on CPUs (oneDNN, measured on AMX) pay a large one-off cost for every new row count,
-    and routed row counts change every step; multiples of 64 keep the set of shapes small. CUDA's
-    grouped kernel takes any row count, and fp32 padding only costs time: no padding there."""
-    return 64 if torch.device(device).type == "cpu" and dtype.itemsize < 4 else 1
+    """Rows per expert are padded to a multiple of this where the kernel gains from it. bf16/fp16
+    matmuls on AMX CPUs (oneDNN) were measured to pay a large one-off cost for every new row count,
+    and routed row counts change every step; multiples of 64 keep the set of shapes small. On an
+    AVX-512-bf16 CPU without AMX padding cost 6% (benchmarks/README.md); CUDA's grouped kernel
+    takes any row count; fp32 padding only costs time: no padding there."""
+    half = dtype.itemsize < 4
+    return 64 if torch.device(device).type == "cpu" and half and _cpu_has_amx() else 1
+
+
+@functools.cache
+def _cpu_has_amx() -> bool:
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return bool(probe and probe())
 
 
 def _matmul_dtype(x: torch.Tensor) -> torch.dtype:
