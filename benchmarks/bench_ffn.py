@@ -154,6 +154,8 @@ def bench_one(E: int, k: int, tokens: int, args, autocast: bool, use_hf: bool) -
         mismatch = (layers["bam"](x) - layers["loop"](x)).abs().max().item()
         moved = (layers["bam"](x) - layers["old"](x)).abs().max().item() if "old" in layers else None
     rounds, warmup = (args.bf16_rounds, args.bf16_warmup) if autocast else (args.rounds, args.warmup)
+    if args.no_loop:
+        del layers["loop"]  # checked above, not timed
     steps = {name: forward_backward(layer, x, grad, params, args.device if autocast else None)
              for name, layer in layers.items()}
     times = time_interleaved(steps, rounds, warmup)
@@ -185,6 +187,8 @@ def main() -> None:
     parser.add_argument("--bf16-rounds", type=int, default=None,
                         help="timed rounds for bf16 (default: --rounds; 3 on CPUs without native bf16)")
     parser.add_argument("--no-hf", action="store_true", help="skip the transformers Mixtral column")
+    parser.add_argument("--no-loop", action="store_true", help="do not time the per-expert loop (still "
+                        "compared for max|bam-loop|)")
     parser.add_argument("--profile", action="store_true",
                         help="print each layer's profile (top ops by own time) before its table")
     parser.add_argument("--against", metavar="REV", default=None,
@@ -213,7 +217,8 @@ def main() -> None:
         with CoTenantLoad() as load:
             rows = [bench_one(E, k, tokens, args, autocast, use_hf) for E in args.experts for k in args.top_k]
         old = [args.against] if args.against else []
-        print_table(["E", "k", "dense ms", "bam ms", "bam/dense", "loop/dense", *(["hf/dense"] if use_hf else []),
+        print_table(["E", "k", "dense ms", "bam ms", "bam/dense", *([] if args.no_loop else ["loop/dense"]),
+                     *(["hf/dense"] if use_hf else []),
                      *(f"{rev}/dense" for rev in old), *("bam/old" for _ in old), "bam/dense per-round quartiles",
                      "matmul share dense", "bam", *(f"{rev}" for rev in old), "max|bam-loop|",
                      *(f"max|bam-{rev}|" for rev in old)], rows)

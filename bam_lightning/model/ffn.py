@@ -4,9 +4,12 @@ Routing follows BAM_SPEC.md: softmax over *all* experts before top-k and no reno
 paper's choice; with k = 1 the LM loss still reaches the router through p_top), or renormalised
 top-k (original BTX). Dropless: every token reaches its k experts.
 
-Speed (benchmarks/bench_ffn.py): the (token, slot) pairs are gathered in expert order so that
-each expert reads one contiguous block of rows, the whole bank runs as one grouped matrix product
-per projection, and the outputs are gathered back. The dense FFN is the one-group case of the
+Speed (benchmarks/bench_ffn.py): the (token, slot) pairs are sorted by expert once and gathered
+in that order (one gather) so that each expert reads one contiguous block of rows, the whole bank
+runs as one grouped matrix product per projection, each row's gate multiplies its hidden
+activation before the down projection, and the gated rows are gathered back and summed over the
+k slots (one gather). Padding rows only where the kernel gains from it (`row_alignment`), and no
+host reads on the grouped path (CUDA never waits). The dense FFN is the one-group case of the
 same code, so dense and one-expert mixtures agree bit for bit.
 
 Which grouped kernel runs depends on the torch build, the device and the dtype (`ffn_kernel`):
