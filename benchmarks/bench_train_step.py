@@ -200,6 +200,7 @@ def main() -> None:
           f"top-{bam.ffn_top_k}, {bam.attn_experts} attention experts "
           f"({'Shared-KV' if bam.attn_shared_kv else 'Expert-KV'}, {bam.attn_routing})")
     times: dict[str, list[float]] = {name: [] for name in models}
+    segment_medians: dict[str, list[float]] = {name: [] for name in models}  # paired by segment
     peak_memory: dict[str, int] = dict.fromkeys(models, 0)
     with CoTenantLoad() as load:
         for _ in range(args.segments):
@@ -210,6 +211,7 @@ def main() -> None:
                 timer = train_segment(module_cls, config, args, old_ffn)
                 assert timer.threads == args.threads, f"Lightning changed the thread count to {timer.threads}"
                 times[name] += timer.times
+                segment_medians[name].append(statistics.median(timer.times))
                 if device.type == "cuda":
                     peak_memory[name] = max(peak_memory[name], torch.cuda.max_memory_allocated(device))
     ceiling = max(ceilings)  # the best moment: co-tenants only ever lower it
@@ -243,6 +245,13 @@ def main() -> None:
                  *([f"MFU ({args.peak_tflops:g} TFLOP/s)"] if args.peak_tflops else []),
                  *(["peak GPU GiB"] if device.type == "cuda" else []), "MFU / seed's"], rows)
     mfu_ratio = mfu["BAM MoE"] / mfu["dense seed"]
+    flops_ratio = training_flops_per_token(bam, seq) / training_flops_per_token(bam.dense(), seq)
+    for name in list(models)[1:]:
+        # MFU ratio within each segment (seed and BAM timed minutes apart, not an hour): its spread
+        paired = sorted(flops_ratio * seed / step for seed, step
+                        in zip(segment_medians["dense seed"], segment_medians[name], strict=True))
+        print(f"# {name}: MFU / seed's per segment: median {statistics.median(paired):.3f}, "
+              f"range {paired[0]:.3f}-{paired[-1]:.3f} over {len(paired)} segments")
     print(f"# BAM MoE step time / dense seed step time: {ratio:.2f}; BAM MFU / seed MFU: {mfu_ratio:.3f}; "
           f"FFN kernel that ran: {last_ffn_kernel()}")
     print(f"# result: {'; '.join(results)}; BAM/seed step time {ratio:.2f}, MFU {mfu_ratio:.3f}x the seed's; "
