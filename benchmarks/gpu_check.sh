@@ -92,6 +92,9 @@ if [[ $DEVICE == cuda ]]; then
 elif [[ ! -x $PY ]] && [[ -z $PY_GIVEN ]]; then
     PY=python3
 fi
+if [[ $PY == */* && $PY != /* ]]; then
+    PY=$PWD/$PY  # bam_fit runs from a scratch folder
+fi
 "$PY" -c 'import platform, torch; print(f"# Python {platform.python_version()}, torch {torch.__version__}, CUDA {torch.version.cuda}")'
 
 # The wheel bundle: what the image lacks (litdata, omegaconf, jsonargparse...). pip where it
@@ -140,7 +143,7 @@ if [[ $DEVICE == cuda ]]; then
     FIT=(--trainer.accelerator gpu)
 else
     FFN_SIZES=(--experts 4 --top-k 1 2 --tokens 256 --d-model 64 --d-ff 128 --rounds 2 --warmup 1 --bf16-rounds 2)
-    FFN_PROFILE=(--experts 4 --top-k 1 --tokens 256 --d-model 64 --d-ff 128 --rounds 1 --warmup 1 --bf16-rounds 1)
+    FFN_PROFILE=(--experts 4 --top-k 1 --tokens 256 --d-model 64 --d-ff 128 --rounds 2 --warmup 1 --bf16-rounds 2)
     ATTN_SIZES=(--experts 4 --d-model 64 --heads 4 --seq 64 --batch 2 --rounds 2 --warmup 1)
     TRAIN=(--model tiny --accelerator cpu --seq 64 --segments 1 --warmup 1 --steps 3)
     TRAIN_BATCH=4
