@@ -9,6 +9,7 @@ default checkpoint plugin).
 from __future__ import annotations
 
 import ctypes
+import errno
 import functools
 import glob
 import json
@@ -28,6 +29,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch import nn
 
 from bam_lightning.config import ModelConfig
+from bam_lightning.errors import DiskFullError, UserError
 
 MODEL_PREFIX = "model."  # the LightningModule holds the GPT as `self.model`
 SAFETENSORS_CONFIG_KEY = "bam_lightning.config"
@@ -52,9 +54,9 @@ class SourceCheckpoint:
         """The checkpoint must have exactly `config`'s dense shapes (for branching)."""
         problem = describe_config_mismatch(self.config, config)
         if problem:
-            raise ValueError(f"{self.path}: checkpoint does not match {what}: {problem}")
+            raise UserError(f"{self.path}: checkpoint does not match {what}: {problem}")
         if tokenizer and self.tokenizer and tokenizer != self.tokenizer:
-            raise ValueError(f"{self.path}: checkpoint was trained with tokenizer {self.tokenizer!r}, "
+            raise UserError(f"{self.path}: checkpoint was trained with tokenizer {self.tokenizer!r}, "
                              f"but the data module uses {tokenizer!r}")
 
     def check_final(self, what: str) -> None:
@@ -62,7 +64,7 @@ class SourceCheckpoint:
         (a fit killed before its end, or a `last.ckpt` from before the final save existed).
         Checkpoints that do not record their step (safetensors, other tools) are taken as they are."""
         if self.final is False:
-            raise ValueError(f"{self.path}: {what} needs the final state of the fit that wrote it, but this "
+            raise UserError(f"{self.path}: {what} needs the final state of the fit that wrote it, but this "
                              f"checkpoint holds step {self.global_step} of {self.max_steps}; finish that fit "
                              "(re-run it to resume) before starting this one")
 
@@ -85,21 +87,21 @@ def read_checkpoint(path: str | os.PathLike) -> SourceCheckpoint:
     path = str(path)
     if Path(path).is_dir():
         # (dcp_to_torch_save would give the weights without the config, which stays in meta.pt)
-        raise ValueError(f"{path}: is a sharded (distributed) checkpoint directory; save the source as one "
+        raise UserError(f"{path}: is a sharded (distributed) checkpoint directory; save the source as one "
                          "file with ModelParallelStrategy(save_distributed_checkpoint=False)")
     if not Path(path).is_file():
-        raise FileNotFoundError(f"{path}: checkpoint file not found")
+        raise UserError(f"{path}: checkpoint file not found")
     if path.endswith(".safetensors"):
         return _read_safetensors(path)
     try:
         raw = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except Exception as error:  # torch raises many types for truncated/corrupt files
-        raise ValueError(f"{path}: not a readable checkpoint ({type(error).__name__}: {error})") from error
+        raise UserError(f"{path}: not a readable checkpoint ({type(error).__name__}: {error})") from error
     if not isinstance(raw, dict) or "state_dict" not in raw:
-        raise ValueError(f"{path}: not a Lightning checkpoint (no 'state_dict' key)")
+        raise UserError(f"{path}: not a Lightning checkpoint (no 'state_dict' key)")
     stored = raw.get("hyper_parameters", {}).get("config")
     if stored is None:
-        raise ValueError(f"{path}: checkpoint has no 'hyper_parameters.config' (not saved by bam_lightning)")
+        raise UserError(f"{path}: checkpoint has no 'hyper_parameters.config' (not saved by bam_lightning)")
     config = ModelConfig.from_dict(dict(stored), source=f"{path}: hyper_parameters.config")
     state = {k[len(MODEL_PREFIX):]: v for k, v in raw["state_dict"].items() if k.startswith(MODEL_PREFIX)}
     meta = raw.get("bam_lightning", {})
@@ -141,9 +143,9 @@ def _read_safetensors(path: str) -> SourceCheckpoint:
                 data = data.clone()
             state[key] = data.view(dtype).view(entry["shape"])
     except Exception as error:
-        raise ValueError(f"{path}: not a readable safetensors file ({type(error).__name__}: {error})") from error
+        raise UserError(f"{path}: not a readable safetensors file ({type(error).__name__}: {error})") from error
     if SAFETENSORS_CONFIG_KEY not in metadata:
-        raise ValueError(f"{path}: safetensors metadata has no {SAFETENSORS_CONFIG_KEY!r} entry")
+        raise UserError(f"{path}: safetensors metadata has no {SAFETENSORS_CONFIG_KEY!r} entry")
     config = ModelConfig.from_dict(json.loads(metadata[SAFETENSORS_CONFIG_KEY]), source=f"{path}: metadata")
     return SourceCheckpoint(path, config, state, metadata.get("bam_lightning.tokenizer"), file_mappings(path))
 
@@ -233,15 +235,55 @@ def write_atomically(path: str | os.PathLike, write: Callable[[str], Any]) -> No
     # O_EXCL: never clobber another writer's file; mode 0o666 leaves permissions to the umask.
     os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     try:
-        write(str(tmp))
-        fd = os.open(tmp, os.O_RDONLY)
         try:
-            os.fsync(fd)  # the bytes reach the disk before the name does
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
+            write(str(tmp))
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)  # the bytes reach the disk before the name does
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
+        except Exception as error:
+            if disk_is_full(error, path.parent):  # measured before the partial file is removed
+                raise DiskFullError(disk_full_message(path)) from error
+            raise
     finally:
         tmp.unlink(missing_ok=True)
+
+
+# torch.save reports a write that failed for want of space as "unexpected pos ..." (no errno), so
+# a failed write is also called a full disk when its file system has less than this left.
+DISK_FULL_MARGIN_BYTES = 1 << 20
+
+
+def free_bytes(folder: str | os.PathLike) -> float:
+    """Bytes this process may still write in `folder`'s file system (root may use the reserve)."""
+    try:
+        stats = os.statvfs(folder)
+    except (AttributeError, OSError):  # no statvfs (Windows), or the folder is gone
+        return float("inf")
+    blocks = stats.f_bfree if hasattr(os, "geteuid") and os.geteuid() == 0 else stats.f_bavail
+    return blocks * stats.f_frsize
+
+
+def disk_is_full(error: BaseException, folder: str | os.PathLike) -> bool:
+    """ENOSPC or EDQUOT anywhere in the error's chain, or (torch's errno-less message) no space left."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return free_bytes(folder) < DISK_FULL_MARGIN_BYTES
+
+
+def disk_full_message(path: Path) -> str:
+    free = free_bytes(path.parent)
+    where = f"{path} ({free / 1e6:.1f} MB free there)" if free != float("inf") else str(path)
+    if not path.exists():
+        return f"no space left on device: cannot write {where}; nothing was overwritten. Free some space, then run again."
+    then = (f"resume from it (bam fit: --ckpt_path {path}; bam pipeline: run the same command again)"
+            if path.suffix == ".ckpt" else "run again")
+    return f"no space left on device: cannot write {where}. The previous {path.name} is intact: free some space, then {then}."
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -273,7 +315,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             local_path = _local_path(path)
             if local_path is None or zipfile.is_zipfile(local_path):
                 raise
-            raise ValueError(f"{path}: not a readable checkpoint, the file is truncated or corrupt "
+            raise UserError(f"{path}: not a readable checkpoint, the file is truncated or corrupt "
                              f"({type(error).__name__}: {error})") from error
 
 

@@ -10,6 +10,15 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal
 
+from bam_lightning.errors import UserError
+
+ROPE_SCALING_KEYS = {  # type -> its required keys (the names follow transformers' rope_parameters)
+    "linear": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+    "factors": ("factors",),  # llama.cpp's rope_freqs tensor: frequency i is divided by factors[i]
+}
+FFN_ACTIVATIONS = ("swiglu", "gelu", "gelu_tanh")
+
 
 @dataclass
 class ModelConfig:
@@ -28,6 +37,19 @@ class ModelConfig:
     norm_eps: float = 1e-5
     block_layout: Literal["parallel", "sequential"] = "parallel"
     init_std: float = 0.02
+
+    # --- other model families (imported seeds); every default is the original architecture ---
+    head_dim: int | None = None  # None -> d_model / n_head; Qwen3 sets it wider
+    rotary_dim: int | None = None  # RoPE on the first rotary_dim dims of each head; None -> all (GPT-NeoX: 1/4)
+    rope_scaling: dict[str, Any] | None = None  # {"type": "llama3" | "linear", "factor": ..., ...}
+    sliding_window: int | None = None  # Mistral: a query sees the last sliding_window positions
+    qkv_bias: bool = False  # biases on the q/k/v projections (Qwen2, GPT-NeoX)
+    attn_out_bias: bool = False  # bias on the attention output projection (GPT-NeoX)
+    qk_norm: bool = False  # per-head RMSNorm on q and k before RoPE (Qwen3)
+    ffn_activation: Literal["swiglu", "gelu", "gelu_tanh"] = "swiglu"  # gelu*: 2-layer MLP (GPT-NeoX)
+    ffn_bias: bool = False  # biases on the FFN projections (GPT-NeoX)
+    norm_bias: bool = False  # LayerNorm with a bias (GPT-NeoX); only with norm = layernorm
+    parallel_ffn_norm: bool = False  # parallel block with its own FFN norm: x + Attn(N1(x)) + FFN(N2(x))
 
     # --- mixture (all zero/off for a dense model) ---
     n_experts: int = 0  # FFN experts; 0 = one dense FFN
@@ -48,6 +70,13 @@ class ModelConfig:
             self.n_kv_head = self.n_head
         if self.d_ff is None:
             self.d_ff = 64 * -(-(8 * self.d_model // 3) // 64)
+        if self.head_dim is None:
+            if self.n_head > 0 and self.d_model % self.n_head:
+                raise UserError(f"ModelConfig: d_model ({self.d_model}) must be divisible by n_head "
+                                f"({self.n_head}), or set head_dim")
+            self.head_dim = self.d_model // max(1, self.n_head)
+        if self.rotary_dim is None:
+            self.rotary_dim = self.head_dim
         self.validate()
 
     def validate(self) -> None:
@@ -55,14 +84,32 @@ class ModelConfig:
 
         def need(ok: bool, msg: str) -> None:
             if not ok:
-                raise ValueError(f"ModelConfig: {msg}")
+                raise UserError(f"ModelConfig: {msg}")
 
         for name in ("vocab_size", "n_layer", "d_model", "n_head", "n_kv_head", "d_ff", "max_seq_len"):
             need(getattr(self, name) > 0, f"{name} must be positive, got {getattr(self, name)}")
-        need(self.d_model % self.n_head == 0,
-             f"d_model ({self.d_model}) must be divisible by n_head ({self.n_head})")
-        need((self.d_model // self.n_head) % 2 == 0,
-             f"head size d_model/n_head = {self.d_model // self.n_head} must be even for RoPE")
+        need(self.head_dim > 0, f"head_dim must be positive, got {self.head_dim}")
+        need(0 < self.rotary_dim <= self.head_dim and self.rotary_dim % 2 == 0,
+             f"rotary_dim ({self.rotary_dim}) must be even and between 2 and head_dim ({self.head_dim}) for RoPE")
+        if self.rope_scaling is not None:
+            kind = self.rope_scaling.get("type")
+            need(kind in ROPE_SCALING_KEYS, f"rope_scaling type must be one of {sorted(ROPE_SCALING_KEYS)}, "
+                 f"got {kind!r}")
+            missing = [key for key in ROPE_SCALING_KEYS[kind] if key not in self.rope_scaling]
+            need(not missing, f"rope_scaling of type {kind!r} needs {missing}")
+            unknown = sorted(set(self.rope_scaling) - {"type", *ROPE_SCALING_KEYS[kind]})
+            need(not unknown, f"rope_scaling of type {kind!r}: unknown keys {unknown}")
+            if kind == "factors":
+                need(len(self.rope_scaling["factors"]) == self.rotary_dim // 2,
+                     f"rope_scaling factors: {len(self.rope_scaling['factors'])} values, rotary_dim / 2 = "
+                     f"{self.rotary_dim // 2} frequencies")
+        need(self.sliding_window is None or self.sliding_window > 0,
+             f"sliding_window must be positive or null, got {self.sliding_window}")
+        need(self.ffn_activation in FFN_ACTIVATIONS,
+             f"ffn_activation must be one of {list(FFN_ACTIVATIONS)}, got {self.ffn_activation!r}")
+        need(not (self.norm_bias and self.norm != "layernorm"), "norm_bias needs norm: layernorm")
+        need(not (self.parallel_ffn_norm and self.block_layout != "parallel"),
+             "parallel_ffn_norm needs block_layout: parallel (a sequential block always has two norms)")
         need(self.n_head % self.n_kv_head == 0,
              f"n_head ({self.n_head}) must be divisible by n_kv_head ({self.n_kv_head})")
         need(self.norm in ("rmsnorm", "layernorm"), f"norm must be rmsnorm|layernorm, got {self.norm!r}")
@@ -85,8 +132,8 @@ class ModelConfig:
 
     # --- derived shapes ---
     @property
-    def head_dim(self) -> int:
-        return self.d_model // self.n_head
+    def rope_scaling_type(self) -> str | None:
+        return None if self.rope_scaling is None else self.rope_scaling["type"]
 
     @property
     def is_moe(self) -> bool:

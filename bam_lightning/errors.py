@@ -8,3 +8,8 @@ so callers (and tests) that catch `ValueError` keep working."""
 
 class UserError(ValueError):
     """A refusal whose message names the file, key or field to fix."""
+
+
+class DiskFullError(UserError):
+    """No space left on the device a run writes to. Not a recipe error: the run can be resumed
+    from its last checkpoint (kept intact, see `write_atomically`) once space is freed."""

@@ -60,14 +60,17 @@ def parameter_counts(config: ModelConfig) -> tuple[int, int]:
     Soft-routed attention experts are all active; of the FFN experts only the top-k are.
     """
     d, hd, f = config.d_model, config.head_dim, config.d_ff
-    attn = (config.n_attn_banks * 2 * config.n_head * hd * d
-            + config.n_kv_banks * 2 * config.n_kv_head * hd * d
+    q_side = 2 * config.n_head * hd * d + config.qkv_bias * config.n_head * hd + config.attn_out_bias * d
+    kv_side = 2 * config.n_kv_head * hd * d + config.qkv_bias * 2 * config.n_kv_head * hd
+    attn = (config.n_attn_banks * (q_side + config.qk_norm * hd) + config.n_kv_banks * (kv_side + config.qk_norm * hd)
             + config.attn_experts * d)
-    one_ffn = 3 * d * f
-    norms = d * (1 if config.block_layout == "parallel" else 2)
+    gated = config.ffn_activation == "swiglu"
+    one_ffn = (3 if gated else 2) * d * f + config.ffn_bias * ((2 if gated else 1) * f + d)
+    one_norm = d * (2 if config.norm_bias else 1)
+    norms = one_norm * (1 if config.block_layout == "parallel" and not config.parallel_ffn_norm else 2)
     ffn_total = config.n_ffn_banks * one_ffn + config.n_experts * d
     ffn_active = (config.ffn_top_k if config.n_experts else 1) * one_ffn + config.n_experts * d
-    embeddings = config.vocab_size * d * (1 if config.tie_embeddings else 2) + d  # + final norm
+    embeddings = config.vocab_size * d * (1 if config.tie_embeddings else 2) + one_norm  # + final norm
     total = embeddings + config.n_layer * (attn + ffn_total + norms)
     active = embeddings + config.n_layer * (attn + ffn_active + norms)
     return total, active

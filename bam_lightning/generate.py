@@ -91,17 +91,21 @@ def generate(model: GPT, prompts: Sequence[Sequence[int]], max_new_tokens: int =
     """The new tokens of each prompt (token-id lists), stopping a row at `eos_id` (kept).
 
     Prompts of different lengths are left-padded into one batch; each row gets the tokens it
-    would get alone. Generation also stops when the context reaches the model's max_seq_len.
+    would get alone: up to `max_new_tokens`, and no more than its own context allows (a row
+    stops when it reaches the model's max_seq_len; the rows beside it go on).
     `on_step(tokens)` sees each step's new token of every row (streaming); a finished row
-    repeats its EOS there. `seed` makes sampling repeatable. `stop(row_tokens)` ends a row early
-    when it returns True (stop strings: the caller decodes and trims).
+    repeats `eos_id` there (None without one). `seed` makes sampling repeatable.
+    `stop(row_tokens)` ends a row early when it returns True (stop strings: the caller decodes
+    and trims).
     """
     check_sampling(max_new_tokens, temperature, top_k, top_p)
     check_prompts(prompts, model.config)
     cfg = model.config
     device = model.tok_emb.weight.device
-    longest = max(map(len, prompts))
-    steps = min(max_new_tokens, cfg.max_seq_len - longest + 1)  # the last new token needs no slot
+    longest, shortest = max(map(len, prompts)), min(map(len, prompts))
+    # per row: the last new token needs no slot, so a prompt of n tokens has room for S - n + 1
+    limits = [min(max_new_tokens, cfg.max_seq_len - len(prompt) + 1) for prompt in prompts]
+    steps = max(limits)
     idx = torch.zeros(len(prompts), longest, dtype=torch.long)
     mask = torch.zeros(len(prompts), longest, dtype=torch.bool)
     for row, prompt in enumerate(prompts):
@@ -115,7 +119,8 @@ def generate(model: GPT, prompts: Sequence[Sequence[int]], max_new_tokens: int =
     was_training = model.training
     model.eval()
     try:
-        cache = model.new_cache(len(prompts), longest + steps - 1)
+        # a short row runs up to `longest - shortest` columns past max_seq_len, over its own padding
+        cache = model.new_cache(len(prompts), longest + steps - 1, padding=longest - shortest)
         logits = model(idx, cache=cache, attention_mask=None if bool(mask.all()) else mask, last_only=True)[0]
         outputs: list[list[int]] = [[] for _ in prompts]
         done = [False] * len(prompts)
@@ -125,7 +130,8 @@ def generate(model: GPT, prompts: Sequence[Sequence[int]], max_new_tokens: int =
             for row, t in enumerate(new):
                 if not done[row]:
                     outputs[row].append(t)
-                    done[row] = t == eos_id or (stop is not None and stop(outputs[row]))
+                    done[row] = (t == eos_id or len(outputs[row]) == limits[row]
+                                 or (stop is not None and stop(outputs[row])))
                 else:
                     new[row] = eos_id
             if on_step is not None:
@@ -289,7 +295,7 @@ def main(argv: list[str] | None = None) -> None:
         texts = [args.prompt] if args.prompt is not None else read_prompts(args.prompts)
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
         model, tokenizer = load_for_generation(args.ckpt, args.tokenizer, args.device, dtype)
-        prompts = [tokenizer.encode(text) for text in texts]
+        prompts = [tokenizer.encode_prompt(text) for text in texts]  # with the tokenizer's BOS
         check_prompts(prompts, model.config)
     except (ValueError, FileNotFoundError) as error:
         sys.exit(f"bam generate: error: {error}")

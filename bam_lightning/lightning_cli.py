@@ -10,7 +10,6 @@ only once training starts, so an old `config.yaml` never describes a run that di
 from __future__ import annotations
 
 import os
-import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -19,8 +18,10 @@ import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
+from bam_lightning.callbacks.preemption import PreemptionCheckpoint
 from bam_lightning.checkpoint import read_checkpoint, write_atomically
 from bam_lightning.data import BAMDataModule
+from bam_lightning.errors import UserError
 from bam_lightning.lit import BaseLM, check_seq_len
 
 # Lightning 2.6's own pytree helper trips a torch >= 2.10 deprecation at every fit; nothing a user
@@ -69,9 +70,9 @@ def check_before_fit(trainer: L.Trainer, model: BaseLM, datamodule: Any, ckpt_pa
     the step count, `data.seq_len` against the model's context, writable output folders, and (for
     a fresh fit) `init_from` and the upcycling sources: readable, fitting, and final."""
     if trainer.max_steps == 0:
-        raise ValueError("trainer.max_steps is 0: there is nothing to train; set a positive step count")
+        raise UserError("trainer.max_steps is 0: there is nothing to train; set a positive step count")
     if trainer.max_steps < 0 and isinstance(datamodule, BAMDataModule):
-        raise ValueError(f"trainer.max_steps is {trainer.max_steps} (no limit), but the training stream never "
+        raise UserError(f"trainer.max_steps is {trainer.max_steps} (no limit), but the training stream never "
                          "ends: set a positive step count (the learning-rate schedule ends there)")
     check_seq_len(datamodule, model.config)
     for key, folder in output_folders(trainer):
@@ -112,9 +113,9 @@ def check_writable(folder: str | os.PathLike, key: str) -> None:
     while not existing.exists():
         existing = existing.parent
     if not existing.is_dir():
-        raise ValueError(f"{key}: cannot write to {path}: {existing} is a file, not a folder")
+        raise UserError(f"{key}: cannot write to {path}: {existing} is a file, not a folder")
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise ValueError(f"{key}: cannot write to {path}: {existing} is not writable")
+        raise UserError(f"{key}: cannot write to {path}: {existing} is not writable")
 
 
 def validate_final_state(trainer: L.Trainer, model: BaseLM, datamodule: Any) -> None:
@@ -134,15 +135,17 @@ TRAINER_DEFAULTS = {"plugins": [{"class_path": "bam_lightning.checkpoint.AtomicC
 def run_lightning_cli(args: list[str] | None = None, run: bool = True) -> BAMCLI:
     """`run=False` builds model, data and trainer without running a subcommand (pipeline stages).
 
-    The arguments always come explicitly (`args`), never from `sys.argv`: `bam` has already
-    removed the command words, and a forked pipeline stage inherits the parent's argv. Hiding
-    `sys.argv` keeps LightningCLI from warning that both were given."""
-    saved_argv = sys.argv
-    sys.argv = sys.argv[:1]
-    try:
+    The arguments come explicitly (`args`; for `bam fit ...` they are `sys.argv[1:]`). `sys.argv`
+    stays as it is, because Lightning's subprocess launcher starts the
+    other ranks of `--trainer.devices N` by running `sys.argv` again; only LightningCLI's warning
+    that both `args` and `sys.argv` were given is hidden."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=ARGS_AND_ARGV_WARNING)
         return _build_cli(args, run)
-    finally:
-        sys.argv = saved_argv
+
+
+# LightningCLI warns whenever `args` is given while `sys.argv` holds arguments: always true of `bam`.
+ARGS_AND_ARGV_WARNING = r"LightningCLI's args parameter is intended to run from within Python"
 
 
 class ParseOnlyCLI(BAMCLI):
@@ -158,15 +161,12 @@ class ParseOnlyCLI(BAMCLI):
 def parse_only(recipe: dict[str, Any] | str) -> Any:
     """The parsed config (a recipe dict, or a file path) as `bam fit` reads it; SystemExit with the
     parser's error on stderr for a recipe `bam fit` would refuse."""
-    saved_argv = sys.argv
-    sys.argv = sys.argv[:1]
-    try:
-        args = ["--config", str(recipe)] if isinstance(recipe, (str, os.PathLike)) else recipe
+    args = ["--config", str(recipe)] if isinstance(recipe, (str, os.PathLike)) else recipe
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=ARGS_AND_ARGV_WARNING)
         return ParseOnlyCLI(BaseLM, BAMDataModule, subclass_mode_model=True,
                             parser_kwargs={"parser_mode": "omegaconf", "allow_abbrev": False},
                             save_config_callback=None, trainer_defaults=TRAINER_DEFAULTS, args=args, run=False).config
-    finally:
-        sys.argv = saved_argv
 
 
 def _build_cli(args: list[str] | None, run: bool) -> BAMCLI:
@@ -178,7 +178,8 @@ def _build_cli(args: list[str] | None, run: bool) -> BAMCLI:
         parser_kwargs={"parser_mode": "omegaconf", "allow_abbrev": False},
         save_config_callback=SaveConfigAtTrainStart,
         save_config_kwargs={"overwrite": True},
-        trainer_defaults=TRAINER_DEFAULTS,
+        # a fresh instance per CLI: persistent callbacks are added to whatever the recipe lists
+        trainer_defaults={**TRAINER_DEFAULTS, "callbacks": [PreemptionCheckpoint()]},
         args=args,
         run=run,
     )

@@ -20,6 +20,7 @@ from torch import nn
 from torchmetrics import Metric
 
 from bam_lightning.config import ModelConfig
+from bam_lightning.errors import UserError
 from bam_lightning.flops import forward_flops_per_token, training_flops_per_token
 from bam_lightning.model import GPT, RouterStats
 
@@ -87,10 +88,10 @@ class BaseLM(L.LightningModule):
     # ----- kind checks -----
     def _check_kind(self, config: ModelConfig, source: str) -> None:
         if self.expects_moe is True and not config.is_moe:
-            raise ValueError(f"{source}: {type(self).__name__} needs a mixture config "
+            raise UserError(f"{source}: {type(self).__name__} needs a mixture config "
                              "(n_experts > 0 or attn_experts > 0); use DenseLM for dense models")
         if self.expects_moe is False and config.is_moe:
-            raise ValueError(f"{source}: DenseLM got a mixture config (n_experts={config.n_experts}, "
+            raise UserError(f"{source}: DenseLM got a mixture config (n_experts={config.n_experts}, "
                              f"attn_experts={config.attn_experts}); use MoELM for mixtures")
 
     # ----- set-up -----
@@ -98,7 +99,7 @@ class BaseLM(L.LightningModule):
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if datamodule is not None and hasattr(datamodule, "vocab_size"):
             if datamodule.vocab_size > self.config.vocab_size:
-                raise ValueError(
+                raise UserError(
                     f"model.config.vocab_size ({self.config.vocab_size}) is smaller than the "
                     f"tokenizer's vocabulary ({datamodule.vocab_size}, {datamodule.tokenizer_fingerprint})")
             check_seq_len(datamodule, self.config)
@@ -111,8 +112,14 @@ class BaseLM(L.LightningModule):
                 self.tokenizer_files = {name: (Path(path).parent / name).read_bytes().decode("utf-8")
                                         for name in TOKENIZER_FILES if path and (Path(path).parent / name).is_file()}
         for name in self.val_domain_names:
-            if name not in self.val_sums:
-                self.val_sums[name] = DocumentSums(self.val_documents.get(name, 1))
+            self._add_val_metrics(name)
+
+    def _add_val_metrics(self, domain: str) -> None:
+        """The metric states one validation domain sums over the ranks. Every rank makes them
+        for every domain, also a rank that scores no window there, because their sums are
+        collectives that every rank must join."""
+        if domain not in self.val_sums:
+            self.val_sums[domain] = DocumentSums(self.val_documents.get(domain, 1)).to(self.device)
 
     def on_fit_start(self) -> None:
         """Name the FFN kernel in the training log: a fallback to the per-expert loop (float64,
@@ -164,7 +171,9 @@ class BaseLM(L.LightningModule):
         return total
 
     def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
-        """Sum each target token's loss (and its bytes) into its validation document."""
+        """Sum each target token's loss (and its bytes) into its validation document. Targets of
+        a negative document are padding (a rank with fewer windows than another still runs the
+        forward, see `rank_batches`) and count nowhere."""
         domain = self._domain(dataloader_idx)
         tokens = batch_tokens(batch)
         if isinstance(batch, dict):  # BAMDataModule: tokens plus the document of every target
@@ -178,29 +187,44 @@ class BaseLM(L.LightningModule):
         if self.token_bytes is not None:
             self.token_bytes = self.token_bytes.to(targets.device)
             n_bytes = self.token_bytes[targets.flatten()]
-        self.val_sums[domain].update(documents.flatten(), losses, n_bytes)
-        self.log_val_router_stats(domain, stats, tokens)
+        real = documents.flatten() >= 0
+        if not bool(real.all()):
+            losses, n_bytes = losses[real], None if n_bytes is None else n_bytes[real]
+        self.val_sums[domain].update(documents.flatten()[real], losses, n_bytes)
+        if bool(real.any()):  # a batch is either all padding or all windows
+            self.log_val_router_stats(domain, stats, tokens)
 
     def log_val_router_stats(self, domain: str, stats: list[RouterStats], batch: torch.Tensor) -> None:
         """Hook for the mixture module (which attention expert each domain uses)."""
+
+    def val_router_metrics(self, domain: str) -> dict[str, float]:
+        """Hook for the mixture module: its routing statistics of this validation, over all ranks."""
+        return {}
 
     def _domain(self, dataloader_idx: int) -> str:
         if not self.val_domain_names:  # plain dataloaders without a BAMDataModule
             self.val_domain_names = [f"domain{i}" for i in range(len(self.trainer.val_dataloaders or [0]))]
             for name in self.val_domain_names:
-                self.val_sums[name] = DocumentSums(1).to(self.device)
+                self._add_val_metrics(name)
         return self.val_domain_names[dataloader_idx]
 
     def on_validation_epoch_end(self) -> None:
         metrics: dict[str, float] = {}
+        routing: dict[str, float] = {}
         documents: dict[str, dict[str, list]] = {}
         for domain in self.val_domain_names:
+            # Every rank computes every domain: the sums are collectives (a rank that scored no
+            # window of the domain still joins them). What was scored is known after the sum.
             sums = self.val_sums[domain]
             if sums.update_count == 0:
-                continue
+                sums.update(*(torch.zeros(0, dtype=dtype, device=sums.device)
+                              for dtype in (torch.int64, torch.float32, torch.float32)))
             per_document = sums.compute().double().cpu()  # [documents, (loss, tokens, bytes)]
             sums.reset()
+            routing.update(self.val_router_metrics(domain))
             loss_sum, tokens, n_bytes = per_document.sum(0).tolist()
+            if tokens == 0:  # not validated at all (no window on any rank)
+                continue
             metrics[f"val/{domain}/loss"] = loss_sum / tokens
             metrics[f"val/{domain}/ppl"] = math.exp(loss_sum / tokens)
             if self.token_bytes is not None and n_bytes > 0:
@@ -225,7 +249,7 @@ class BaseLM(L.LightningModule):
         else:
             # Already global (the sums are reduced across ranks); syncing identical values keeps
             # Lightning from warning once per key on every validation of a multi-process run.
-            self.log_dict(metrics, sync_dist=True)
+            self.log_dict({**metrics, **routing}, sync_dist=True)
 
     # ----- optimisation -----
     def configure_optimizers(self):
@@ -281,7 +305,7 @@ class BaseLM(L.LightningModule):
             return self.trainer.max_steps
         steps = self.trainer.estimated_stepping_batches
         if not math.isfinite(steps):
-            raise ValueError(f"trainer.max_steps is {self.trainer.max_steps} (no limit) and the training data "
+            raise UserError(f"trainer.max_steps is {self.trainer.max_steps} (no limit) and the training data "
                              "never ends: set trainer.max_steps (the learning-rate schedule ends there)")
         return int(steps)
 
@@ -371,7 +395,7 @@ class BaseLM(L.LightningModule):
                 stored = ModelConfig.from_dict(dict(stored), "checkpoint hyper_parameters.config")
             problem = describe_config_mismatch(stored, self.config)
             if problem:
-                raise ValueError(f"checkpoint does not match model.config: {problem}")
+                raise UserError(f"checkpoint does not match model.config: {problem}")
         meta = checkpoint.get(CHECKPOINT_KEY, {})
         self.initial_val_metrics = dict(meta.get("initial_val_metrics", {}))
         self.validated_step = meta.get("validated_step")
@@ -379,7 +403,7 @@ class BaseLM(L.LightningModule):
             self._saved_state = (meta["global_step"], self.validated_step, bool(meta.get("final")))
         ours, theirs = self.tokenizer_fingerprint, meta.get("tokenizer")
         if ours and theirs and ours != theirs:
-            raise ValueError(f"checkpoint was trained with tokenizer {theirs!r} but the data uses {ours!r}")
+            raise UserError(f"checkpoint was trained with tokenizer {theirs!r} but the data uses {ours!r}")
 
 
 class DocumentSums(Metric):
@@ -403,6 +427,30 @@ class DocumentSums(Metric):
         return self.sums
 
 
+class RouterMeans(Metric):
+    """Per layer: summed attention gates and top-1 FFN shares, weighted by each batch's tokens,
+    and the tokens (float64, summed over ranks), so the means weight every window alike however
+    the windows were batched and shared out."""
+
+    full_state_update = False
+
+    def __init__(self, n_layer: int, attn_experts: int, n_experts: int):
+        super().__init__()
+        for name, width in (("gate", attn_experts), ("load", n_experts)):
+            self.add_state(name, torch.zeros(n_layer, max(1, width), dtype=torch.float64), dist_reduce_fx="sum")
+            self.add_state(f"{name}_tokens", torch.zeros(n_layer, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, stats: list[RouterStats], n_tokens: int) -> None:
+        for layer, s in enumerate(stats):
+            for name, value in (("gate", s.attn_gate_mean), ("load", s.expert_fraction)):
+                if value is not None:
+                    getattr(self, name)[layer, :value.numel()] += value.detach().double().to(self.gate.device) * n_tokens
+                    getattr(self, f"{name}_tokens")[layer] += n_tokens
+
+    def compute(self) -> tuple[torch.Tensor, ...]:
+        return self.gate, self.gate_tokens, self.load, self.load_tokens
+
+
 class DenseLM(BaseLM):
     """A dense seed or a continued-pre-training branch of it."""
 
@@ -413,6 +461,16 @@ class MoELM(BaseLM):
     """A BAM / BTX / sparse-upcycled mixture: adds router losses and their statistics."""
 
     expects_moe = True
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.val_router = nn.ModuleDict()  # domain -> RouterMeans of the running validation
+
+    def _add_val_metrics(self, domain: str) -> None:
+        super()._add_val_metrics(domain)
+        if domain not in self.val_router:
+            cfg = self.config
+            self.val_router[domain] = RouterMeans(cfg.n_layer, cfg.attn_experts, cfg.n_experts).to(self.device)
 
     def aux_loss(self, stats: list[RouterStats], prefix: str) -> torch.Tensor | None:
         cfg = self.config
@@ -438,16 +496,25 @@ class MoELM(BaseLM):
         return cfg.lb_loss_coef * lb_total + cfg.z_loss_coef * z_total
 
     def log_val_router_stats(self, domain: str, stats: list[RouterStats], batch: torch.Tensor) -> None:
+        self.val_router[domain].update(stats, batch.shape[0] * (batch.shape[1] - 1))
+
+    def val_router_metrics(self, domain: str) -> dict[str, float]:
+        """Token-weighted means over every rank's windows (the same for any number of ranks);
+        `val/<domain>/attn_gate/layer<l>/expert<e>` and `val/<domain>/ffn_load/...`."""
+        means = self.val_router[domain]
+        if means.update_count == 0:  # this rank scored no window: it still joins the sums
+            means.update([], 0)
+        n_layer = self.config.n_layer  # torchmetrics squeezes one-element results: restore the shapes
+        gate, gate_tokens, load, load_tokens = (t.double().cpu().reshape(n_layer, -1) for t in means.compute())
+        gate_tokens, load_tokens = gate_tokens[:, 0], load_tokens[:, 0]
+        means.reset()
         logs = {}
-        for layer, s in enumerate(stats):
-            if s.attn_gate_mean is not None:
-                for e, gate in enumerate(s.attn_gate_mean):
-                    logs[f"val/{domain}/attn_gate/layer{layer}/expert{e}"] = gate
-            if s.expert_fraction is not None:
-                for e, fraction in enumerate(s.expert_fraction):
-                    logs[f"val/{domain}/ffn_load/layer{layer}/expert{e}"] = fraction
-        if logs:  # averaged over every rank's windows at the end of validation, not rank 0's only
-            self.log_dict(logs, add_dataloader_idx=False, batch_size=batch.shape[0], sync_dist=True)
+        for kind, values, tokens in (("attn_gate", gate, gate_tokens), ("ffn_load", load, load_tokens)):
+            for layer in range(len(tokens)):
+                if tokens[layer] > 0:
+                    for e, value in enumerate((values[layer] / tokens[layer]).tolist()):
+                        logs[f"val/{domain}/{kind}/layer{layer}/expert{e}"] = value
+        return logs
 
 
 def check_optimizer_settings(lr: float, min_lr_ratio: float, warmup_steps: int, weight_decay: float,
@@ -455,13 +522,13 @@ def check_optimizer_settings(lr: float, min_lr_ratio: float, warmup_steps: int, 
     """Refuse what AdamW or the schedule would refuse, when the recipe is read (before a run
     writes anything), naming the recipe key."""
     if not 0.0 <= min_lr_ratio <= 1.0:
-        raise ValueError(f"model.init_args.min_lr_ratio must be in [0, 1], got {min_lr_ratio}")
+        raise UserError(f"model.init_args.min_lr_ratio must be in [0, 1], got {min_lr_ratio}")
     if warmup_steps < 0:
-        raise ValueError(f"model.init_args.warmup_steps must be >= 0, got {warmup_steps}")
+        raise UserError(f"model.init_args.warmup_steps must be >= 0, got {warmup_steps}")
     try:
         torch.optim.AdamW([torch.zeros(1, requires_grad=True)], lr=lr, betas=tuple(betas), weight_decay=weight_decay)
     except (ValueError, TypeError) as error:
-        raise ValueError(f"model.init_args (lr={lr!r}, betas={betas!r}, weight_decay={weight_decay!r}): "
+        raise UserError(f"model.init_args (lr={lr!r}, betas={betas!r}, weight_decay={weight_decay!r}): "
                          f"AdamW refuses it: {error}") from error
 
 
@@ -475,5 +542,5 @@ def check_seq_len(datamodule: Any, config: ModelConfig) -> None:
     """Training windows must fit the model's context; otherwise the first forward fails far from the cause."""
     seq_len = getattr(datamodule, "seq_len", None)
     if seq_len is not None and seq_len > config.max_seq_len:
-        raise ValueError(f"data.seq_len ({seq_len}) is longer than model.init_args.config.max_seq_len "
+        raise UserError(f"data.seq_len ({seq_len}) is longer than model.init_args.config.max_seq_len "
                          f"({config.max_seq_len}); shorten the first or raise the second")

@@ -10,10 +10,20 @@ holds its final step, so the next stage never starts from an older one.
 Compute-matched (CM) stages cut the steps to the reference's training FLOPs and scale the
 warm-up with them: warm-up is the same fraction of every run, DM or CM.
 
-Stages are idempotent: a stage whose fingerprint (its composed config plus its upstream stages'
-fingerprints) matches a finished `stage.json` is skipped; an unfinished one resumes from its
-`last.ckpt`; a changed config moves the old stage aside (`<name>.stale`) and reruns it and every
-stage after it.
+Stages are idempotent: a stage whose fingerprint matches a finished `stage.json` is skipped; an
+unfinished one resumes from its `last.ckpt`; a changed one is rerun, and so is every stage after
+it. The fingerprint is what decides a stage's numbers: its composed config, its upstream stages'
+fingerprints (sparse upcycling: the seed's only, the one source it reads) and the identity of the
+prepared data (sources with each file's size and modification time, tokenizer, split). Speed-only
+fields are left out (SPEED_ONLY_*: `data.num_workers`, `data.data_dir`, `checkpoint_every_n_steps`,
+the progress bar, model summary, logging, logger and monitoring callbacks), and paths inside
+`run_dir` count relative to it, so a moved run folder keeps its stages.
+
+Finished work is never lost to a change that cannot run: the data module arguments, every user
+path and an existing seed's tokenizer are checked before the first stage. A changed stage's old
+outputs move aside to `<name>.stale` (then `.stale.1`, ...: never over an earlier one); if the new
+run stops before its first checkpoint they move back (the attempt is kept as `<name>.failed`),
+and a configuration that comes back finds its `.stale` outputs and reuses them.
 
 The recipe is a study file (`bam_lightning/study.py`: every fact said once, stage recipes
 derived) or an older pipeline file that names one recipe file per stage. Either way every stage's
@@ -26,8 +36,8 @@ from __future__ import annotations
 
 import argparse
 import copy
+import errno
 import hashlib
-import inspect
 import json
 import math
 import multiprocessing
@@ -44,22 +54,33 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from bam_lightning.callbacks.metrics_file import read_metrics
+from bam_lightning.checkpoint import DISK_FULL_MARGIN_BYTES, free_bytes
 from bam_lightning.config import ModelConfig
+from bam_lightning.errors import DiskFullError, UserError
 from bam_lightning.flops import (
     parameter_counts,
     recipe_tokens_per_step,
     trainer_tokens_per_step,
     training_flops_per_token,
 )
-from bam_lightning.lit import BaseLM
-from bam_lightning.study import StudyError, is_study, load_study, load_yaml, recipe_path_or_dict
+from bam_lightning.study import (
+    DEFAULT_WARMUP_STEPS,
+    StudyError,
+    is_study,
+    load_study,
+    load_yaml,
+    recipe_path_or_dict,
+    resolve_interpolations,
+)
 
 PIPELINE_KEYS = {"run_dir", "seeds", "seed", "experts", "mixtures", "compute_matched", "dense_baseline",
                  "checkpoint_every_n_steps"}
 SEED_CHECKPOINT = "checkpoint"  # study: `seed: {checkpoint: PATH}` upcycles an existing dense model as the seed
 MIXTURE_METHODS = {"bam", "bam_shared_kv", "btx", "sparse", "btx_param_matched"}
 ERROR_FILE = "error.txt"  # a stage's exception, for the pipeline's failure line
-DEFAULT_WARMUP_STEPS = inspect.signature(BaseLM.__init__).parameters["warmup_steps"].default
+RANK_LOST = "another process of the stage stopped"
+# what gloo says (as a plain RuntimeError) when a peer process died; NCCL raises DistBackendError
+PEER_LOST_MARKERS = ("Connection reset by peer", "Connection closed by peer", "remote worker")
 
 
 @dataclass
@@ -86,24 +107,25 @@ def load_pipeline_config(path: str, sweep: list[int] | None = None,
     """Read and check a pipeline recipe before any stage runs; errors name the key or file.
     `overrides` are `--set KEY=VALUE` items laid over a study file before it is checked."""
     if not Path(path).is_file():
-        raise FileNotFoundError(f"{path}: pipeline recipe not found")
-    config = load_yaml(path)
+        raise UserError(f"{path}: pipeline recipe not found")
+    config = load_yaml(path, resolve=False)  # --set changes the file's values, then ${...} is resolved
     if not isinstance(config, dict):
-        raise ValueError(f"{path}: a pipeline recipe is a mapping of {sorted(PIPELINE_KEYS)}")
+        raise UserError(f"{path}: a pipeline recipe is a mapping of {sorted(PIPELINE_KEYS)}")
     if overrides:
         if not is_study(config):
             raise StudyError(f"{path}: --set needs a study file (a pipeline file's stages are separate recipes)")
         apply_overrides(config, overrides)
+    config = resolve_interpolations(path, config)
     seeds = config.setdefault("seeds", [0])
     if (not isinstance(seeds, list) or not seeds or not all(isinstance(x, int) and x >= 0 for x in seeds)
             or len(set(seeds)) != len(seeds)):
-        raise ValueError(f"{path}: seeds must be a list of distinct non-negative integers, got {seeds!r}")
+        raise UserError(f"{path}: seeds must be a list of distinct non-negative integers, got {seeds!r}")
     if is_study(config):
         if sweep is not None:
             config.setdefault("mixtures", {})["sweep"] = list(sweep)
         config = load_study(path, config)
     elif sweep is not None:
-        raise ValueError(f"{path}: --sweep needs a study file (a pipeline file names its mixture lengths in recipes)")
+        raise UserError(f"{path}: --sweep needs a study file (a pipeline file names its mixture lengths in recipes)")
     else:
         config = _load_recipe_files(path, config)
     config["seeds"] = seeds
@@ -137,31 +159,31 @@ def _load_recipe_files(path: str, config: dict[str, Any]) -> dict[str, Any]:
     """The older pipeline format: one `bam fit` recipe file per stage."""
     unknown = sorted(set(config) - PIPELINE_KEYS)
     if unknown:
-        raise ValueError(f"{path}: unknown keys {unknown}; known: {sorted(PIPELINE_KEYS)}")
+        raise UserError(f"{path}: unknown keys {unknown}; known: {sorted(PIPELINE_KEYS)}")
     for key in ("run_dir", "seed", "experts", "mixtures"):
         if key not in config:
-            raise ValueError(f"{path}: missing key {key!r}")
+            raise UserError(f"{path}: missing key {key!r}")
     unknown_methods = sorted(set(config["mixtures"]) - MIXTURE_METHODS)
     if unknown_methods:
-        raise ValueError(f"{path}: mixtures: unknown {unknown_methods}; known: {sorted(MIXTURE_METHODS)}")
+        raise UserError(f"{path}: mixtures: unknown {unknown_methods}; known: {sorted(MIXTURE_METHODS)}")
     config.setdefault("compute_matched", {})
     recipes = [config["seed"], *config["experts"].values(), *config["mixtures"].values()]
     if config.get("dense_baseline"):
         recipes.append(config["dense_baseline"])
     for recipe in recipes:
         if not Path(recipe).is_file():
-            raise FileNotFoundError(f"{path}: recipe {recipe} not found")
+            raise UserError(f"{path}: recipe {recipe} not found")
         steps = (read_recipe(recipe).get("trainer") or {}).get("max_steps")
         if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
-            raise ValueError(f"{recipe}: trainer.max_steps must be a positive number of steps, got {steps!r} "
+            raise UserError(f"{recipe}: trainer.max_steps must be a positive number of steps, got {steps!r} "
                              "(every stage of a pipeline trains a fixed number of steps)")
     matched = config["compute_matched"]
     if matched:
         if matched.get("reference") not in config["mixtures"]:
-            raise ValueError(f"{path}: compute_matched.reference must be one of mixtures {sorted(config['mixtures'])}")
+            raise UserError(f"{path}: compute_matched.reference must be one of mixtures {sorted(config['mixtures'])}")
         for method in matched.get("methods", []):
             if method not in config["mixtures"]:
-                raise ValueError(f"{path}: compute_matched.methods: {method!r} is not in mixtures")
+                raise UserError(f"{path}: compute_matched.methods: {method!r} is not in mixtures")
     return config
 
 
@@ -248,12 +270,14 @@ def compose_stage(stage: Stage, config: dict[str, Any], run_dir: Path) -> dict[s
                          "init_args": {"save_dir": str(run_dir / "tensorboard"), "name": stage.name,
                                        "version": "", "default_hp_metric": False}}
     callbacks = [c for c in trainer.get("callbacks") or []
-                 if not c["class_path"].endswith(("ModelCheckpoint", "MetricsFile"))]
+                 if not c["class_path"].endswith(("ModelCheckpoint", "MetricsFile", "ProgressLog"))]
     callbacks.append({"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
                       "init_args": {"dirpath": str(stage_dir / "checkpoints"), "save_last": True,
                                     "save_top_k": 0, "every_n_train_steps": config["checkpoint_every_n_steps"]}})
     callbacks.append({"class_path": "bam_lightning.callbacks.MetricsFile",
                       "init_args": {"path": str(stage_dir / "metrics.jsonl")}})
+    # a line per validation: the only progress a log file gets (the bar needs a terminal)
+    callbacks.append({"class_path": "bam_lightning.callbacks.ProgressLog", "init_args": {"name": stage.name}})
     for callback in callbacks:
         if callback["class_path"].endswith("UpcyclingCallback"):
             callback.setdefault("init_args", {})["sources"] = [ckpt(name) for name in stage.depends]
@@ -292,14 +316,14 @@ def check_stages(stages: list[Stage], config: dict[str, Any], run_dir: Path) -> 
 
         seed = read_checkpoint(existing_seed).config
         if seed.is_moe:
-            raise ValueError(f"{config.get('path', 'study')}: seed.checkpoint: {existing_seed} is a mixture "
+            raise UserError(f"{config.get('path', 'study')}: seed.checkpoint: {existing_seed} is a mixture "
                              f"(n_experts={seed.n_experts}, attn_experts={seed.attn_experts}); the seed is dense")
         dense_shape = {k: getattr(seed, k) for k in ARCHITECTURE_FIELDS}
     for stage in stages:
         recipe = composed[stage.name]
 
-        def fail(field: str, message: str, stage: Stage = stage) -> ValueError:
-            return ValueError(f"stage {stage.name} ({stage.source}): {field}: {message}")
+        def fail(field: str, message: str, stage: Stage = stage) -> UserError:
+            return UserError(f"stage {stage.name} ({stage.source}): {field}: {message}")
 
         parse_recipe(recipe, fail)
         steps = recipe["trainer"].get("max_steps")
@@ -317,6 +341,10 @@ def check_stages(stages: list[Stage], config: dict[str, Any], run_dir: Path) -> 
             model_config = recipe_model_config(recipe)
         except (TypeError, ValueError) as error:
             raise fail("model.init_args.config", str(error)) from None
+        seq_len = data.get("seq_len", 128)
+        if isinstance(seq_len, int) and seq_len > model_config.max_seq_len:
+            raise fail("data.seq_len", f"{seq_len} is longer than model.init_args.config.max_seq_len "
+                                       f"{model_config.max_seq_len}; shorten the first or raise the second")
         tokenizer = data.get("tokenizer", "byte")
         if tokenizer == "bpe" and model_config.vocab_size != data.get("bpe_vocab_size", 4096):
             raise fail("model.init_args.config.vocab_size", f"{model_config.vocab_size}, but the BPE tokenizer has "
@@ -367,9 +395,173 @@ def upcycling_method(recipe: dict[str, Any]) -> str | None:
     return None
 
 
-def fingerprint(composed: dict[str, Any], upstream: list[str]) -> str:
-    text = json.dumps({"config": composed, "upstream": upstream}, sort_keys=True)
+# Fields that change how fast a stage runs, how it reports, or where it writes, never its numbers:
+# the fingerprint leaves them out, so changing them reuses finished stages.
+SPEED_ONLY_TRAINER = ("default_root_dir", "logger", "enable_progress_bar", "enable_model_summary",
+                      "log_every_n_steps")
+SPEED_ONLY_CALLBACKS = ("ModelCheckpoint", "MetricsFile", "ProgressLog", "LearningRateMonitor", "TokenThroughput")
+SPEED_ONLY_DATA = ("num_workers", "data_dir")  # data_dir: where the data is; its identity is fingerprinted
+RUN_DIR_MARK = "$RUN_DIR"
+
+
+def fingerprint(composed: dict[str, Any], upstream: list[str], run_dir: Path | None = None,
+                data: str | None = None) -> str:
+    """What a stage's numbers depend on: its composed recipe without the speed-only fields, with
+    paths inside `run_dir` written relative to it (moving the run folder keeps its stages), the
+    upstream stages' fingerprints, and the identity of the prepared data (`data_identities`)."""
+    text = json.dumps({"config": result_fields(composed, run_dir), "upstream": upstream, "data": data},
+                      sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def result_fields(composed: dict[str, Any], run_dir: Path | None = None) -> dict[str, Any]:
+    """The composed recipe less SPEED_ONLY_* (see the module docstring)."""
+    recipe = copy.deepcopy(composed)
+    trainer = recipe.get("trainer") or {}
+    for key in SPEED_ONLY_TRAINER:
+        trainer.pop(key, None)
+    if "callbacks" in trainer:
+        trainer["callbacks"] = [c for c in trainer["callbacks"] or []
+                                if not c["class_path"].endswith(SPEED_ONLY_CALLBACKS)]
+    for key in SPEED_ONLY_DATA:
+        (recipe.get("data") or {}).pop(key, None)
+    return _relative_to(recipe, str(run_dir)) if run_dir is not None else recipe
+
+
+def _relative_to(value: Any, root: str) -> Any:
+    if isinstance(value, dict):
+        return {key: _relative_to(item, root) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_relative_to(item, root) for item in value]
+    if isinstance(value, str) and (value == root or value.startswith(root + os.sep)):
+        return RUN_DIR_MARK + value[len(root):]
+    return value
+
+
+def stage_fingerprints(stages: list[Stage], composed: dict[str, dict[str, Any]], config: dict[str, Any],
+                       run_dir: Path) -> dict[str, str]:
+    """Every stage's fingerprint, in run order (each includes its upstream stages')."""
+    data = data_identities(stages, composed, config)
+    existing_seed = seed_checkpoint(config)
+    # an existing seed checkpoint is fingerprinted by path, size and time, so replacing it reruns the rest
+    prints = {"seed": fingerprint({"checkpoint": existing_seed, "stat": [Path(existing_seed).stat().st_size,
+                                                                          Path(existing_seed).stat().st_mtime_ns]}, [])
+              } if existing_seed else {}
+    for stage in stages:
+        prints[stage.name] = stage_fingerprint(stage, composed[stage.name], prints, run_dir, data[stage.name])
+    return prints
+
+
+def stage_fingerprint(stage: Stage, composed: dict[str, Any], prints: dict[str, str], run_dir: Path,
+                      data: str | None) -> str:
+    """`sparse` upcycling reads only the seed (the other sources are checked, not used): its stages
+    depend on the seed's fingerprint alone, so retraining an expert leaves them finished."""
+    upstream = stage.depends
+    if upcycling_method(composed) == "sparse":
+        upcycling = next(c for c in composed["trainer"]["callbacks"] if c["class_path"].endswith("UpcyclingCallback"))
+        upstream = [stage.depends[int((upcycling.get("init_args") or {}).get("seed_index", 0))]]
+    return fingerprint(composed, [prints[name] for name in upstream], run_dir, data)
+
+
+# ----- the data every stage reads: checked, and identified, before the first stage runs -----
+def data_identities(stages: list[Stage], composed: dict[str, dict[str, Any]],
+                    config: dict[str, Any]) -> dict[str, str]:
+    """Per stage, the identity of the prepared data it reads: the prepared-data settings digest
+    (data/prepare.py: sources with each user file's path, size and modification time, tokenizer,
+    split, byte cap), the key of the prepared folder itself. Building it checks what a stage would
+    refuse within seconds (data module arguments, user paths, a seed checkpoint's tokenizer), so a
+    study that cannot run fails here, before any stage is touched."""
+    from bam_lightning.data.datamodule import BAMDataModule
+    from bam_lightning.data.prepare import settings_digest
+
+    by_data: dict[str, tuple[str, str | None]] = {}
+    identities = {}
+    for stage in stages:
+        data = dict(composed[stage.name].get("data") or {})
+        key = json.dumps({k: v for k, v in data.items() if k not in ("train_weights", "order_seed", "num_workers")},
+                         sort_keys=True)
+        if key not in by_data:
+            try:
+                module = BAMDataModule(**data)
+                settings = module._settings()  # resolves user paths: a missing file fails here
+            except (TypeError, ValueError, OSError) as error:
+                raise StudyError(f"stage {stage.name} ({stage.source}): data: {error}") from None
+            by_data[key] = (settings_digest(settings), data_tokenizer_fingerprint(module, settings))
+        identities[stage.name] = by_data[key][0]
+    existing_seed = seed_checkpoint(config)
+    if existing_seed and stages:
+        from bam_lightning.checkpoint import read_checkpoint
+
+        seed_tokenizer = read_checkpoint(existing_seed).tokenizer
+        tokenizers = {tokenizer for _, tokenizer in by_data.values() if tokenizer}
+        for tokenizer in tokenizers:
+            if seed_tokenizer and tokenizer != seed_tokenizer:
+                raise StudyError(f"{config.get('path', 'study')}: seed.checkpoint: {existing_seed} was trained with "
+                                 f"tokenizer {seed_tokenizer!r}, but data.tokenizer gives {tokenizer!r}; set "
+                                 "data.tokenizer to the seed's tokenizer.json (the folder `bam import-hf` wrote)")
+    return identities
+
+
+def add_document_hashes(record: dict[str, Any], data: dict[str, Any]) -> None:
+    """Put a content hash beside each scored validation document (`val_documents[domain]["hash"]`,
+    in the order of `["document"]`), read from the prepared validation split the stage scored,
+    so the report pairs two rows only when they scored the same texts."""
+    from bam_lightning.data.datamodule import BAMDataModule
+
+    documents = record.get("val_documents") or {}
+    if not documents:
+        return
+    module = BAMDataModule(**data)
+    hashes = validation_document_hashes(module._resolve_data_dir(module._settings()), list(documents))
+    for domain, stats in documents.items():
+        stats["hash"] = [hashes[domain][int(i)] for i in stats["document"]]
+
+
+def validation_document_hashes(data_dir: Path, domains: list[str]) -> dict[str, list[str]]:
+    """Per domain, a short hash of each validation document's tokens (the tokenizer is the same
+    for every stage of a study, so equal tokens are equal texts)."""
+    from bam_lightning.data.prepare import read_document_offsets, read_manifest
+
+    manifest = read_manifest(data_dir)
+    if manifest is None:
+        raise FileNotFoundError(f"{data_dir}: no prepared data (manifest.json) to hash validation documents from")
+    out = {}
+    for domain in domains:
+        split = data_dir / domain / "val"
+        tokens = read_split_tokens(split, manifest["token_dtype"])
+        offsets = read_document_offsets(split)
+        out[domain] = [hashlib.blake2b(tokens[start:stop].tobytes(), digest_size=8).hexdigest()
+                       for start, stop in zip(offsets[:-1], offsets[1:], strict=True)]
+    return out
+
+
+def read_split_tokens(split_dir: Path, dtype: str):
+    """A prepared split's whole token sequence, read from litdata's chunk files (a header of
+    uint32 item count and offsets, then the tokens), checked against its index."""
+    import numpy as np
+
+    index = json.loads((split_dir / "index.json").read_text())
+    parts = []
+    for chunk in index["chunks"]:
+        header = (1 + int(chunk["chunk_size"]) + 1) * 4
+        tokens = np.fromfile(split_dir / chunk["filename"], dtype=dtype, offset=header)
+        if len(tokens) != int(chunk["dim"]):
+            raise ValueError(f"{split_dir / chunk['filename']}: {len(tokens)} tokens, its index says {chunk['dim']}")
+        parts.append(tokens)
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
+
+
+def data_tokenizer_fingerprint(module: Any, settings: dict[str, Any]) -> str | None:
+    """The data's tokenizer fingerprint where it is known before preparing: bytes, a tokenizer
+    file, or a BPE tokenizer already trained for exactly these settings; else None."""
+    if settings["tokenizer"] == "byte":
+        return "byte"
+    if settings.get("tokenizer_fingerprint"):
+        return settings["tokenizer_fingerprint"]
+    from bam_lightning.data.prepare import read_manifest
+
+    manifest = read_manifest(module._resolve_data_dir(settings))
+    return manifest["tokenizer"]["fingerprint"] if manifest and manifest.get("settings") == settings else None
 
 
 # ----- running -----
@@ -384,34 +576,109 @@ def _die_with_parent() -> None:
 
 
 def run_stage_process(config_path: Path) -> int:
-    """Run one stage in a child process and return its exit code.
+    """Run one stage and return its exit code (143: stopped by SIGTERM after saving its step).
 
-    On Linux the child is forked from this process, which has already imported torch and
-    Lightning: that saves the 7-10 s a fresh interpreter spends on imports, for every stage.
-    The parent never runs a torch kernel before forking, so the child's OpenMP pool starts clean.
-    Elsewhere (no `fork`), a fresh interpreter runs the stage.
+    Under torchrun or SLURM (several ranks, each running this pipeline) every rank runs the stage
+    in its own process, in lockstep (see `lockstep.py`). Otherwise the stage gets a process of its
+    own: a stage on several devices a fresh `python -m bam_lightning.pipeline --stage CONFIG`, whose
+    command line Lightning's launcher runs again for the other ranks (the pipeline's own command
+    would start a second pipeline); a one-device stage a fork of this process, which has already
+    imported torch and Lightning (7-10 s saved per stage; the parent never runs a torch kernel
+    before forking, so the child's OpenMP pool starts clean). A SIGTERM to the pipeline is passed
+    on to the stage, which saves its step and exits 143.
     """
-    if "fork" not in multiprocessing.get_all_start_methods():
+    from bam_lightning import lockstep
+
+    if lockstep.active():
+        return _run_stage_in_lockstep(config_path)
+    if _stage_devices(config_path) != 1 or "fork" not in multiprocessing.get_all_start_methods():
         command = [sys.executable, "-m", "bam_lightning.pipeline", "--stage", str(config_path)]
-        return subprocess.run(command).returncode
+        child = subprocess.Popen(command, preexec_fn=_die_with_parent)
+        with _sigterm_passed_to(child.pid):
+            try:
+                return child.wait()
+            except BaseException:
+                child.terminate()
+                child.wait()
+                raise
     import bam_lightning.lightning_cli  # noqa: F401  (imported once here, inherited by every forked stage)
 
     sys.stdout.flush()
     sys.stderr.flush()
-    child = multiprocessing.get_context("fork").Process(target=_stage_child, args=(str(config_path),))
-    child.start()
+    forked = multiprocessing.get_context("fork").Process(target=_stage_child, args=(str(config_path),))
+    forked.start()
+    with _sigterm_passed_to(forked.pid):
+        try:
+            forked.join()
+        except BaseException:  # Ctrl-C or a kill of the pipeline: never leave a stage training alone
+            forked.terminate()
+            forked.join()
+            raise
+    return forked.exitcode if forked.exitcode is not None else 1
+
+
+def _run_stage_in_lockstep(config_path: Path) -> int:
+    """Rank 0 of a torchrun/SLURM pipeline: announce the stage, then run it with the others."""
+    import traceback
+
+    from bam_lightning import lockstep
+    from bam_lightning.callbacks.preemption import PREEMPTED_EXIT_CODE, Preempted
+
+    lockstep.send(("stage", str(config_path)))
     try:
-        child.join()
-    except BaseException:  # Ctrl-C or a kill of the pipeline: never leave a stage training alone
-        child.terminate()
-        child.join()
-        raise
-    return child.exitcode if child.exitcode is not None else 1
+        run_stage(str(config_path))
+    except Preempted:
+        lockstep.stage_failed = True
+        return PREEMPTED_EXIT_CODE
+    except Exception:
+        lockstep.stage_failed = True  # the other ranks may be inside the stage: no more messages
+        traceback.print_exc()
+        return 1
+    return 0
+
+
+def _stage_devices(config_path: Path) -> int | None:
+    """Processes the stage starts: 1 when it runs on one device (then it may be forked), None
+    when it is not one (several devices or nodes, or "auto" on a machine with several GPUs)."""
+    trainer = OmegaConf.to_container(OmegaConf.load(config_path)).get("trainer") or {}
+    devices, nodes = trainer.get("devices", "auto"), trainer.get("num_nodes", 1)
+    if nodes not in (1, None):
+        return None
+    if devices in (1, "1", [0], "0,"):
+        return 1
+    if devices in ("auto", None, -1, "-1") and trainer.get("accelerator", "auto") in ("cpu", "auto"):
+        import torch
+
+        if trainer.get("accelerator") == "cpu" or torch.cuda.device_count() <= 1:
+            return 1
+    return None
+
+
+class _sigterm_passed_to:
+    """While a stage runs, a SIGTERM to the pipeline goes to the stage (which saves its step)."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+
+    def __enter__(self) -> None:
+        self.previous = signal.signal(signal.SIGTERM, self._forward)
+
+    def _forward(self, signum: int, frame: Any) -> None:
+        try:
+            os.kill(self.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+
+    def __exit__(self, *exc: Any) -> None:
+        signal.signal(signal.SIGTERM, self.previous)
 
 
 def _stage_child(config_path: str) -> None:
     _die_with_parent()
-    run_stage(config_path)
+    try:
+        run_stage(config_path)
+    except UserError:  # the pipeline prints its message (from error.txt) once, without a traceback
+        sys.exit(2)
 
 
 def write_json_atomic(path: Path, payload: Any) -> None:
@@ -425,15 +692,21 @@ def run_pipeline(path: str, force: bool = False, seeds: list[int] | None = None,
     config = load_pipeline_config(path, sweep, overrides)
     if seeds is not None:
         if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
-            raise ValueError(f"--seeds: give distinct non-negative mixture seeds, got {seeds}")
+            raise UserError(f"--seeds: give distinct non-negative mixture seeds, got {seeds}")
         config["seeds"] = list(seeds)
     run_dir = Path(config["run_dir"]).resolve()
+    from bam_lightning.lightning_cli import check_writable
+
+    check_writable(run_dir, f"{path}: run_dir")
     stages = plan(config)
     existing_seed = seed_checkpoint(config)
     if existing_seed and not Path(existing_seed).is_file():
-        raise FileNotFoundError(f"{path}: seed.checkpoint: {existing_seed} not found")
+        raise UserError(f"{path}: seed.checkpoint: {existing_seed} not found")
     composed_stages = check_stages(stages, config, run_dir)
+    prints = stage_fingerprints(stages, composed_stages, config, run_dir)  # also checks the data
     print(f"{len(stages)} stages composed and checked", flush=True)
+    for warning in config.get("warnings", []):
+        print(f"warning: {warning}", flush=True)
     if check_only:
         for stage in stages:
             recipe = composed_stages[stage.name]
@@ -442,25 +715,26 @@ def run_pipeline(path: str, force: bool = False, seeds: list[int] | None = None,
             print(f"  {stage.name}: {' '.join(filter(None, (stage.role, stage.budget)))}, {recipe['trainer']['max_steps']} steps{experts}"
                   + (f", from {', '.join(stage.depends)}" if stage.depends else ""), flush=True)
         return None
-    # an existing seed checkpoint is fingerprinted by path, size and time, so replacing it reruns the rest
-    prints = {"seed": fingerprint({"checkpoint": existing_seed, "stat": [Path(existing_seed).stat().st_size,
-                                                                          Path(existing_seed).stat().st_mtime_ns]}, [])
-              } if existing_seed else {}
     started = time.perf_counter()
     for number, stage in enumerate(stages, 1):
         composed = composed_stages[stage.name]
-        prints[stage.name] = fingerprint(composed, [prints[d] for d in stage.depends])
         label = f"[{number}/{len(stages)}] {stage.name}"
         stage_dir = run_dir / "stages" / stage.name
         done = stage_dir / "stage.json"
+        if not force and _stored_fingerprint(stage_dir) != prints[stage.name]:
+            earlier = _matching_stale(stage_dir, prints[stage.name])
+            if earlier is not None:  # the study came back to a configuration run before
+                if stage_dir.exists():
+                    print(f"{label}: config changed, previous outputs moved to {move_aside(stage_dir)}", flush=True)
+                earlier.rename(stage_dir)
+                print(f"{label}: outputs of this configuration restored from {earlier}", flush=True)
         if done.exists() and not force and json.loads(done.read_text()).get("fingerprint") == prints[stage.name]:
             print(f"{label}: done earlier, skipped", flush=True)
             continue
+        moved = None
         if stage_dir.exists() and (force or _stored_fingerprint(stage_dir) != prints[stage.name]):
-            stale = stage_dir.with_name(stage.name + ".stale")
-            shutil.rmtree(stale, ignore_errors=True)
-            stage_dir.rename(stale)
-            print(f"{label}: config changed, previous outputs moved to {stale}", flush=True)
+            moved = move_aside(stage_dir)
+            print(f"{label}: config changed, previous outputs moved to {moved}", flush=True)
         stage_dir.mkdir(parents=True, exist_ok=True)
         (stage_dir / "fingerprint").write_text(prints[stage.name])
         config_path = stage_dir / "config.yaml"
@@ -470,10 +744,21 @@ def run_pipeline(path: str, force: bool = False, seeds: list[int] | None = None,
               f"{composed['trainer']['max_steps']} steps)", flush=True)
         returncode = run_stage_process(config_path)
         if returncode != 0:
-            raise SystemExit(failure_message(label, returncode, stage, config_path))
+            if moved is not None and not _holds_checkpoint(stage_dir):
+                # refused before its first checkpoint: the attempt is kept aside, the old outputs come back
+                failed = stage_dir.with_name(stage.name + ".failed")
+                if failed.exists() and not _holds_checkpoint(failed):
+                    shutil.rmtree(failed)  # an earlier refused attempt: a config and an error, no weights
+                failed = move_aside(stage_dir, ".failed")
+                moved.rename(stage_dir)
+                print(f"{label}: the new configuration stopped before its first checkpoint; previous outputs "
+                      f"restored to {stage_dir} (this attempt: {failed})", flush=True)
+                config_path = failed / "config.yaml"
+            raise stage_failure(label, returncode, stage, config_path)
         record = json.loads((stage_dir / "result.json").read_text())
         check_stage_checkpoint(label, stage_dir / "checkpoints" / "last.ckpt", record["steps"])
         record.update(fingerprint=prints[stage.name], **stage_labels(stage, composed, config))
+        add_document_hashes(record, composed["data"])
         write_json_atomic(done, record)
         print(f"{label}: val/avg/ppl {record['final'].get('val/avg/ppl', float('nan')):.3f} "
               f"in {record['wall_time_s']:.0f} s", flush=True)
@@ -512,10 +797,27 @@ def with_existing_seed_row(records: list[dict[str, Any]], existing_seed: str | N
     return [seed, *records]
 
 
+def stage_failure(label: str, returncode: int, stage: Stage, config_path: Path) -> SystemExit:
+    """The pipeline's exit: 143 when the stage was stopped by SIGTERM (preemption: a re-run
+    resumes), with the message printed; otherwise code 1 with the message."""
+    from bam_lightning.callbacks.preemption import PREEMPTED_EXIT_CODE
+
+    message = failure_message(label, returncode, stage, config_path)
+    if returncode in (PREEMPTED_EXIT_CODE, -signal.SIGTERM):
+        print(message, file=sys.stderr, flush=True)
+        return SystemExit(PREEMPTED_EXIT_CODE)
+    return SystemExit(message)
+
+
 def failure_message(label: str, returncode: int, stage: Stage, config_path: Path) -> str:
     """Say "re-run to resume" only where a re-run can help (the stage was killed or interrupted);
     for an error, name it and what to fix."""
+    from bam_lightning.callbacks.preemption import PREEMPTED_EXIT_CODE
+
     error_file = config_path.parent / ERROR_FILE
+    if returncode in (PREEMPTED_EXIT_CODE, -signal.SIGTERM):
+        return (f"{label} was stopped by SIGTERM (its last step is saved). Re-run the same command to "
+                "resume from it (finished stages are kept).")
     if returncode < 0 or not error_file.exists():
         how = f"was stopped by signal {-returncode}" if returncode < 0 else f"stopped (exit {returncode})"
         return (f"{label} {how}. Re-run the same command to resume from its last checkpoint "
@@ -523,8 +825,20 @@ def failure_message(label: str, returncode: int, stage: Stage, config_path: Path
     error = error_file.read_text().strip()
     if error.startswith("KeyboardInterrupt"):
         return f"{label} was interrupted. Re-run the same command to resume from its last checkpoint."
-    return (f"{label} failed: {error}\nFix the stage's recipe {stage.source} (composed config: {config_path}), "
-            "then re-run the same command; finished stages are kept.")
+    if error.startswith(RANK_LOST):
+        return (f"{label} stopped: {error}. Re-run the same command to resume from its last checkpoint "
+                "(finished stages are kept).")
+    if error.startswith(DiskFullError.__name__):
+        reason = error.partition(": ")[2]
+    elif f"[Errno {errno.ENOSPC}]" in error or free_bytes(config_path.parent) < DISK_FULL_MARGIN_BYTES:
+        reason = f"no space left on device under {config_path.parent}" + (f" ({error})" if error else "")
+    elif not error:  # the stage could not even say why
+        return f"{label} stopped (exit {returncode}) without a message; see its output above."
+    else:
+        return (f"{label} failed: {error}\nFix the stage's recipe {stage.source} (composed config: {config_path}), "
+                "then re-run the same command; finished stages are kept.")
+    return (f"{label} stopped: {reason}\nThe recipe is fine: free some space, then re-run the same command "
+            "to resume the stage from its last checkpoint (finished stages are kept).")
 
 
 def check_stage_checkpoint(label: str, last: Path, steps: int) -> None:
@@ -547,26 +861,61 @@ def _stored_fingerprint(stage_dir: Path) -> str | None:
     return path.read_text().strip() if path.exists() else None
 
 
+def move_aside(stage_dir: Path, suffix: str = ".stale") -> Path:
+    """Rename a stage's outputs to `<name>.stale`, `<name>.stale.1`, ...: never over an earlier one,
+    so no final checkpoint is ever deleted (remove the folders you no longer need by hand)."""
+    for number in range(10_000):
+        aside = stage_dir.with_name(stage_dir.name + suffix + (f".{number}" if number else ""))
+        if not aside.exists():
+            stage_dir.rename(aside)
+            return aside
+    raise SystemExit(f"{stage_dir}: 10,000 earlier outputs beside it; remove the {suffix} folders you do not need")
+
+
+def _matching_stale(stage_dir: Path, wanted: str) -> Path | None:
+    """A folder moved aside earlier that holds this fingerprint's stage (finished ones first)."""
+    candidates = [p for p in stage_dir.parent.glob(stage_dir.name + ".stale*")
+                  if p.is_dir() and _stored_fingerprint(p) == wanted]
+    candidates.sort(key=lambda p: not (p / "stage.json").exists())
+    return candidates[0] if candidates else None
+
+
+def _holds_checkpoint(stage_dir: Path) -> bool:
+    folder = stage_dir / "checkpoints"
+    return folder.is_dir() and any(folder.iterdir())
+
+
 def run_stage(config_path: str) -> None:
     """Inside the stage's process: fit (resuming if a last checkpoint exists), validate, record.
     An error is also written to the stage's `error.txt`, for the pipeline's failure line."""
+    import torch.distributed
+
+    from bam_lightning.callbacks.preemption import Preempted
+
     error_file = Path(config_path).parent / ERROR_FILE
     error_file.unlink(missing_ok=True)
     try:
         _run_stage(config_path)
+    except Preempted:
+        raise  # saved its step: nothing to fix
     except (Exception, KeyboardInterrupt, SystemExit) as error:
-        if isinstance(error, SystemExit):
-            if error.code not in (0, None):  # the CLI refused the recipe and printed why above
-                error_file.write_text(f"the recipe was refused (exit {error.code}); its error is printed above")
-        else:
-            error_file.write_text(f"{type(error).__name__}: {error}")
+        try:
+            if isinstance(error, SystemExit):
+                if error.code not in (0, None):  # the CLI refused the recipe and printed why above
+                    error_file.write_text(f"the recipe was refused (exit {error.code}); its error is printed above")
+            elif isinstance(error, torch.distributed.DistError) or any(m in str(error) for m in PEER_LOST_MARKERS):
+                # another rank of the stage died (killed, out of memory): its own error is above
+                error_file.write_text(f"{RANK_LOST} ({type(error).__name__}: {str(error).splitlines()[0]})")
+            else:
+                error_file.write_text(f"{type(error).__name__}: {error}")
+        except OSError:  # a full disk: the pipeline says so from an empty or missing error.txt
+            pass
         raise
 
 
 def _run_stage(config_path: str) -> None:
     from bam_lightning.lightning_cli import check_before_fit, run_lightning_cli
 
-    sys.argv = sys.argv[:1]  # the stage's arguments are the config below, not this process's
     cli = run_lightning_cli(["--config", config_path], run=False)
     stage_dir = Path(config_path).parent
     last = stage_dir / "checkpoints" / "last.ckpt"
@@ -577,8 +926,9 @@ def _run_stage(config_path: str) -> None:
     steps = cli.trainer.global_step
     records = read_metrics(metrics_file.path) if metrics_file.path.exists() else []
     final = {k: v for k, v in records[-1].items() if k.startswith("val/")} if records else {}
-    if (not records or records[-1]["step"] != steps or records[-1]["stage"] != "fit" or not final
-            or not cli.model.val_document_stats):
+    stale = (not records or records[-1]["step"] != steps or records[-1]["stage"] != "fit" or not final
+             or not cli.model.val_document_stats)
+    if cli.trainer.strategy.broadcast(stale, src=0):  # rank 0 wrote the metrics: every rank follows it
         # the fit's last validation was before its last step (or in a killed process, so its
         # per-document sums are lost): score the final weights once more
         # one dict per validation loader (domain); routing is logged per loader, so merge them all
@@ -588,6 +938,8 @@ def _run_stage(config_path: str) -> None:
     seq_len = cli.datamodule.seq_len
     tokens = steps * trainer_tokens_per_step(cli.trainer, cli.datamodule.batch_size, seq_len)
     total, active = parameter_counts(model_config)
+    if not cli.trainer.is_global_zero:
+        return
     write_json_atomic(stage_dir / "result.json", {
         "final": {k: float(v) for k, v in final.items()},
         "initial": cli.model.initial_val_metrics,
@@ -624,14 +976,25 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.stage:
         run_stage(args.stage)
-    elif args.recipe:
-        try:
-            run_pipeline(args.recipe, force=args.force, seeds=args.seeds, check_only=args.check, sweep=args.sweep,
-                         overrides=args.overrides)
-        except StudyError as error:  # a bad study file or --set: the message names the field; no traceback
-            parser.exit(2, f"bam pipeline: error: {error}\n")
-    else:
+        return
+    if not args.recipe:
         parser.error("give a study file, e.g. `bam pipeline recipes/tiny/study.yaml`")
+    from bam_lightning import lockstep
+
+    environment = lockstep.cluster_environment()
+    if environment is not None:  # torchrun / srun: rank 0 runs the pipeline, the others follow it
+        lockstep.init_process_group(environment)
+        if lockstep.rank() != 0:
+            lockstep.follow()
+            return
+    try:
+        run_pipeline(args.recipe, force=args.force, seeds=args.seeds, check_only=args.check, sweep=args.sweep,
+                     overrides=args.overrides)
+    except StudyError as error:  # a bad study file or --set: the message names the field; no traceback
+        parser.exit(2, f"bam pipeline: error: {error}\n")
+    finally:
+        if environment is not None and not lockstep.stage_failed:
+            lockstep.send(("done", ""))
 
 
 if __name__ == "__main__":

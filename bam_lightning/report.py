@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from bam_lightning.callbacks.metrics_file import read_metrics
+from bam_lightning.errors import UserError
 
 ROW_LABELS = {
     "seed": "seed",
@@ -107,12 +108,8 @@ def evaluation_interval(pairs: list[tuple[dict[str, Any], dict[str, Any]]], samp
     margins = np.zeros(samples)
     documents = 0
     for domain in domains:
+        check_same_documents(pairs, domain)
         ids = pairs[0][1]["val_documents"][domain]["document"]
-        for pair in pairs:
-            for record in pair:
-                if record["val_documents"].get(domain, {}).get("document") != ids:
-                    raise ValueError(f"stage {record.get('name', record['row'])}: validation documents of "
-                                     f"{domain!r} differ from the reference's; the margin is not paired")
         documents += len(ids)
         draws = rng.integers(0, len(ids), size=(samples, len(ids)))
         weights = np.stack([np.bincount(d, minlength=len(ids)) for d in draws]).astype(np.float64)
@@ -124,6 +121,32 @@ def evaluation_interval(pairs: list[tuple[dict[str, Any], dict[str, Any]]], samp
             margins += (ppl[0] - ppl[1]) / len(domains) / len(pairs)
     low, high = np.percentile(margins, [2.5, 97.5])
     return {"interval": [float(low), float(high)], "documents": documents}
+
+
+def check_same_documents(pairs: list[tuple[dict[str, Any], dict[str, Any]]], domain: str) -> None:
+    """Refuse to pair rows that scored different validation documents: other document ids, or
+    (where both records carry them) other content hashes, e.g. a stage validated before a
+    domain's text was replaced. The message names both rows."""
+    first = pairs[0][1]
+    ids, hashes = first["val_documents"][domain]["document"], first["val_documents"][domain].get("hash")
+    for pair in pairs:
+        for record in pair:
+            stats = record["val_documents"].get(domain, {})
+            differ = None
+            if stats.get("document") != ids:
+                differ = "other documents"
+            elif hashes is not None and stats.get("hash") is not None and stats["hash"] != hashes:
+                changed = sum(a != b for a, b in zip(stats["hash"], hashes, strict=True))
+                differ = f"{changed} of {len(hashes)} documents with other contents"
+            if differ:
+                raise UserError(
+                    f"cannot pair {_name(record)} with {_name(first)}: on {domain!r} they scored {differ}, "
+                    "so a margin between them would compare different texts. Rerun the stage validated on "
+                    "older data (`bam pipeline` reruns it when the data changed; or remove its folder).")
+
+
+def _name(record: dict[str, Any]) -> str:
+    return f"row {record['row']!r} (stage {record.get('name', record['row'])}, seed {record.get('seed', 0)})"
 
 
 def margin_line(row: str, m: dict[str, Any]) -> str:

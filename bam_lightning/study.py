@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import inspect
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,9 @@ from omegaconf import OmegaConf
 
 from bam_lightning.config import ModelConfig
 from bam_lightning.errors import UserError
+from bam_lightning.lit import BaseLM
+
+DEFAULT_WARMUP_STEPS = inspect.signature(BaseLM.__init__).parameters["warmup_steps"].default
 
 STUDY_KEYS = {"run_dir", "seeds", "checkpoint_every_n_steps", "seed_everything", "data", "trainer", "model",
               "optimizer", "seed", "experts", "mixtures", "dense_baseline", "overrides", "eval"}
@@ -147,6 +151,9 @@ def load_study(path: str, config: dict[str, Any] | None = None) -> dict[str, Any
     out["experts"] = {d: build.dense(f"expert_{d}", experts_cfg, build.weights(experts_cfg, "experts", seed_domain, d))
                       for d in expert_domains}
     mixture_weights = build.weights(mixtures, "mixtures", seed_domain, None)
+    out["warnings"] = [
+        *left_out_domains(path, "seed", seed, domains, seed.get("checkpoint") is None),
+        *left_out_domains(path, "mixtures", mixtures, domains, True)]
     steps = _steps(mixtures, "mixtures", err)
     out["mixtures"] = {m: build.mixture(m, mixtures, mixture_weights, len(sources), steps) for m in methods}
     out["compute_matched"] = dict(matched)
@@ -162,6 +169,23 @@ def load_study(path: str, config: dict[str, Any] | None = None) -> dict[str, Any
 
         out["eval"] = check_eval_section(config["eval"], f"{path}: eval")
     return out
+
+
+def left_out_domains(path: str, where: str, section: dict[str, Any], domains: list[str], trains: bool) -> list[str]:
+    """A warning naming the domains an explicit `train_weights` mapping leaves out (they train
+    with weight 0). A warning, not an error: weight 0 is a legitimate choice (a domain only
+    validated on), and the study still runs as written; `<domain>: 0` states it and silences
+    this. Experts are not checked: their mapping is about their own domain by design."""
+    weights = section.get("train_weights", "equal")
+    if not trains or not isinstance(weights, dict):
+        return []
+    missing = [d for d in domains if d not in weights]
+    if not missing:
+        return []
+    return [f"{path}: {where}.train_weights leaves out {', '.join(map(repr, missing))}: the {where} stage(s) "
+            f"train on {'it' if len(missing) == 1 else 'them'} with weight 0 (validation still covers every "
+            f"domain); give {'it' if len(missing) == 1 else 'each'} a share, or write "
+            f"`{missing[0]}: 0` to say so"]
 
 
 # ----- composing -----
@@ -226,16 +250,19 @@ class _Builder:
         model_config["attn_experts"] = n_sources if spec["attention"] else 0
         model_config["attn_shared_kv"] = spec.get("shared_kv", False)
         recipe = self.base(method, section, "mixtures", weights, "MoELM", model_config, steps)
-        if steps != base_steps:  # a sweep length: validation and warm-up keep their share of the run
-            recipe["trainer"]["val_check_interval"] = max(1, round(recipe["trainer"]["val_check_interval"]
-                                                                   * steps / base_steps))
-            if "warmup_steps" in recipe["model"]["init_args"]:
-                recipe["model"]["init_args"]["warmup_steps"] = round(
-                    recipe["model"]["init_args"]["warmup_steps"] * steps / base_steps)
         recipe["trainer"].setdefault("callbacks", []).append({
             "class_path": "bam_lightning.callbacks.UpcyclingCallback",
             "init_args": {"method": spec["upcycle"], "sources": [], "seed_index": 0, "router_seed": 0}})
-        return self.finish(method, recipe, method)
+        recipe = self.finish(method, recipe, method)
+        if steps != base_steps:
+            # a sweep length: validation and warm-up keep their share of the run. The effective values
+            # are scaled (after the method's overrides; the model's default warm-up when none is set),
+            # or a short run would never leave its warm-up and a long one would barely have one.
+            trainer, init_args = recipe["trainer"], recipe["model"].setdefault("init_args", {})
+            trainer["val_check_interval"] = max(1, round(trainer["val_check_interval"] * steps / base_steps))
+            warmup = init_args.get("warmup_steps", DEFAULT_WARMUP_STEPS)
+            init_args["warmup_steps"] = round(int(warmup) * steps / base_steps)
+        return recipe
 
 
 def apply_overrides(recipe: dict[str, Any], overrides: dict[str, Any], where: str, err) -> dict[str, Any]:
@@ -287,13 +314,14 @@ def _steps(section: dict[str, Any], where: str, err) -> int:
     return steps
 
 
-def load_yaml(path: str) -> Any:
+def load_yaml(path: str, resolve: bool = True) -> Any:
     """A YAML file as plain containers; a key given twice is an error naming its dotted path
-    (YAML would otherwise keep one of the two silently, or fail naming only a line)."""
+    (YAML would otherwise keep one of the two silently, or fail naming only a line).
+    `resolve=False` keeps `${...}` interpolations as written (see `resolve_interpolations`)."""
     import yaml
 
     try:
-        return OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+        return OmegaConf.to_container(OmegaConf.load(path), resolve=resolve)
     except yaml.constructor.ConstructorError as error:
         if error.problem_mark is None or "duplicate key" not in str(error.problem):
             raise
@@ -307,6 +335,16 @@ def load_yaml(path: str) -> Any:
                 indent = len(text) - len(stripped)
                 parts.insert(0, stripped.split(":")[0].strip())
         raise StudyError(f"{path}: {'.'.join(parts)}: named twice (line {line + 1})") from None
+
+
+def resolve_interpolations(path: str, config: dict[str, Any]) -> dict[str, Any]:
+    """Resolve `${...}` after `--set` changed the file's values, as if the file said them."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        return OmegaConf.to_container(OmegaConf.create(config), resolve=True)
+    except OmegaConfBaseException as error:
+        raise StudyError(f"{path}: {error}".splitlines()[0]) from None
 
 
 def recipe_path_or_dict(recipe: str | dict[str, Any]) -> dict[str, Any]:

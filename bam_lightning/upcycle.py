@@ -29,7 +29,12 @@ METHODS = ("bam", "bam_shared_kv", "btx", "sparse")
 # Fields that decide what the weights are and mean. Others (init_std, max_seq_len, router and
 # loss settings) may differ between a dense source and the mixture without changing any weight.
 ARCHITECTURE_FIELDS = ("vocab_size", "n_layer", "d_model", "n_head", "n_kv_head", "d_ff", "rope_base",
-                       "tie_embeddings", "norm", "norm_eps", "block_layout")
+                       "tie_embeddings", "norm", "norm_eps", "block_layout", "head_dim", "rotary_dim",
+                       "rope_scaling", "sliding_window", "qkv_bias", "attn_out_bias", "qk_norm", "ffn_activation",
+                       "ffn_bias", "norm_bias", "parallel_ffn_norm")
+# attention tensors of the query side (one per expert in both BAM variants) and of the K/V side
+# (one per expert in Expert-KV, shared in Shared-KV): K's norm and biases go with K
+QUERY_SIDE = ("wq", "wo", "bq", "bo", "q_norm")
 
 
 # ----- validation -----
@@ -104,7 +109,9 @@ def upcycle(dense_state_dicts: Sequence[Mapping[str, Tensor]], moe_config: Model
 
     - `bam` (Expert-KV): expert j's W_q, W_k, W_v, W_o and FFN <- model j.
     - `bam_shared_kv`: expert j's W_q, W_o and FFN <- model j; the shared W_k, W_v = mean of N.
-    - `btx`: FFN expert j <- model j; the one attention = mean of N. Parameter-matched BTX
+    - `btx`: FFN expert j <- model j; the one attention = mean of N.
+    Biases and q/k norms (other families) follow their projection: b_q, b_o and q's norm as W_q,
+    b_k, b_v and k's norm as W_k (shared and averaged in Shared-KV, averaged in BTX). Parameter-matched BTX
       (n_experts > N): FFN experts N.. are copies of the seed's FFN.
     - `sparse`: only `dense_state_dicts[seed_index]` is used (other sources are validated, then
       ignored): every FFN expert and every other tensor is a copy of the seed.
@@ -185,11 +192,11 @@ def _rule(key: str, method: str) -> str:
         return "router"
     if method == "sparse":
         return "seed"
-    if ".ffn.w_" in key:
+    if ".ffn." in key:
         return "experts"
-    if ".attn.w" in key:
+    if ".attn." in key:
         projection = key.rsplit(".", 1)[1]
-        if method == "bam" or (method == "bam_shared_kv" and projection in ("wq", "wo")):
+        if method == "bam" or (method == "bam_shared_kv" and projection in QUERY_SIDE):
             return "experts"
     return "mean"
 

@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/bench_train_step.py [--steps 30] [--segments 2] [--precision 32-true]
     .venv/bin/python benchmarks/bench_train_step.py --model paper_590m --accelerator gpu --precision bf16-mixed
+    .venv/bin/python benchmarks/bench_train_step.py --against REV   # also BAM with ffn.py as at git REV
 
 Each model trains under a Lightning Trainer (the project's `DenseLM` / `MoELM`: forward, LM and
 router losses, logging, backward, AdamW and the LR schedule) on random token blocks. A step is
@@ -10,14 +11,18 @@ alternate in segments so that both see the same machine state; the first steps o
 are warm-up. MFU = training FLOPs per token (`bam_lightning.flops`) x tokens/s over a measured
 matmul ceiling (`callbacks.monitoring.measure_matmul_flops`, the best of tries spread over the run).
 
-`--model paper_590m` takes the BAM mixture of recipes/paper_590m/bam.yaml (`model.init_args.config`)
-and its dense seed (`ModelConfig.dense()`), both randomly initialised: no upcycling, since step
+`--model paper_590m` (or `paper_2b`) takes the BAM mixture of recipes/<model>/bam.yaml
+(`model.init_args.config`) and its dense seed (`ModelConfig.dense()`), both randomly initialised: no upcycling, since step
 time does not depend on the weights. On `--accelerator gpu` the steps and the ceiling run on the
-GPU, and every step is timed between two `torch.cuda.synchronize()` calls.
+GPU, and every step is timed between two `torch.cuda.synchronize()` calls. The last column and
+the summary give the BAM step's MFU over the seed's (issue 23's target: >= 0.85 on CPUs, 0.95 on
+the GPU). `--against REV` adds a third model, the same BAM mixture with the FFN layer's forward
+as `bam_lightning/model/ffn.py` was at git revision REV, in the same alternating segments.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import statistics
@@ -38,9 +43,13 @@ from bam_lightning.model.ffn import last_ffn_kernel
 
 TINY_BAM = ModelConfig(vocab_size=257, n_layer=4, d_model=128, n_head=4, max_seq_len=128,
                        n_experts=4, ffn_top_k=1, attn_experts=4)
-PAPER_590M_RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "paper_590m" / "bam.yaml"
-DEFAULT_BATCH = {"tiny": 32, "paper_590m": 8}  # 590M at seq 2048: the [B*T, 256000] fp32 logits dominate
-DEFAULT_SEQ = {"paper_590m": 2048}  # tiny: its max_seq_len
+RECIPES = {name: Path(__file__).resolve().parents[1] / "recipes" / name / "bam.yaml"
+           for name in ("paper_590m", "paper_2b")}
+PAPER_590M_RECIPE = RECIPES["paper_590m"]
+# 590M at seq 2048: the [B*T, 256000] fp32 logits dominate. 2B: 4.6B parameters in the mixture,
+# fp32 weights + AdamW states (about 74 GB) leave room for a batch of 2 on one 141 GB H200.
+DEFAULT_BATCH = {"tiny": 32, "paper_590m": 8, "paper_2b": 2}
+DEFAULT_SEQ = {"paper_590m": 2048, "paper_2b": 2048}  # tiny: its max_seq_len
 
 
 def recipe_model_config(path: Path) -> ModelConfig:
@@ -89,7 +98,25 @@ class StepTimer(L.Callback):
             self.times.append(time.perf_counter() - self.start)
 
 
-def train_segment(module_cls, config: ModelConfig, args) -> StepTimer:
+@contextlib.contextmanager
+def ffn_forward_from(module):
+    """MixtureOfFFN's forward as `module` (ffn.py at another revision) defines it; same parameters."""
+    from bam_lightning.model import ffn
+
+    saved = {name: getattr(ffn.MixtureOfFFN, name) for name in ("forward", "route", "experts")}
+    for name in saved:
+        setattr(ffn.MixtureOfFFN, name, getattr(module.MixtureOfFFN, name))
+    try:
+        yield
+    finally:
+        for name, method in saved.items():
+            setattr(ffn.MixtureOfFFN, name, method)
+
+
+def train_segment(module_cls, config: ModelConfig, args, old_ffn=None) -> StepTimer:
+    if old_ffn is not None:
+        with ffn_forward_from(old_ffn):
+            return train_segment(module_cls, config, args)
     timer = StepTimer(args.warmup, cuda=args.device == "cuda")
     data = RandomBlocks((args.warmup + args.steps) * args.batch, args.seq, config.vocab_size)
     trainer = L.Trainer(accelerator=args.accelerator, devices=1, precision=args.precision,
@@ -100,6 +127,19 @@ def train_segment(module_cls, config: ModelConfig, args) -> StepTimer:
     torch.manual_seed(0)
     trainer.fit(module_cls(config, warmup_steps=10), DataLoader(data, batch_size=args.batch))
     return timer
+
+
+def parse_overrides(config: ModelConfig, items: list[str]) -> dict[str, object]:
+    """`FIELD=VALUE` strings as ModelConfig values, each of its field's current type."""
+    fields = {f.name for f in dataclasses.fields(config)}
+    values = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or name not in fields:
+            raise SystemExit(f"error: --override {item!r}: expected FIELD=VALUE with FIELD one of ModelConfig's")
+        kind = type(getattr(config, name))
+        values[name] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
+    return values
 
 
 def datasheet_flops(device: torch.device, dtype: torch.dtype) -> float | None:
@@ -114,8 +154,8 @@ def datasheet_flops(device: torch.device, dtype: torch.dtype) -> float | None:
 
 def main() -> None:
     parser = base_parser(__doc__.splitlines()[0], interleaved=False, device=False)
-    parser.add_argument("--model", choices=["tiny", "paper_590m"], default="tiny",
-                        help="tiny: a 4-layer toy; paper_590m: recipes/paper_590m/bam.yaml's mixture "
+    parser.add_argument("--model", choices=["tiny", *RECIPES], default="tiny",
+                        help="tiny: a 4-layer toy; paper_590m, paper_2b: recipes/<model>/bam.yaml's mixture "
                              "and its dense seed, randomly initialised")
     parser.add_argument("--accelerator", choices=["cpu", "gpu"], default="cpu", help="Lightning accelerator")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps at the start of every segment")
@@ -124,14 +164,20 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=None,
                         help="tokens per sequence (default: max_seq_len for tiny, 2048 for paper_590m)")
     parser.add_argument("--batch", type=int, default=None, help="sequences per step (default: 32 for tiny, "
-                        "8 for paper_590m)")
+                        "8 for paper_590m, 2 for paper_2b)")
+    parser.add_argument("--against", metavar="REV", default=None,
+                        help="also train the BAM mixture with MixtureOfFFN's forward as at this git revision")
+    parser.add_argument("--override", nargs="+", metavar="FIELD=VALUE", default=[],
+                        help="change ModelConfig fields of the model (and so of its seed), e.g. n_layer=1 "
+                             "d_model=64: a recipe's model at a size a CPU rehearsal can run")
     parser.add_argument("--precision", default="32-true", help="Lightning precision, e.g. bf16-mixed")
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="a datasheet peak (dense, no sparsity) for a second MFU column, e.g. 989 "
                              "for an H200's bf16; Lightning's table lists the sparse figure")
     args = parser.parse_args()
     args.device = "cuda" if args.accelerator == "gpu" else "cpu"  # read by print_header
-    bam = TINY_BAM if args.model == "tiny" else recipe_model_config(PAPER_590M_RECIPE)
+    bam = TINY_BAM if args.model == "tiny" else recipe_model_config(RECIPES[args.model])
+    bam = dataclasses.replace(bam, **parse_overrides(bam, args.override))
     args.seq = args.seq or DEFAULT_SEQ.get(args.model, bam.max_seq_len)
     args.batch = args.batch or DEFAULT_BATCH[args.model]
     bam = dataclasses.replace(bam, max_seq_len=max(bam.max_seq_len, args.seq))  # GPT refuses longer inputs
@@ -140,7 +186,11 @@ def main() -> None:
     warnings.filterwarnings("ignore", ".*does not have many workers.*|.*treespec.*")
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     seq = args.seq
-    models = {"dense seed": (DenseLM, bam.dense()), "BAM MoE": (MoELM, bam)}
+    models = {"dense seed": (DenseLM, bam.dense(), None), "BAM MoE": (MoELM, bam, None)}
+    if args.against:
+        from bench_ffn import ffn_at_revision  # benchmarks/bench_ffn.py, beside this script
+
+        models[f"BAM MoE @{args.against}"] = (MoELM, bam, ffn_at_revision(args.against))
     dtype = torch.bfloat16 if "bf16" in args.precision else torch.float32
     device = torch.device(args.device)
     size = 8192 if device.type == "cuda" else 1024  # measure_matmul_flops's default for the device
@@ -150,16 +200,18 @@ def main() -> None:
           f"top-{bam.ffn_top_k}, {bam.attn_experts} attention experts "
           f"({'Shared-KV' if bam.attn_shared_kv else 'Expert-KV'}, {bam.attn_routing})")
     times: dict[str, list[float]] = {name: [] for name in models}
+    segment_medians: dict[str, list[float]] = {name: [] for name in models}  # paired by segment
     peak_memory: dict[str, int] = dict.fromkeys(models, 0)
     with CoTenantLoad() as load:
         for _ in range(args.segments):
-            for name, (module_cls, config) in models.items():
+            for name, (module_cls, config, old_ffn) in models.items():
                 ceilings.append(measure_matmul_flops(dtype, size, device=device))
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(device)
-                timer = train_segment(module_cls, config, args)
+                timer = train_segment(module_cls, config, args, old_ffn)
                 assert timer.threads == args.threads, f"Lightning changed the thread count to {timer.threads}"
                 times[name] += timer.times
+                segment_medians[name].append(statistics.median(timer.times))
                 if device.type == "cuda":
                     peak_memory[name] = max(peak_memory[name], torch.cuda.max_memory_allocated(device))
     ceiling = max(ceilings)  # the best moment: co-tenants only ever lower it
@@ -171,17 +223,19 @@ def main() -> None:
         print("# Lightning's datasheet peak for this GPU: "
               + (f"{datasheet / 1e12:.0f} TFLOP/s" if datasheet else "not in its table")
               + "; MFU below is against the measured ceiling")
-    rows, results = [], []
-    for name, (_, config) in models.items():
+    rows, results, mfu = [], [], {}
+    for name, (_, config, _) in models.items():
         step = statistics.median(times[name])
         tokens_per_s = args.batch * seq / step
         flops = training_flops_per_token(config, seq)
+        mfu[name] = flops * tokens_per_s / ceiling
         total, active = parameter_counts(config)
         rows.append([name, f"{total / 1e6:.2f}M / {active / 1e6:.2f}M", f"{flops / 1e6:.1f}",
                      f"{1e3 * step:.0f}", f"{tokens_per_s:,.0f}", f"{flops * tokens_per_s / 1e9:.1f}",
                      f"{100 * flops * tokens_per_s / ceiling:.1f}%",
                      *([f"{100 * flops * tokens_per_s / (args.peak_tflops * 1e12):.1f}%"] if args.peak_tflops else []),
-                     *([f"{peak_memory[name] / 2**30:.1f}"] if device.type == "cuda" else [])])
+                     *([f"{peak_memory[name] / 2**30:.1f}"] if device.type == "cuda" else []),
+                     f"{mfu[name] / mfu['dense seed']:.3f}"])
         results.append(f"{name} {tokens_per_s:,.0f} tok/s MFU {rows[-1][6]}"
                        + (f" ({rows[-1][7]} of {args.peak_tflops:g} TFLOP/s)" if args.peak_tflops else "")
                        + (f" peak {rows[-1][-1]} GiB" if device.type == "cuda" else ""))
@@ -189,9 +243,19 @@ def main() -> None:
     print_table(["model", "params total / active", "train MFLOP/token", "step ms (median)", "tokens/s",
                  "GFLOP/s", "MFU (measured ceiling)",
                  *([f"MFU ({args.peak_tflops:g} TFLOP/s)"] if args.peak_tflops else []),
-                 *(["peak GPU GiB"] if device.type == "cuda" else [])], rows)
-    print(f"# BAM MoE step time / dense seed step time: {ratio:.2f}; FFN kernel that ran: {last_ffn_kernel()}")
-    print(f"# result: {'; '.join(results)}; BAM/seed step time {ratio:.2f}; FFN kernel {last_ffn_kernel()}")
+                 *(["peak GPU GiB"] if device.type == "cuda" else []), "MFU / seed's"], rows)
+    mfu_ratio = mfu["BAM MoE"] / mfu["dense seed"]
+    flops_ratio = training_flops_per_token(bam, seq) / training_flops_per_token(bam.dense(), seq)
+    for name in list(models)[1:]:
+        # MFU ratio within each segment (seed and BAM timed minutes apart, not an hour): its spread
+        paired = sorted(flops_ratio * seed / step for seed, step
+                        in zip(segment_medians["dense seed"], segment_medians[name], strict=True))
+        print(f"# {name}: MFU / seed's per segment: median {statistics.median(paired):.3f}, "
+              f"range {paired[0]:.3f}-{paired[-1]:.3f} over {len(paired)} segments")
+    print(f"# BAM MoE step time / dense seed step time: {ratio:.2f}; BAM MFU / seed MFU: {mfu_ratio:.3f}; "
+          f"FFN kernel that ran: {last_ffn_kernel()}")
+    print(f"# result: {'; '.join(results)}; BAM/seed step time {ratio:.2f}, MFU {mfu_ratio:.3f}x the seed's; "
+          f"FFN kernel {last_ffn_kernel()}")
     print(f"# {load.summary()}")
 
 

@@ -2,11 +2,16 @@
 # GPU check, for a session that is lent a CUDA GPU (an H200 here); no test or CI ever runs it.
 # Written for a short slot on a box without network whose image has its own python3 and torch
 # (benchmarks/README.md, "GPU check"). In order, each step under `timeout`:
-#   preflight        imports (image + wheel bundle), the paper_590m recipe, the FFN kernel per dtype
-#   bench_ffn        FFN mixture vs dense at paper_590m's layer shapes, bf16 then fp32
+#   preflight        imports (image + wheel bundle), the paper_590m recipe, the FFN kernel per dtype,
+#                    no host sync in the bf16 FFN mixture's forward+backward
+#   ffn_profile      where one paper_590m FFN mixture forward+backward spends its GPU time (bf16)
+#   bench_ffn        FFN mixture vs dense at paper_590m's layer shapes, bf16 then fp32, with the
+#                    share of each layer's time in matmuls
 #   bench_attention  Expert-KV and Shared-KV attention vs E x dense, bf16 then fp32
-#   bench_train_step Lightning steps of the paper_590m seed and BAM: tokens/s, MFU, peak memory
+#   bench_train_step Lightning steps of the paper_590m seed and BAM: tokens/s, MFU (BAM/seed), memory
 #   bam_fit          `bam fit` of a few paper_590m BAM steps on built-in data (CLI, data, callbacks)
+#   bench_train_2b   the same at paper_2b's shapes (batch 1 x 2048: a 6.2B-parameter mixture
+#                    with AdamW states takes about 100 of the 141 GB), one segment
 # then a one-line summary. The whole run stays within BUDGET_S (default 450 s).
 #
 #   bash benchmarks/gpu_check.sh                  # on the GPU box
@@ -87,6 +92,9 @@ if [[ $DEVICE == cuda ]]; then
 elif [[ ! -x $PY ]] && [[ -z $PY_GIVEN ]]; then
     PY=python3
 fi
+if [[ $PY == */* && $PY != /* ]]; then
+    PY=$PWD/$PY  # bam_fit runs from a scratch folder
+fi
 "$PY" -c 'import platform, torch; print(f"# Python {platform.python_version()}, torch {torch.__version__}, CUDA {torch.version.cuda}")'
 
 # The wheel bundle: what the image lacks (litdata, omegaconf, jsonargparse...). pip where it
@@ -123,17 +131,24 @@ if [[ $DEVICE == cuda ]]; then
     # --experts 4 8 --top-k 1 2 covers (E, k) = (8, 2) and (4, 1) and the two between, at little
     # cost. bf16 is the grouped kernel's dtype on CUDA; fp32 there takes the per-expert loop.
     FFN_SIZES=(--experts 4 8 --top-k 1 2 --tokens 16384 --d-model 1024 --d-ff 2048)
+    FFN_PROFILE=(--experts 4 --top-k 1 --tokens 16384 --d-model 1024 --d-ff 2048 --rounds 3)
     ATTN_SIZES=(--experts 4 --d-model 1024 --heads 8 --seq 2048 --batch 8)
-    # 2 models x 2 segments x (10 warm-up + 60 timed) = 280 steps of 8 x 2048 tokens. The [16384,
+    # 2 models x 2 segments x (5 warm-up + 30 timed) = 140 steps of 8 x 2048 tokens. The [16384,
     # 256000] logits and their fp32 copies dominate memory (about 75 GB estimated of the 141).
-    TRAIN=(--model paper_590m --accelerator gpu --seq 2048 --segments 2 --warmup 10 --steps 60 --threads 8)
+    TRAIN=(--model paper_590m --accelerator gpu --seq 2048 --segments 2 --warmup 5 --steps 30 --threads 8)
     TRAIN_BATCH=8
+    # paper_2b: most of the time is building the two models on the CPU; one segment of 3 + 10 steps.
+    TRAIN_2B=(--model paper_2b --accelerator gpu --seq 2048 --segments 1 --warmup 3 --steps 10 --threads 16
+        --batch 1)
     FIT=(--trainer.accelerator gpu)
 else
     FFN_SIZES=(--experts 4 --top-k 1 2 --tokens 256 --d-model 64 --d-ff 128 --rounds 2 --warmup 1 --bf16-rounds 2)
+    FFN_PROFILE=(--experts 4 --top-k 1 --tokens 256 --d-model 64 --d-ff 128 --rounds 2 --warmup 1 --bf16-rounds 2)
     ATTN_SIZES=(--experts 4 --d-model 64 --heads 4 --seq 64 --batch 2 --rounds 2 --warmup 1)
     TRAIN=(--model tiny --accelerator cpu --seq 64 --segments 1 --warmup 1 --steps 3)
     TRAIN_BATCH=4
+    TRAIN_2B=(--model paper_2b --accelerator cpu --seq 64 --segments 1 --warmup 1 --steps 2 --batch 2
+        --override n_layer=1 d_model=64 n_head=2 n_kv_head=2 d_ff=128 vocab_size=512)
     # paper_590m's recipe with its model shrunk: the same CLI, data, strategy and callbacks
     FIT=(--trainer.accelerator cpu --data.seq_len 64 --data.batch_size 4 --model.init_args.config.n_layer 1
         --model.init_args.config.d_model 64 --model.init_args.config.n_head 2 --model.init_args.config.n_kv_head 2
@@ -141,18 +156,20 @@ else
         --model.init_args.config.max_seq_len 64)
 fi
 
+step ffn_profile 40 "$PY" benchmarks/bench_ffn.py --device "$DEVICE" --dtypes bf16 "${FFN_PROFILE[@]}" --no-hf --profile
 step bench_ffn 60 "$PY" benchmarks/bench_ffn.py --device "$DEVICE" --dtypes bf16 fp32 "${FFN_SIZES[@]}" --no-hf
 step bench_attention 50 "$PY" benchmarks/bench_attention.py --device "$DEVICE" --dtypes bf16 fp32 "${ATTN_SIZES[@]}"
 
 # MFU against the H200's bf16 datasheet peak, dense: 989 TFLOP/s (Lightning's table lists the
 # 2:4-sparse 1979); the table also shows MFU against the measured matmul ceiling.
 TRAIN=("$PY" benchmarks/bench_train_step.py "${TRAIN[@]}" --precision bf16-mixed --peak-tflops 989)
-step bench_train_step 150 "${TRAIN[@]}" --batch "$TRAIN_BATCH"
+step bench_train_step 120 "${TRAIN[@]}" --batch "$TRAIN_BATCH"
 if [[ $DEVICE == cuda && ${RESULTS[-1]} == "bench_train_step FAILED"* ]] &&
     grep -q -E "OutOfMemoryError|CUDA out of memory" "$LOG_DIR/bench_train_step.log"; then
     RESULTS[-1]="bench_train_step out of GPU memory at batch 8"
-    step bench_train_step_batch4 150 "${TRAIN[@]}" --batch 4
+    step bench_train_step_batch4 120 "${TRAIN[@]}" --batch 4
 fi
+TRAIN_2B=("$PY" benchmarks/bench_train_step.py "${TRAIN_2B[@]}" --precision bf16-mixed --peak-tflops 989)
 
 # The real CLI from a scratch folder (so sys.path[0] is not this checkout, and nothing is written
 # here): paper_590m's BAM recipe with benchmarks/gpu_fit.yaml laid over it, then its checkpoint.
@@ -170,14 +187,17 @@ if [[ ${RESULTS[-1]} == "bam_fit ok"* ]]; then
 fi
 rm -rf "$WORK/fit"  # the weights of a 776M-parameter mixture: about 3 GB
 
+step bench_train_2b 150 "${TRAIN_2B[@]}"
+
 FAILED=0
 for result in "${RESULTS[@]}"; do
     if [[ $result == *" TIMEOUT "* || $result == *" FAILED"* || $result == *" skipped "* ]]; then
         FAILED=1
     fi
 done
-TRAIN_RESULT=$(sed -n 's/^# result: //p' "$LOG_DIR"/bench_train_step*.log 2>/dev/null | tail -1)
+TRAIN_RESULT=$(sed -n 's/^# result: /paper_590m: /p' "$LOG_DIR"/bench_train_step*.log 2>/dev/null | tail -1)
+TRAIN_2B_RESULT=$(sed -n 's/^# result: /paper_2b: /p' "$LOG_DIR"/bench_train_2b.log 2>/dev/null | tail -1)
 SUMMARY=$(printf ' | %s' "${RESULTS[@]}")
 echo
-echo "gpu_check: $( ((FAILED)) && echo FAILED || echo ok ) on $DEVICE in ${SECONDS} s${SUMMARY}${TRAIN_RESULT:+ | $TRAIN_RESULT}"
+echo "gpu_check: $( ((FAILED)) && echo FAILED || echo ok ) on $DEVICE in ${SECONDS} s${SUMMARY}${TRAIN_RESULT:+ | $TRAIN_RESULT}${TRAIN_2B_RESULT:+ | $TRAIN_2B_RESULT}"
 exit "$FAILED"

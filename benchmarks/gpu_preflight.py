@@ -93,6 +93,36 @@ def check_kernels(device: str) -> None:
                              "would time the fallback, not the grouped kernel")
 
 
+def check_no_host_sync(device: str) -> None:
+    """The bf16 mixture's forward and backward on CUDA under `set_sync_debug_mode("error")`: any
+    read of a tensor value by the host (a bincount, an `.item()`, offsets copied back) raises."""
+    import torch
+
+    from bam_lightning import ModelConfig
+    from bam_lightning.model.ffn import MixtureOfFFN
+
+    if device != "cuda":
+        print("  host-sync check: cuda only (tests/test_fast_paths.py counts host reads on the CPU)")
+        return
+    torch.manual_seed(2)
+    for top_k in (1, 2):
+        module = MixtureOfFFN(ModelConfig(d_model=64, n_head=2, d_ff=128, n_experts=4, ffn_top_k=top_k))
+        module.reset_parameters()
+        module = module.to(device)
+        x = torch.randn(1, 96, 64, device=device, requires_grad=True)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                out, stats = module(x)
+            (out.float().square().sum() + stats.lb_loss).backward()
+        except RuntimeError as error:
+            raise SystemExit(f"gpu_preflight: the bf16 FFN mixture (top-{top_k}) syncs with the host: {error}") from error
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        print(f"  FFN mixture bf16 top-{top_k} forward+backward on cuda: no host sync")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
@@ -108,6 +138,7 @@ def main() -> None:
     check_recipe()
     print("kernels:")
     check_kernels(args.device)
+    check_no_host_sync(args.device)
     print("gpu_preflight: ok")
 
 

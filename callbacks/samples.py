@@ -62,7 +62,7 @@ class GenerationSamples(L.Callback):
         tokenizer = trainer.datamodule.tokenizer
         samples = {}
         for domain, texts in self.domain_prompts(trainer).items():
-            ids = [tokenizer.encode(text) for text in texts]
+            ids = [tokenizer.encode_prompt(text) for text in texts]
             outputs = generate(pl_module.model, ids, eos_id=tokenizer.eos_id, **self.sampling)
             samples[domain] = [(text, tokenizer.decode(out)) for text, out in zip(texts, outputs, strict=True)]
         if trainer.is_global_zero:

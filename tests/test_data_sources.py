@@ -203,7 +203,7 @@ def test_missing_paths_are_named(tmp_path):
         resolve_files("mine", str(tmp_path / "nothing.txt"))
     with pytest.raises(FileNotFoundError, match=r"domain 'mine': '.*\*\.jsonl' matches no files"):
         resolve_files("mine", [str(tmp_path / "*.jsonl")])
-    with pytest.raises(FileNotFoundError, match=r"folder .* holds no \.txt or \.jsonl files"):
+    with pytest.raises(FileNotFoundError, match=r"folder .* holds no document files"):
         resolve_files("mine", str(tmp_path))
 
 

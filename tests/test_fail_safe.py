@@ -15,6 +15,7 @@ import torch
 import yaml
 from helpers import write_word_documents
 
+from bam_lightning.errors import UserError
 from bam_lightning.lightning_cli import run_lightning_cli
 from bam_lightning.lit import BaseLM
 from bam_lightning.pipeline import Stage, failure_message, load_pipeline_config
@@ -98,7 +99,7 @@ def endless(root: Path, content: dict) -> None:
 
 
 @pytest.mark.parametrize("edit, error, message", [
-    (bad_source, FileNotFoundError, "missing.ckpt: checkpoint file not found"),
+    (bad_source, UserError, "missing.ckpt: checkpoint file not found"),
     (bad_betas, ValueError, "model.init_args (lr=0.001, betas=(0.9, 1.5), weight_decay=0.1): AdamW refuses it: "
                             "Invalid beta parameter at index 1: 1.5"),
     (long_windows, ValueError, "data.seq_len (32) is longer than model.init_args.config.max_seq_len (16)"),

@@ -94,7 +94,7 @@ def test_ffn_fast_path_matches_expert_loop(path, top_k, renormalize, monkeypatch
     if path == "fallback_loop":
         monkeypatch.setattr(ffn_module, "ffn_kernel", lambda device, dtype: ffn_module.LOOP)
     if path == "padded_rows":  # the bf16 row padding, checked exactly in fp32
-        monkeypatch.setattr(ffn_module, "row_alignment", lambda dtype: 8)
+        monkeypatch.setattr(ffn_module, "row_alignment", lambda device, dtype: 8)
     ffn, x = ffn_with_idle_experts(top_k, renormalize)
     grad = torch.randn_like(x)
     out, grads = run_with_grads(ffn, x, lambda t: ffn(t)[0], grad)
@@ -124,8 +124,11 @@ def test_ffn_takes_a_broadcast_gradient(n_experts):
 
 
 @pytest.mark.parametrize("mode", ["autocast", "bf16_weights"])
-def test_ffn_bf16_path_matches_fp32_loop(mode):
-    """bf16 pads every expert's rows to 64 (an expert with no tokens included)."""
+@pytest.mark.parametrize("align", [1, 64])
+def test_ffn_bf16_path_matches_fp32_loop(mode, align, monkeypatch):
+    """bf16 with and without the rows of every expert padded to 64 (AMX CPUs pad; an expert with
+    no tokens included)."""
+    monkeypatch.setattr(ffn_module, "row_alignment", lambda device, dtype: align)
     ffn, x = ffn_with_idle_experts(top_k=2)
     grad = torch.randn_like(x)
     expected, expected_grads = run_with_grads(ffn, x, lambda t: loop_ffn(ffn, t.flatten(0, 1)).view_as(t), grad)
@@ -139,6 +142,63 @@ def test_ffn_bf16_path_matches_fp32_loop(mode):
     assert_near(out, expected)
     for name in expected_grads:
         assert_near(grads[name], expected_grads[name], name)
+
+
+HOST_READS = ("item", "tolist", "__int__", "__float__", "__bool__", "__index__")
+
+
+def count_host_reads(monkeypatch, run) -> int:
+    """Python-level reads of tensor values during `run()`: each one is a host sync on CUDA."""
+    reads = []
+    for name in HOST_READS:
+        real = getattr(torch.Tensor, name)
+
+        def counting(self, *args, _real=real, _name=name, **kwargs):
+            reads.append(_name)
+            return _real(self, *args, **kwargs)
+        counting.__wrapped__ = real
+        monkeypatch.setattr(torch.Tensor, name, counting)
+    run()
+    for name in HOST_READS:
+        monkeypatch.setattr(torch.Tensor, name, getattr(torch.Tensor, name).__wrapped__)
+    return len(reads)
+
+
+@pytest.mark.parametrize("case,expected", [
+    ("grouped_fp32", 0),  # the CUDA path's code: routing, dispatch, kernel, combine, all backward
+    ("dense", 0),
+    ("padded_bf16", 1),  # the buffer's size; only CPUs pad, and there the host is the device
+    ("loop_fp64", 1),  # the block sizes a Python loop over experts needs
+])
+def test_ffn_forward_backward_reads_no_tensor_values_on_the_host(case, expected, monkeypatch):
+    if case == "grouped_fp32" and ffn_module.ffn_kernel("cpu", torch.float32) == ffn_module.LOOP:
+        pytest.skip("torch has no grouped_mm")
+    ffn, x = ffn_with_idle_experts(top_k=2)
+    if case == "dense":
+        ffn = MixtureOfFFN(ModelConfig(**TINY))
+        ffn.reset_parameters()
+    if case == "loop_fp64":
+        ffn, x = ffn.double(), x.double()
+    x.requires_grad_()
+    if case == "padded_bf16":  # as on AMX CPUs, whatever this one is
+        monkeypatch.setattr(ffn_module, "row_alignment", lambda device, dtype: 64)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=case == "padded_bf16")
+
+    def run():
+        with autocast:
+            out, stats = ffn(x)
+        (out.float().square().sum() + (stats.lb_loss if stats.lb_loss is not None else 0)).backward()
+    assert count_host_reads(monkeypatch, run) == expected
+    assert ffn_module.last_ffn_kernel() == (ffn_module.LOOP if case == "loop_fp64" else ffn_module.ffn_kernel(
+        "cpu", torch.bfloat16 if case == "padded_bf16" else torch.float32))
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+def test_host_read_counter_counts():
+    """The counter above sees the reads it must (else a zero there proves nothing)."""
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        t = torch.arange(3)
+        assert count_host_reads(monkeypatch, lambda: (t.sum().item(), t.tolist(), int(t[0]), bool(t[1]))) == 4
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "heads_transposed"])

@@ -84,6 +84,21 @@ def test_left_padded_batch_rows_decode_as_alone(kind):
         assert row == recompute_greedy(model, prompt, steps)[0]
 
 
+def test_each_row_of_a_batch_gets_the_tokens_it_gets_alone_up_to_its_own_max_seq_len():
+    """A long prompt near max_seq_len (24) stops early; the short rows beside it do not."""
+    model = make_model(KINDS["bam_expert_kv"], seed=2)
+    prompts = [[5, 9, 2], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20], [44, 3, 8, 8, 8, 1, 7]]
+    alone = [generate(model, [prompt], 10)[0] for prompt in prompts]
+    assert [len(row) for row in alone] == [10, 5, 10]  # 24 - 20 + 1 = 5 for the long prompt
+    assert generate(model, prompts, 10) == alone
+    assert alone[0] == recompute_greedy(model, prompts[0], 10)[0]
+    eos = alone[2][3]  # an end-of-text id that stops row 2 (and maybe others) early
+    stopped = [generate(model, [prompt], 10, eos_id=eos)[0] for prompt in prompts]
+    assert stopped[2] == alone[2][:alone[2].index(eos) + 1]
+    assert generate(model, prompts, 10, eos_id=eos) == stopped
+    assert generate(model, prompts[::-1], 10, eos_id=eos) == stopped[::-1]
+
+
 def test_prompt_prefilled_in_chunks_equals_one_prefill():
     model = make_model(KINDS["bam_expert_kv"])
     prompt = torch.tensor([[4, 9, 13, 2, 7, 30, 1]])

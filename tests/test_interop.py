@@ -23,6 +23,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM  # 
 from bam_lightning.checkpoint import read_checkpoint, save_safetensors  # noqa: E402
 from bam_lightning.config import ModelConfig  # noqa: E402
 from bam_lightning.data.hf_tokenizer import HFTokenizer  # noqa: E402
+from bam_lightning.errors import UserError
 from bam_lightning.interop import export_hf, import_hf  # noqa: E402
 from bam_lightning.interop.hf_export import choose_target  # noqa: E402
 from bam_lightning.interop.hf_import import plan_gguf  # noqa: E402
@@ -154,7 +155,7 @@ def test_export_without_a_fitting_home_names_the_field(tmp_path):
     save_safetensors(GPT(bam).state_dict(), bam, tmp_path / "m.safetensors")
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("mine")
-    with pytest.raises(FileExistsError, match="--overwrite"):
+    with pytest.raises(UserError, match="--overwrite"):
         export_hf(tmp_path / "m.safetensors", tmp_path / "out", progress=False)
     assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
 
@@ -172,10 +173,10 @@ def test_export_refuses_a_tokenizer_the_checkpoint_was_not_trained_with(tmp_path
 @pytest.mark.parametrize("edit, message", [
     ({"model_type": "gpt2"}, "model_type 'gpt2'"),
     ({"hidden_act": "gelu"}, "hidden_act"),
-    ({"attention_bias": True}, "attention_bias"),
-    ({"head_dim": 32}, "head_dim"),
-    ({"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "rope_scaling"),
     ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0}}, "rope_parameters"),
+    ({"rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5}}, "partial rotary"),
+    ({"use_sliding_window": True}, "use_sliding_window"),
+    ({"layer_types": ["sliding_attention", "full_attention"]}, "layer_types"),
 ])
 def test_config_features_modelconfig_cannot_express_are_refused(tmp_path, edit, message):
     tiny_llama(tmp_path / "hf")

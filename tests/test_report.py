@@ -196,3 +196,19 @@ def test_the_seed_expert_owns_the_study_seed_domain():
     bam["seed_domain"] = "legal"
     assert expert_labels(bam, "ffn_load", 2) == ["seed (legal)", "code"]
     assert own_expert_shares(bam["final"], bam, list(DOMAINS), "ffn_load") == pytest.approx({"code": 0.7, "legal": 0.9})
+
+
+def test_rows_validated_on_different_texts_are_not_paired():
+    """Issue 22, item 2: same document ids, other contents (a domain's text replaced between two
+    stages): the report refuses to pair them, naming both rows; equal hashes pair as before."""
+    rng = np.random.default_rng(3)
+    bam, btx = record("bam", 0, losses(rng, -0.2, n=4)), record("btx", 0, losses(rng, 0.0, n=4))
+    for stage in (bam, btx):
+        for domain in DOMAINS:
+            stage["val_documents"][domain]["hash"] = [f"{domain}{i:014d}" for i in range(4)]
+    assert paired_margin([bam, btx], "bam")["eval_interval"] is not None
+    btx["val_documents"]["legal"]["hash"][2] = "0123456789abcdef"
+    with pytest.raises(ValueError, match=r"cannot pair row 'bam' \(stage bam_0, seed 0\) with row 'btx' "
+                                         r"\(stage btx_0, seed 0\): on 'legal' they scored 1 of 4 documents "
+                                         r"with other contents"):
+        paired_margin([bam, btx], "bam")

@@ -19,6 +19,7 @@ import torch
 import yaml
 
 from bam_lightning.checkpoint import AtomicCheckpointIO
+from bam_lightning.errors import DiskFullError
 from bam_lightning.lightning_cli import run_lightning_cli
 
 # --- atomic writes ----------------------------------------------------------------------------
@@ -41,7 +42,8 @@ def test_a_write_that_fails_midway_keeps_the_previous_checkpoint(tmp_path, monke
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(torch, "save", disk_full_halfway)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(DiskFullError, match=f"no space left on device: cannot write {re.escape(str(path))}.*"
+                                            "The previous last.ckpt is intact"):
         io.save_checkpoint(checkpoint(2.0), path)
     monkeypatch.undo()
     restored = io.load_checkpoint(path)

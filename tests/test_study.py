@@ -208,7 +208,8 @@ def test_an_existing_seed_checkpoint_of_another_shape_is_refused_before_any_stag
     study = tiny_study(tmp_path)
     shape = {k: v for k, v in study["model"].items() if k != "tie_embeddings"}
     right = tiny_config(**shape)
-    for name, model, message in (("wrong", tiny_config(**{**shape, "d_model": 64}), r"\['d_model'\] differ from the seed"),
+    wrong = tiny_config(**{**shape, "d_model": 64})  # head_dim and rotary_dim follow d_model
+    for name, model, message in (("wrong", wrong, r"\['d_model', 'head_dim', 'rotary_dim'\] differ from the seed"),
                                   ("right", right, None)):
         checkpoint = save_lightning_checkpoint(tmp_path / f"{name}.ckpt", model, random_dense_state_dict(model, 0))
         study["seed"] = {"domain": "literature", "checkpoint": str(checkpoint)}
@@ -297,3 +298,82 @@ def test_a_study_file_runs_end_to_end_with_a_length_sweep_and_routing_in_the_rep
     assert (tmp_path / "run" / "sweep_ppl_vs_flops.png").stat().st_size > 0
     # each stage is an ordinary `bam fit` recipe on disk
     assert yaml.safe_load((tmp_path / "run" / "stages" / "bam_L8" / "config.yaml").read_text())["trainer"]["max_steps"] == 8
+
+
+def test_set_is_applied_before_interpolation_is_resolved(tmp_path):
+    """Issue 22, item 6: `experts.lr: ${seed.lr}` follows `--set seed.lr=...` as it follows the file."""
+    study = tiny_study(tmp_path)
+    study["experts"]["lr"] = "${seed.lr}"
+    path = write(tmp_path / "study.yaml", study)
+    recipes, _, _ = composed(path, tmp_path / "run")
+    assert recipes["expert_code"]["model"]["init_args"]["lr"] == study["seed"]["lr"]
+    config = load_pipeline_config(path, overrides=["seed.lr=0.01"])
+    recipes = {s.name: compose_stage(s, config, tmp_path / "run") for s in plan(config)}
+    assert recipes["seed"]["model"]["init_args"]["lr"] == 0.01
+    assert recipes["expert_code"]["model"]["init_args"]["lr"] == 0.01
+    study["experts"]["lr"] = "${seed.learning_rate}"
+    with pytest.raises(ValueError, match=r"bad.yaml: Interpolation key .seed.learning_rate. not found"):
+        load_pipeline_config(write(tmp_path / "bad.yaml", study))
+
+
+def test_sweep_rescales_the_effective_warm_up_default_and_overridden(tmp_path):
+    """Issue 22, item 5: the default warm-up and a method's overridden one keep their share at each length."""
+    from bam_lightning.pipeline import DEFAULT_WARMUP_STEPS
+
+    study = tiny_study(tmp_path, **{"mixtures.sweep": [50, 400]})
+    del study["mixtures"]["warmup_steps"]  # the model's default
+    study["overrides"] = {"bam": {"model.init_args.warmup_steps": 20}}
+    steps = study["mixtures"]["steps"]
+    recipes, _, _ = composed(write(tmp_path / "study.yaml", study), tmp_path / "run")
+    for length in (50, 400):
+        btx = recipes[f"btx_L{length}"]["model"]["init_args"]
+        assert btx["warmup_steps"] == round(DEFAULT_WARMUP_STEPS * length / steps), length
+        assert recipes[f"bam_L{length}"]["model"]["init_args"]["warmup_steps"] == round(20 * length / steps)
+        cm = recipes[f"bam_cm_L{length}"]
+        assert cm["model"]["init_args"]["warmup_steps"] == round(
+            round(20 * length / steps) * cm["trainer"]["max_steps"] / length)
+    assert recipes["bam"]["model"]["init_args"]["warmup_steps"] == 20  # the study's own length: as written
+    assert "warmup_steps" not in recipes["btx"]["model"]["init_args"]
+
+
+def test_a_domain_left_out_of_an_explicit_mix_is_named_at_check(tmp_path, capsys):
+    """Issue 22, item 12: the seed's explicit train_weights miss a new domain: a warning names it."""
+    words = tmp_path / "dictionary"
+    words.mkdir()
+    for i in range(2):
+        (words / f"{i}.txt").write_text(f"aardvark {i}: an animal\n")
+    domains = {"literature": "builtin", "code": "builtin", "legal": "builtin", "math": "builtin",
+               "dictionary": str(words / "*.txt")}
+    path = write(tmp_path / "study.yaml", tiny_study(tmp_path, **{"data.domains": domains}))
+    config = load_pipeline_config(path)
+    assert len(config["warnings"]) == 1 and "seed.train_weights leaves out 'dictionary'" in config["warnings"][0]
+    pipeline_main([path, "--check"])
+    out = capsys.readouterr().out
+    assert "warning: " in out and "seed.train_weights leaves out 'dictionary'" in out
+    # said explicitly (weight 0), or an equal mix: nothing to warn about
+    weights = {**tiny_study(tmp_path)["seed"]["train_weights"], "dictionary": 0}
+    quiet = write(tmp_path / "quiet.yaml", tiny_study(tmp_path, **{"data.domains": domains,
+                                                                   "seed.train_weights": weights}))
+    assert load_pipeline_config(quiet)["warnings"] == []
+
+
+def test_a_seed_checkpoint_with_another_tokenizer_is_refused_before_any_stage(tmp_path, capsys):
+    """Issue 22, item 0: the seed's tokenizer is checked against the data before the first stage."""
+    from helpers import random_dense_state_dict, save_lightning_checkpoint, tiny_config
+
+    study = tiny_study(tmp_path)
+    shape = tiny_config(**{k: v for k, v in study["model"].items() if k != "tie_embeddings"})
+    for tokenizer, refused in (("bpe-300-abcdef012345", True), ("byte", False)):
+        checkpoint = save_lightning_checkpoint(tmp_path / f"{tokenizer}.ckpt", shape,
+                                               random_dense_state_dict(shape, 0), tokenizer=tokenizer)
+        study["seed"] = {"domain": "literature", "checkpoint": str(checkpoint)}
+        path = write(tmp_path / "study.yaml", study)
+        if refused:
+            with pytest.raises(SystemExit) as exit_info:
+                pipeline_main([path, "--check"])
+            assert exit_info.value.code == 2
+            assert "tokenizer 'bpe-300-abcdef012345', but data.tokenizer gives 'byte'" in capsys.readouterr().err
+        else:
+            pipeline_main([path, "--check"])
+            assert "stages composed and checked" in capsys.readouterr().out
+    assert not (tmp_path / "run").exists()

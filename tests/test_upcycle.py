@@ -17,6 +17,7 @@ from helpers import (
 from torch.testing import assert_close
 
 from bam_lightning.checkpoint import save_safetensors
+from bam_lightning.errors import UserError
 from bam_lightning.model import GPT
 from bam_lightning.model.ffn import swiglu
 from bam_lightning.model.layers import rope_tables
@@ -296,7 +297,7 @@ def test_corrupt_truncated_and_missing_files_are_named(tmp_path):
     paths[2].write_bytes(b"this is not a checkpoint" * 10)
     file_error(paths, match=f"{re.escape(str(paths[2]))}: not a readable checkpoint")
     paths[2].unlink()
-    file_error(paths, error=FileNotFoundError, match=re.escape(str(paths[2])))
+    file_error(paths, error=UserError, match=re.escape(str(paths[2])))
 
 
 def test_mixture_checkpoint_as_source_is_refused(tmp_path):
@@ -312,3 +313,41 @@ def test_wrong_number_of_checkpoints_and_tokenizer_mismatch(tmp_path):
     save_lightning_checkpoint(paths[1], DENSE, random_dense_state_dict(DENSE, 1), tokenizer="bpe-abc")
     file_error(paths, match=f"{re.escape(str(paths[1]))}: trained with tokenizer 'bpe-abc', expected 'bpe-xyz'",
                tokenizer="bpe-xyz")
+
+
+# ----- other families' tensors (biases, q/k norms, GELU MLP) follow their projection -----
+FAMILY_DENSE = tiny_config(n_head=4, n_kv_head=2, head_dim=12, rotary_dim=4, qkv_bias=True, attn_out_bias=True,
+                           qk_norm=True, ffn_activation="gelu", ffn_bias=True, norm="layernorm", norm_bias=True,
+                           parallel_ffn_norm=True, sliding_window=5,
+                           rope_scaling={"type": "linear", "factor": 2.0})
+QUERY_SIDE, KV_SIDE = {"wq", "wo", "bq", "bo", "q_norm"}, {"wk", "wv", "bk", "bv", "k_norm"}
+
+
+@pytest.mark.parametrize("method", ["bam", "bam_shared_kv", "btx"])
+def test_family_fields_identical_sources_renormalised_mixture_equals_dense_model(method):
+    dense_state = random_dense_state_dict(FAMILY_DENSE, 0)
+    config = moe_config(FAMILY_DENSE, **MIXTURES[method], ffn_top_k=2, ffn_renormalize=True, router_init_std=1.0)
+    dense, moe = build(FAMILY_DENSE, dense_state), build(config, upcycle([dense_state] * N, config, method))
+    with torch.no_grad():  # 12 tokens: past the window of 5
+        assert_close(moe(tokens())[0], dense(tokens())[0], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["bam", "bam_shared_kv", "btx"])
+def test_family_fields_fill_expert_slots_or_means_with_their_projection(method):
+    states = [random_dense_state_dict(FAMILY_DENSE, j) for j in range(N)]
+    config = moe_config(FAMILY_DENSE, **MIXTURES[method])
+    out = upcycle(states, config, method)
+    per_expert = {"bam": QUERY_SIDE | KV_SIDE, "bam_shared_kv": QUERY_SIDE, "btx": set()}[method]
+    seen = set()
+    for key, tensor in out.items():
+        name = key.rsplit(".", 1)[1]
+        if key.endswith("router.weight"):
+            continue
+        seen.add(name)
+        if ".ffn." in key or name in per_expert:
+            for j in range(N):
+                assert torch.equal(tensor[j], states[j][key][0]), (key, j)
+        else:
+            mean = torch.stack([state[key].double() for state in states]).mean(dim=0)
+            assert_close(tensor.double(), mean, rtol=1e-6, atol=1e-7, msg=key)
+    assert {"bq", "bk", "bv", "bo", "q_norm", "k_norm", "b_up", "b_down", "bias"} <= seen

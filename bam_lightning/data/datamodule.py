@@ -6,7 +6,9 @@ order seed and the sample index (see stream.py): a checkpoint stores one number,
 trained, and resuming (also a resumed run, with any number of workers) continues the very same
 stream; `num_workers` changes the speed only. Validation scores `val_tokens_per_domain` tokens
 per domain in windows spread evenly over the whole held-out split, the same for every model, and
-keeps per-document sums so the report can bootstrap over validation documents.
+keeps per-document sums so the report can bootstrap over validation documents. With several
+processes each rank scores a contiguous share of those windows, each window exactly once, so every
+validation number is the same for any number of processes (see `rank_batches` in stream.py).
 
 Batches are `LongTensor[batch_size, seq_len + 1]`: the model takes inputs `[:, :-1]` and
 targets `[:, 1:]`. Documents are joined by the tokenizer's EOS id, so windows cross them.
@@ -37,7 +39,12 @@ from bam_lightning.data.prepare import (
     read_manifest,
     window_starts,
 )
-from bam_lightning.data.stream import TrainBatchesByIndex, TrainStream, ValidationWindows
+from bam_lightning.data.stream import (
+    TrainBatchesByIndex,
+    TrainStream,
+    ValidationLoader,
+    ValidationWindows,
+)
 from bam_lightning.data.tokenizer import TOKENIZER_FILE, load_tokenizer
 
 _DOMAIN_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")  # it becomes a folder and a metric name
@@ -51,9 +58,15 @@ class TrainBatches:
 
     An epoch is `epoch_batches` batches (every trained window once, on average); the stream
     itself runs on across epochs. With several processes, global batch g goes to rank
-    g mod world_size, so the global stream is the same for any number of processes. The position advances as batches are handed out; Lightning
-    fetches one batch ahead of the one it trains on, so the data module also counts the batches
-    actually trained (see `BAMDataModule.on_before_batch_transfer`)."""
+    g mod world_size, so the global stream is the same for any number of processes: step s of a
+    run on N processes trains global batches N*s .. N*s + N-1, which are, in rank order, the
+    samples of batch s of a 1-process run with N times the batch size. DDP averages the ranks'
+    gradients, so a dense model trains as that run does up to float rounding of the reduction
+    (tests/test_training_processes.py). A mixture's load-balancing loss is computed per rank from
+    that rank's routing fractions, as in any data-parallel MoE, so it is the average of N
+    half-batch losses rather than the full batch's. The position advances as batches are handed
+    out; Lightning fetches one batch ahead of the one it trains on, so the data module also counts
+    the batches actually trained (see `BAMDataModule.on_before_batch_transfer`)."""
 
     def __init__(self, datamodule: BAMDataModule, dataset: TrainBatchesByIndex, epoch_batches: int):
         self.datamodule, self.dataset, self.epoch_batches = datamodule, dataset, epoch_batches
@@ -86,8 +99,11 @@ class BAMDataModule(L.LightningDataModule):
 
     Args:
         domains: name -> "builtin" (one of code, legal, literature, math) or a path, folder,
-            glob, or list of them, to `.txt` (a document per file) or `.jsonl` (a document per
-            line, "text" field) files. None means the four built-in domains.
+            glob, or list of them, to `.txt` (a document per file), `.jsonl` / `.jsonl.gz` /
+            `.jsonl.zst` (a document per line, "text" field), `.parquet` / `.arrow` (a document
+            per row, "text" column) files or Hugging Face `save_to_disk` folders. A folder is
+            read whole; a file in it of another type is an error (hidden files are skipped).
+            None means the four built-in domains.
         train_weights: name -> sampling weight for training. None gives every domain the same
             weight; a domain left out of the dict is not trained on (weight 0).
         val_domains: domains with a validation loader, in this order. None means all domains.
@@ -107,6 +123,8 @@ class BAMDataModule(L.LightningDataModule):
         order_seed: seeds only the training stream's shuffling and mixing (None: `seed`), so a
             repeat with another data order keeps the same documents and validation set.
         num_workers: DataLoader worker processes (speed only: the stream does not depend on it).
+        text_fields: domain -> the JSON field or Parquet/Arrow column holding its documents
+            (None, or a domain left out: "text").
     """
 
     def __init__(
@@ -125,6 +143,7 @@ class BAMDataModule(L.LightningDataModule):
         seed: int = 1234,
         order_seed: int | None = None,
         num_workers: int = 0,
+        text_fields: dict[str, str] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -155,6 +174,11 @@ class BAMDataModule(L.LightningDataModule):
         self.seed = seed
         self.order_seed = seed if order_seed is None else order_seed
         self.num_workers = num_workers
+        for name, field in (text_fields or {}).items():
+            if name not in self.domains or not isinstance(field, str) or not field:
+                raise ValueError(f"text_fields[{name!r}] = {field!r}: give a known domain "
+                                 f"({', '.join(self.domains)}) and a non-empty field name")
+        self.text_fields = dict(text_fields) if text_fields else None
 
         # Known after setup() (data_dir after prepare_data(); vocab_size at once for bytes).
         self.data_dir: Path | None = None
@@ -180,6 +204,7 @@ class BAMDataModule(L.LightningDataModule):
             self.val_fraction,
             self.max_bytes_per_domain,
             self.seed,
+            self.text_fields,
         )
 
     def _resolve_data_dir(self, settings: dict[str, Any]) -> Path:
@@ -194,7 +219,7 @@ class BAMDataModule(L.LightningDataModule):
         if check_reusable(data_dir, settings):
             return
         documents = load_all_documents(
-            self.domains, self.max_bytes_per_domain, self.seed, default_cache_dir()
+            self.domains, self.max_bytes_per_domain, self.seed, default_cache_dir(), self.text_fields
         )
         prepare(data_dir, documents, settings)
 
@@ -261,16 +286,18 @@ class BAMDataModule(L.LightningDataModule):
         epoch_batches = max(1, sum(stream.window_counts) // self.batch_size)
         return TrainBatches(self, dataset, epoch_batches)
 
-    def val_dataloader(self) -> list[DataLoader]:
+    def val_dataloader(self) -> list[ValidationLoader]:
+        """One loader per validation domain. With several processes each rank scores its own
+        contiguous share of the windows, every window exactly once (see `rank_batches`)."""
         block = self.seq_len + 1
+        rank, world = self.rank_and_world()
         return [
-            DataLoader(
+            ValidationLoader(
                 ValidationWindows(
                     self._split_dir(domain, "val"), block, max(1, self.val_tokens_per_domain // block),
                     self.chunk_tokens[domain, "val"],
                 ),
-                batch_size=self.batch_size,
-                num_workers=self.num_workers,
+                self.batch_size, rank, world, self.num_workers,
             )
             for domain in self.val_domain_names
         ]
@@ -294,9 +321,19 @@ class BAMDataModule(L.LightningDataModule):
         return batch
 
     def rank_and_world(self) -> tuple[int, int]:
-        """This process's rank and the number of processes sharing the training stream."""
+        """This process's rank and the number of processes sharing the data: the data-parallel
+        ones (under ModelParallelStrategy with tensor parallelism, the ranks of one tensor-parallel
+        group read the same batches), else every process."""
         trainer = self.trainer
-        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        if trainer is None:
+            return 0, 1
+        try:
+            kwargs = getattr(getattr(trainer, "strategy", None), "distributed_sampler_kwargs", None)
+        except AssertionError:  # ModelParallelStrategy before its device mesh exists
+            kwargs = None
+        if kwargs and "rank" in kwargs and "num_replicas" in kwargs:
+            return int(kwargs["rank"]), int(kwargs["num_replicas"])
+        return trainer.global_rank, trainer.world_size
 
     def state_dict(self) -> dict[str, Any]:
         """The training stream's position and what it depends on; Lightning stores it in checkpoints."""

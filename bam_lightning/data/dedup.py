@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import re
 import zlib
-from collections import defaultdict
 from collections.abc import Sequence
 
 import numpy as np
@@ -20,6 +19,7 @@ SHINGLE_WORDS = 5
 NUM_HASHES = 128
 BANDS = 32  # 32 bands of 4 rows: a pair at Jaccard 0.5 becomes a candidate with p > 0.87
 JACCARD_THRESHOLD = 0.5
+SHINGLE_BLOCK = 1 << 15  # shingles hashed per vectorised step: [block, NUM_HASHES] uint64 = 32 MiB
 _PRIME = (1 << 31) - 1  # a Mersenne prime: (a*x + b) with a, b, x < 2**31 fits in uint64
 _WORD = re.compile(r"\w+")
 
@@ -36,21 +36,54 @@ def shingle_hashes(text: str) -> np.ndarray:
 
 
 def minhash_signatures(documents: Sequence[str], seed: int = 0) -> np.ndarray:
-    """[n_documents, NUM_HASHES] MinHash signatures with universal hashes (a*x + b) mod p."""
+    """[n_documents, NUM_HASHES] MinHash signatures with universal hashes (a*x + b) mod p.
+
+    The products are taken for many documents' shingles at once (about SHINGLE_BLOCK shingles a
+    step, so memory stays bounded) and reduced per document; values are below 2**31 and stored
+    as uint32 (half the memory of a million documents' signatures)."""
     rng = np.random.default_rng(seed)
     a = rng.integers(1, _PRIME, size=NUM_HASHES, dtype=np.uint64)
     b = rng.integers(0, _PRIME, size=NUM_HASHES, dtype=np.uint64)
-    signatures = np.empty((len(documents), NUM_HASHES), dtype=np.uint64)
-    for row, text in enumerate(documents):
-        hashes = shingle_hashes(text) % _PRIME
+    signatures = np.empty((len(documents), NUM_HASHES), dtype=np.uint32)
+    first = 0
+    while first < len(documents):
+        hashes, counts, total = [], [], 0
+        while first + len(counts) < len(documents) and total < SHINGLE_BLOCK:
+            hashes.append(shingle_hashes(documents[first + len(counts)]) % _PRIME)
+            counts.append(len(hashes[-1]))
+            total += counts[-1]
+        joined = np.concatenate(hashes)
         # the modulo must wrap (a, b up to p): without it every hash would pick the same shingle
-        signatures[row] = ((hashes[:, None] * a[None, :] + b[None, :]) % _PRIME).min(axis=0)
+        products = (joined[:, None] * a[None, :] + b[None, :]) % _PRIME
+        starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+        signatures[first:first + len(counts)] = np.minimum.reduceat(products, starts, axis=0)
+        first += len(counts)
     return signatures
+
+
+def _band_candidates(band: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Candidate pairs of one band: documents whose rows in it are equal. Per bucket (members in
+    index order m0, m1, ...) the pairs (m0, mk) and (mk, mk+1): enough to join a bucket, linear
+    in its size."""
+    n = len(band)
+    order = np.lexsort((np.arange(n),) + tuple(band[:, c] for c in range(band.shape[1] - 1, -1, -1)))
+    ordered = band[order]
+    same_as_previous = np.zeros(n, dtype=bool)
+    same_as_previous[1:] = (ordered[1:] == ordered[:-1]).all(axis=1)
+    bucket_start = np.maximum.accumulate(np.where(same_as_previous, 0, np.arange(n)))
+    members = np.flatnonzero(same_as_previous)  # every member but the first of its bucket
+    first_pairs = (order[bucket_start[members]], order[members])
+    chained = members[members + 1 < n]
+    chained = chained[same_as_previous[chained + 1]]  # the next one is in the same bucket
+    chain_pairs = (order[chained], order[chained + 1])
+    return (np.concatenate([first_pairs[0], chain_pairs[0]]), np.concatenate([first_pairs[1], chain_pairs[1]]))
 
 
 def near_duplicate_groups(documents: Sequence[str], threshold: float = JACCARD_THRESHOLD) -> list[int]:
     """A group id per document; documents whose estimated shingle Jaccard similarity reaches
-    `threshold` share one (and so, transitively, do their other near-duplicates)."""
+    `threshold` share one (and so, transitively, do their other near-duplicates). Ids number the
+    groups in order of their first document. Linear in the documents: each band is sorted
+    (vectorised), and only pairs that share a band are compared."""
     parent = list(range(len(documents)))
 
     def root(i: int) -> int:
@@ -61,17 +94,13 @@ def near_duplicate_groups(documents: Sequence[str], threshold: float = JACCARD_T
 
     signatures = minhash_signatures(documents)
     rows = NUM_HASHES // BANDS
-    candidates: set[tuple[int, int]] = set()
     for band in range(BANDS):
-        buckets: dict[bytes, list[int]] = defaultdict(list)
-        for i, key in enumerate(signatures[:, band * rows:(band + 1) * rows]):
-            buckets[key.tobytes()].append(i)
-        for members in buckets.values():
-            candidates.update((members[0], other) for other in members[1:])
-            candidates.update((members[j], members[j + 1]) for j in range(1, len(members) - 1))
-    for i, j in candidates:
-        if np.mean(signatures[i] == signatures[j]) >= threshold:
-            parent[root(i)] = root(j)
+        left, right = _band_candidates(signatures[:, band * rows:(band + 1) * rows])
+        for start in range(0, len(left), 1 << 16):  # bounded memory per comparison step
+            i, j = left[start:start + (1 << 16)], right[start:start + (1 << 16)]
+            similar = (signatures[i] == signatures[j]).mean(axis=1) >= threshold
+            for x, y in zip(i[similar].tolist(), j[similar].tolist(), strict=True):
+                parent[root(x)] = root(y)
     roots = [root(i) for i in range(len(documents))]
     first_of = {r: n for n, r in enumerate(dict.fromkeys(roots))}
     return [first_of[r] for r in roots]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -19,6 +20,8 @@ import numpy as np
 from tokenizers import Tokenizer, pre_tokenizers
 
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+METASPACE = "\u2581"  # SentencePiece's visible space, "▁"
+BYTE_FALLBACK_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 FALLBACK_EOS = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>", "<|im_end|>")
 
 
@@ -58,8 +61,14 @@ class HFTokenizer:
         self.fingerprint = f"hf-{self.vocab_size}-{digest}"
 
     def encode(self, text: str) -> list[int]:
-        # No BOS/EOS templates: documents are joined by EOS ourselves.
+        """A training document's ids: no BOS/EOS template, documents are joined by EOS ourselves."""
         return self._tokenizer.encode(text, add_special_tokens=False).ids
+
+    def encode_prompt(self, text: str) -> list[int]:
+        """A prompt's ids (generation, evaluation) with the special tokens the tokenizer.json's
+        post-processor adds (Llama, Mistral, TinyLlama: a leading BOS), as transformers gives them:
+        the model was trained to read text that way."""
+        return self._tokenizer.encode(text, add_special_tokens=True).ids
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         encodings = self._tokenizer.encode_batch_fast(list(texts), add_special_tokens=False)
@@ -71,12 +80,20 @@ class HFTokenizer:
     def token_byte_lengths(self) -> np.ndarray:
         """UTF-8 bytes each token id stands for (0 for special tokens), for per-byte metrics.
 
-        A byte-level BPE token's text spells one byte per character, which is exact even for a
-        token holding part of a character (decoding it alone would give a 3-byte U+FFFD);
-        other tokenizers fall back to the length of the token decoded on its own."""
+        Counted from the token's spelling, never by decoding it alone (a lone byte-fallback
+        piece or a partial character decodes to a 3-byte U+FFFD; a lone `▁word` loses its space):
+        - byte-level BPE (GPT-2, SmolLM2): one character per byte;
+        - SentencePiece style (`▁` metaspace, byte fallback; Llama-2, Mistral): `<0xNN>` is one
+          byte, `▁` is the one space it stands for, anything else its UTF-8 bytes. A tokenizer
+          that prepends `▁` to a text counts that space too: a document counts one byte more than
+          its UTF-8 length, a 1/len(document) bias;
+        - anything else: the token decoded on its own."""
+        spec = json.loads(self._tokenizer.to_str())
+        decoder = json.dumps(spec.get("decoder"), ensure_ascii=False)
+        byte_level = "ByteLevel" in decoder
+        metaspace = METASPACE in decoder
+        byte_fallback = bool((spec.get("model") or {}).get("byte_fallback"))
         special = {i for i, token in self._tokenizer.get_added_tokens_decoder().items() if token.special}
-        byte_level = "ByteLevel" in type(self._tokenizer.decoder).__name__ or \
-            "ByteLevel" in json.dumps(json.loads(self._tokenizer.to_str()).get("decoder"))
         alphabet = set(pre_tokenizers.ByteLevel.alphabet())
         lengths = []
         for token_id in range(self.vocab_size):
@@ -85,6 +102,10 @@ class HFTokenizer:
                 lengths.append(0)
             elif byte_level and set(token) <= alphabet:
                 lengths.append(len(token))
+            elif byte_fallback and BYTE_FALLBACK_PIECE.fullmatch(token):
+                lengths.append(1)
+            elif metaspace:
+                lengths.append(len(token.replace(METASPACE, " ").encode("utf-8")))
             else:
                 lengths.append(len(self._tokenizer.decode([token_id]).encode("utf-8")))
         return np.asarray(lengths, dtype=np.int64)  # like every tokenizer's: the model indexes it

@@ -27,6 +27,7 @@ and chunk size. `seq_len` and the validation token cap are read-time choices and
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import random
@@ -57,6 +58,7 @@ PREPARED_FORMAT_VERSION = 3  # 1: litdata, our reading order not yet ours; 2: fl
 MANIFEST_FILE = "manifest.json"
 DOCUMENTS_FILE = "documents.npy"
 CHUNK_BYTES = 1 << 22  # 4 MiB of tokens per litdata chunk file
+TOKENIZE_BLOCK = 4096  # documents encoded per tokenizer call
 GROUP_TOKENS = 1 << 20  # tokens handed to the optimize worker per input (not one message per document)
 
 
@@ -81,6 +83,7 @@ def prepare_settings(
     val_fraction: float,
     max_bytes_per_domain: int,
     seed: int,
+    text_fields: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Everything the prepared data depends on, as plain JSON values."""
     settings = {
@@ -95,6 +98,8 @@ def prepare_settings(
         # near-duplicates stay on one side of the split (see dedup.py)
         "near_duplicates": {"shingle_words": SHINGLE_WORDS, "jaccard": JACCARD_THRESHOLD},
     }
+    if text_fields:  # only when set, so data prepared before the option keeps its hash
+        settings["text_fields"] = dict(sorted(text_fields.items()))
     if tokenizer not in ("byte", "bpe"):  # a tokenizer file: prepared data follows its contents
         from bam_lightning.data.hf_tokenizer import HFTokenizer, find_tokenizer_json
 
@@ -103,9 +108,14 @@ def prepare_settings(
     return json.loads(json.dumps(settings))  # tuples -> lists, as a manifest reads back
 
 
+def settings_digest(settings: dict[str, Any]) -> str:
+    """The prepared data's identity: it names the default data dir, and `bam pipeline` puts it
+    into every stage's fingerprint (a changed source file retrains the stages that read it)."""
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def default_data_dir(settings: dict[str, Any], cache_dir: Path) -> Path:
-    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
-    return cache_dir / "prepared" / digest
+    return cache_dir / "prepared" / settings_digest(settings)
 
 
 def read_manifest(data_dir: Path) -> dict[str, Any] | None:
@@ -183,14 +193,20 @@ def tokenize_documents(
     tokenizer: TextTokenizer, documents: Sequence[str], dtype: str
 ) -> tuple[np.ndarray, np.ndarray]:
     """All documents' tokens, each EOS-terminated, joined; and the offset of each document
-    (length n + 1). Encoded in batches (in parallel for BPE)."""
-    encoded = tokenizer.encode_batch(documents)
-    offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
-    offsets[1:] = np.cumsum([len(ids) + 1 for ids in encoded])
-    tokens = np.empty(int(offsets[-1]), dtype=dtype)
-    for start, ids in zip(offsets[:-1], encoded, strict=True):
-        tokens[start:start + len(ids)] = ids
-        tokens[start + len(ids)] = tokenizer.eos_id
+    (length n + 1). Encoded TOKENIZE_BLOCK documents at a time (in parallel for BPE), so the
+    tokenizer's Python lists never hold more than a block: the result is `dtype` throughout."""
+    blocks: list[np.ndarray] = []
+    lengths = np.empty(len(documents), dtype=np.int64)
+    for first in range(0, len(documents), TOKENIZE_BLOCK):
+        encoded = tokenizer.encode_batch(documents[first:first + TOKENIZE_BLOCK])
+        lengths[first:first + len(encoded)] = [len(ids) + 1 for ids in encoded]
+        eos = [tokenizer.eos_id]
+        blocks.append(np.fromiter(itertools.chain.from_iterable(ids + eos for ids in encoded), dtype=dtype,
+                                  count=int(lengths[first:first + len(encoded)].sum())))
+        del encoded
+    offsets = np.zeros(len(documents) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    tokens = np.concatenate(blocks) if blocks else np.empty(0, dtype=dtype)
     return tokens, offsets
 
 
@@ -296,14 +312,16 @@ def read_document_offsets(split_dir: Path) -> np.ndarray:
 
 
 def load_all_documents(
-    domains: dict[str, str | list[str]], max_bytes: int, seed: int, cache_dir: Path
+    domains: dict[str, str | list[str]], max_bytes: int, seed: int, cache_dir: Path,
+    text_fields: dict[str, str] | None = None,
 ) -> dict[str, list[str]]:
     """User files first: their errors should show before any built-in corpus is built."""
     ordered = sorted(domains, key=lambda domain: domains[domain] == BUILTIN)
     documents = {}
     for domain in ordered:
         started = time.perf_counter()
-        documents[domain] = load_documents(domain, domains[domain], max_bytes, seed, cache_dir)
+        documents[domain] = load_documents(domain, domains[domain], max_bytes, seed, cache_dir,
+                                           (text_fields or {}).get(domain, "text"))
         if len(documents[domain]) < 2:
             raise ValueError(
                 f"domain {domain!r} has {len(documents[domain])} document(s) within "
@@ -405,19 +423,22 @@ def _near_duplicate_summary(
     groups: list[int], n_documents: int, val_fraction: float, seed: int, val: list[int]
 ) -> dict[str, int]:
     """What the grouping changed: how many validation documents a plain per-document split
-    would have had with a near-duplicate on the training side (now 0 by construction)."""
-    sizes: dict[int, int] = {}
-    for group in groups:
-        sizes[group] = sizes.get(group, 0) + 1
-    _, plain_val = split_indices(n_documents, val_fraction, seed)
-    plain_held = set(plain_val)
-    leaks = sum(
-        1 for i in plain_val
-        if any(groups[j] == groups[i] and j not in plain_held for j in range(n_documents))
-    ) if len(sizes) < n_documents else 0
+    would have had with a near-duplicate on the training side (now 0 by construction).
+
+    Linear in the documents: a plain-split validation document leaks when its group has more
+    members than the plain split held out of it (one pass to count, one to compare)."""
+    dense = np.unique(np.asarray(groups, dtype=np.int64), return_inverse=True)[1].reshape(-1)
+    sizes = np.bincount(dense, minlength=1)
+    leaks = 0
+    if int(np.count_nonzero(sizes)) < n_documents:
+        _, plain_val = split_indices(n_documents, val_fraction, seed)
+        held_groups = dense[np.asarray(plain_val, dtype=np.int64)]
+        held = np.bincount(held_groups, minlength=len(sizes))
+        leaks = int(np.count_nonzero(sizes[held_groups] > held[held_groups]))
+    grouped = sizes[sizes > 1]
     return {
-        "groups": sum(1 for size in sizes.values() if size > 1),
-        "documents_in_groups": sum(size for size in sizes.values() if size > 1),
+        "groups": int(len(grouped)),
+        "documents_in_groups": int(grouped.sum()),
         "val_documents": len(val),
         "val_leaks_without_grouping": leaks,
     }

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
 from bam_lightning.data.prepare import read_document_offsets, window_starts
 
@@ -173,3 +173,65 @@ class ValidationWindows(Dataset):
         positions = np.arange(start + 1, start + self.block)
         documents = np.searchsorted(self.offsets, positions, side="right") - 1
         return {"tokens": tokens, "documents": torch.from_numpy(documents.astype(np.int64))}
+
+
+def rank_batches(n_windows: int, batch_size: int, rank: int, world: int) -> list[np.ndarray]:
+    """Rank `rank`'s validation batches, as window numbers: a contiguous share of the windows
+    (shares differ by at most one window; no window is scored twice, unlike Lightning's
+    DistributedSampler, which repeats windows to even the shares), cut into as many batches as
+    the largest share needs, on every rank. Every rank runs the same number of forwards because
+    a sharded model (FSDP2) gathers its weights in each one. Batches hold up to `batch_size`
+    windows; a shorter share is cut finer, and an empty batch (a rank with too few windows) is
+    padding: a forward on a dummy window that scores nothing."""
+    most = -(-n_windows // world)
+    count = max(1, -(-most // batch_size))
+    mine = np.arange(rank * n_windows // world, (rank + 1) * n_windows // world, dtype=np.int64)
+    batches = [mine[i:i + batch_size] for i in range(0, len(mine), batch_size)]
+    while len(batches) < count:
+        sizes = [len(b) for b in batches]
+        big = int(np.argmax(sizes)) if sizes else -1
+        if big < 0 or sizes[big] < 2:
+            batches.append(mine[:0])
+        else:
+            half = sizes[big] // 2
+            batches[big:big + 1] = [batches[big][:half], batches[big][half:]]
+    return batches
+
+
+class ValidationBatches(Dataset):
+    """Item k is batch k of one rank's share of a validation split: {"tokens": [b, L + 1],
+    "documents": [b, L]}. A padding batch is one window of token 0 whose documents are -1
+    (the module scores no target with a negative document)."""
+
+    def __init__(self, windows: ValidationWindows, batches: list[np.ndarray]):
+        self.windows, self.batches = windows, batches
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        rows = [self.windows[int(w)] for w in self.batches[index]]
+        if not rows:
+            block = self.windows.block
+            return {"tokens": torch.zeros(1, block, dtype=torch.int64),
+                    "documents": torch.full((1, block - 1), -1, dtype=torch.int64)}
+        return {key: torch.stack([row[key] for row in rows]) for key in ("tokens", "documents")}
+
+
+class ValidationLoader:
+    """One domain's validation batches for one rank. Not a DataLoader on purpose: Lightning would
+    replace a DataLoader's sampler with a DistributedSampler (which repeats windows); it leaves
+    other iterables alone. `dataset` is the domain's whole window list (all ranks)."""
+
+    def __init__(self, windows: ValidationWindows, batch_size: int, rank: int, world: int, num_workers: int):
+        self.dataset = windows
+        self.batches = ValidationBatches(windows, rank_batches(len(windows), batch_size, rank, world))
+        self.num_workers = num_workers
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self):
+        loader = DataLoader(self.batches, batch_size=None, sampler=range(len(self.batches)),
+                            num_workers=self.num_workers)
+        return iter(loader)

@@ -32,7 +32,14 @@ class TextTokenizer(Protocol):
     eos_id: int
     fingerprint: str
 
-    def encode(self, text: str) -> list[int]: ...
+    def encode(self, text: str) -> list[int]:
+        """A training document's ids, without special tokens (documents are joined by EOS)."""
+        ...
+
+    def encode_prompt(self, text: str) -> list[int]:
+        """A prompt's ids (generation, evaluation): with the special tokens the tokenizer adds to
+        an input (an imported model's BOS); our own tokenizers add none."""
+        ...
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]: ...
 
@@ -50,6 +57,9 @@ class ByteTokenizer:
 
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
+
+    def encode_prompt(self, text: str) -> list[int]:
+        return self.encode(text)  # no BOS: documents are separated by EOS only
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         return [self.encode(text) for text in texts]
@@ -80,11 +90,15 @@ class BPETokenizer:
         self.fingerprint = f"bpe-{self.vocab_size}-{digest}"
 
     def encode(self, text: str) -> list[int]:
-        return self._tokenizer.encode(text).ids
+        return self._tokenizer.encode(text, add_special_tokens=False).ids
+
+    def encode_prompt(self, text: str) -> list[int]:
+        return self._tokenizer.encode(text).ids  # ours has no post-processor: the same ids
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         # The "fast" variant skips character offsets we never use: about twice the speed.
-        return [encoding.ids for encoding in self._tokenizer.encode_batch_fast(list(texts))]
+        encodings = self._tokenizer.encode_batch_fast(list(texts), add_special_tokens=False)
+        return [encoding.ids for encoding in encodings]
 
     def decode(self, ids: Iterable[int]) -> str:
         return self._tokenizer.decode(list(ids), skip_special_tokens=True)

@@ -30,14 +30,7 @@ DEFAULT_MAX_GEN_TOKS = 256  # lm-eval's own default for generate_until tasks
 def encode_prompt(tokenizer: TextTokenizer, text: str) -> list[int]:
     """`text` with the tokenizer's own special tokens (a BOS where the tokenizer adds one), as
     lm-eval's `hf` model encodes a prompt (add_special_tokens=True)."""
-    # TODO(misc): use the tokenizers' explicit prompt-encoding method once it lands on main.
-    method = getattr(tokenizer, "encode_prompt", None)
-    if method is not None:
-        return list(method(text))
-    inner = getattr(tokenizer, "_tokenizer", None)
-    if inner is not None and type(tokenizer).__name__ == "HFTokenizer":
-        return inner.encode(text, add_special_tokens=True).ids
-    return tokenizer.encode(text)
+    return list(tokenizer.encode_prompt(text))
 
 
 def bos_id(tokenizer: TextTokenizer) -> int | None:

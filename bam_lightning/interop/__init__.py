@@ -1,4 +1,4 @@
-"""Hugging Face interop: pretrained Llama-family models in (`import_hf`), our models out (`export_hf`).
+"""Hugging Face interop: Llama, Mistral, Qwen2, Qwen3 and GPT-NeoX models in (`import_hf`), ours out (`export_hf`).
 
 Needs the `hf` extra (transformers, gguf, accelerate) only for GGUF files, tokenizer conversion
 and loading the exports; plain safetensors folders import with the core dependencies.

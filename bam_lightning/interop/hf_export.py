@@ -1,13 +1,17 @@
 """`bam export CKPT --out DIR`: a checkpoint becomes a Hugging Face model folder.
 
-Which home a model gets (`AutoModelForCausalLM.from_pretrained(DIR)` loads all three):
-- a dense model with a sequential block and RMSNorm -> native `LlamaForCausalLM`;
-- an FFN-only mixture (BTX, sparse, parameter-matched BTX) with that block -> native
-  `Qwen2MoeForCausalLM`: it holds the paper's gate and the renormalised one (`norm_topk_prob`),
-  its shared expert gets width 0, and `ffn_gate_scale` is folded into the down projections
-  (the gate weights multiply each expert's output linearly, so scaling W_down is exact);
-- anything else (BAM's attention experts, parallel blocks, LayerNorm) -> our own remote-code
-  package (`configuration_bam.py`, `modeling_bam.py`), loaded with `trust_remote_code=True`.
+Which home a model gets (`AutoModelForCausalLM.from_pretrained(DIR)` loads all of them):
+- a dense model whose architecture is one family's (interop/names.py `family_of`: the fields
+  that family's import sets) -> that family's native class: `LlamaForCausalLM`,
+  `MistralForCausalLM`, `Qwen2ForCausalLM`, `Qwen3ForCausalLM` or `GPTNeoXForCausalLM`;
+- an FFN-only mixture (BTX, sparse, parameter-matched BTX) of a Llama or Qwen2 seed -> native
+  `Qwen2MoeForCausalLM`, of a Qwen3 seed -> `Qwen3MoeForCausalLM`: both hold the paper's gate and
+  the renormalised one (`norm_topk_prob`), Qwen2MoE's shared expert gets width 0, and
+  `ffn_gate_scale` is folded into the down projections (the gate weights multiply each expert's
+  output linearly, so scaling W_down is exact);
+- anything else (BAM's attention experts, parallel blocks, Mistral or GPT-NeoX mixtures) -> our
+  own remote-code package (`configuration_bam.py`, `modeling_bam.py`), loaded with
+  `trust_remote_code=True`.
 
 The folder gets `model.safetensors` (written tensor by tensor), `config.json`, the tokenizer
 files, a `generation_config.json` and a model card (`README.md`: method, sources, which source
@@ -31,39 +35,65 @@ import torch
 from bam_lightning.checkpoint import SourceCheckpoint, read_checkpoint, staging_directory
 from bam_lightning.config import ModelConfig
 from bam_lightning.data.hf_tokenizer import HFTokenizer, eos_token_of, find_tokenizer_json
+from bam_lightning.errors import UserError
 from bam_lightning.interop.hf_import import TOKENIZER_DIR_KEY, TOKENIZER_FILES
-from bam_lightning.interop.names import HF, dense_name_map, is_banked
+from bam_lightning.interop.names import HF, dense_name_map, family_of, fused_part, is_banked
 from bam_lightning.interop.safetensors_stream import (
     PlannedTensor,
     progress_printer,
     write_safetensors,
 )
 
-TARGETS = ("auto", "llama", "qwen2_moe", "bam")
+DENSE_TARGETS = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                 "qwen3": "Qwen3ForCausalLM", "gpt_neox": "GPTNeoXForCausalLM"}
+MOE_TARGETS = {"qwen2_moe": ("Qwen2MoeForCausalLM", ("llama", "qwen2")), "qwen3_moe": ("Qwen3MoeForCausalLM", ("qwen3",))}
+TARGETS = ("auto", *DENSE_TARGETS, *MOE_TARGETS, "bam")
+CLASS_NAMES = {**DENSE_TARGETS, **{name: cls for name, (cls, _) in MOE_TARGETS.items()}, "bam": "BamForCausalLM"}
 REMOTE_CODE_FILES = ("configuration_bam.py", "modeling_bam.py")
 
 
 def choose_target(config: ModelConfig, wanted: str = "auto") -> str:
     """The native class that holds `config` exactly, else our remote code; a forced `wanted` that
     cannot hold it is an error naming the field."""
-    llama_like = config.block_layout == "sequential" and config.norm == "rmsnorm"
+    family = family_of(config)
+    why_family = _why_not_family(config, family)
     possible = {"bam": ""}
-    if not llama_like:
-        why = f"block_layout={config.block_layout!r}, norm={config.norm!r} (needs sequential + rmsnorm)"
-        possible.update(llama=why, qwen2_moe=why)
-    else:
-        possible["llama"] = "" if not config.is_moe else (
-            f"n_experts={config.n_experts}, attn_experts={config.attn_experts}: Llama is dense")
-        possible["qwen2_moe"] = "" if config.n_experts and not config.attn_experts else (
-            f"attn_experts={config.attn_experts}: Qwen2MoE has one attention" if config.attn_experts
-            else "n_experts=0: a dense model exports as llama")
+    for target, class_name in DENSE_TARGETS.items():
+        if config.is_moe:
+            possible[target] = (f"n_experts={config.n_experts}, attn_experts={config.attn_experts}: "
+                                f"{class_name} is dense")
+        else:
+            possible[target] = "" if family == target else why_family(target)
+    for target, (class_name, families) in MOE_TARGETS.items():
+        if config.attn_experts:
+            possible[target] = f"attn_experts={config.attn_experts}: {class_name} has one attention"
+        elif not config.n_experts:
+            possible[target] = f"n_experts=0: a dense model exports as {family}"
+        elif family not in families:
+            possible[target] = why_family(families[-1])
+        elif config.ffn_bias or config.ffn_activation != "swiglu" or (target == "qwen2_moe" and config.attn_out_bias):
+            possible[target] = f"ffn_bias={config.ffn_bias}, attn_out_bias={config.attn_out_bias}: {class_name} has none"
+        else:
+            possible[target] = ""
     if wanted == "auto":
-        return next(t for t in ("llama", "qwen2_moe", "bam") if not possible[t])
+        return next(t for t in (*DENSE_TARGETS, *MOE_TARGETS, "bam") if not possible[t])
     if wanted not in possible:
-        raise ValueError(f"--format must be one of {list(TARGETS)}, got {wanted!r}")
+        raise UserError(f"--format must be one of {list(TARGETS)}, got {wanted!r}")
     if possible[wanted]:
-        raise ValueError(f"cannot export as {wanted}: {possible[wanted]}")
+        raise UserError(f"cannot export as {wanted}: {possible[wanted]}")
     return wanted
+
+
+def _why_not_family(config: ModelConfig, family: str):
+    def why(target: str) -> str:
+        if target != "gpt_neox" and not (config.block_layout == "sequential" and config.norm == "rmsnorm"):
+            return f"block_layout={config.block_layout!r}, norm={config.norm!r} (needs sequential + rmsnorm)"
+        fields = ("block_layout", "parallel_ffn_norm", "norm", "norm_bias", "ffn_activation", "ffn_bias", "qkv_bias",
+                  "attn_out_bias", "qk_norm", "sliding_window", "rotary_dim", "rope_scaling_type")
+        shown = ", ".join(f"{name}={getattr(config, name)!r}" for name in fields)
+        return f"the architecture ({shown}) is {family!r}'s, not {target!r}'s"
+
+    return why
 
 
 def export_hf(src: str | Path, out_dir: str | Path, *, tokenizer: str | Path | None = None,
@@ -76,8 +106,10 @@ def export_hf(src: str | Path, out_dir: str | Path, *, tokenizer: str | Path | N
     from (its upcycling sources or `init_from`). Its fingerprint must match the checkpoint's.
     """
     src, out_dir = Path(src).expanduser(), Path(out_dir).expanduser()
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"--out {out_dir}: is a file; the export is a folder (name a new or empty folder)")
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out_dir}: exists and is not empty (pass --overwrite to replace it)")
+        raise UserError(f"{out_dir}: exists and is not empty (pass --overwrite to replace it)")
     checkpoint = read_checkpoint(src)
     config = checkpoint.config
     kind = choose_target(config, target)
@@ -85,7 +117,7 @@ def export_hf(src: str | Path, out_dir: str | Path, *, tokenizer: str | Path | N
     token_json = _resolve_tokenizer(src, checkpoint, tokenizer)
     out_dtype = dtype or checkpoint.state_dict["tok_emb.weight"].dtype
     planned = plan_tensors(kind, checkpoint, out_dtype)
-    hf_config = {"llama": llama_config, "qwen2_moe": qwen2_moe_config, "bam": bam_config}[kind](config)
+    hf_config = native_config(kind, config) if kind != "bam" else bam_config(config)
     special = _special_ids(token_json)
     hf_config.update(special, dtype=str(out_dtype).removeprefix("torch."))
     staging = staging_directory(out_dir.parent, f".{out_dir.name}.")
@@ -127,13 +159,24 @@ def plan_tensors(kind: str, checkpoint: SourceCheckpoint, dtype: torch.dtype) ->
 
     if kind == "bam":
         return [planned(key, *ours(key)) for key in state]
-    names = dense_name_map(config.n_layer, config.tie_embeddings, HF)
+    family = kind if kind in DENSE_TARGETS else "llama"
+    names = dense_name_map(config, HF, family)
     tensors = []
     for key, theirs in names.items():
-        if kind == "qwen2_moe" and ".ffn." in key:
+        if kind in MOE_TARGETS and ".ffn." in key:
             continue
-        tensors.append(planned(theirs, *ours(key, squeeze=is_banked(key))))
-    if kind == "qwen2_moe":
+        part = fused_part(key, family)
+        if part is None:
+            tensors.append(planned(theirs, *ours(key, squeeze=is_banked(key))))
+        elif part == 0:  # GPT-NeoX: q, k, v interleaved per head in one tensor
+            parts = [state[key[:-1] + letter][0] for letter in "qkv"]
+            shape = (3 * parts[0].shape[0], *parts[0].shape[1:])
+
+            def fused(parts=parts, shape=shape):
+                return torch.stack([p.reshape(config.n_head, config.head_dim, -1) for p in parts], dim=1).reshape(shape)
+
+            tensors.append(planned(theirs, fused, shape))
+    if kind in MOE_TARGETS:
         d, f, E = config.d_model, config.d_ff, config.n_experts
         for i in range(config.n_layer):
             prefix, mine = f"model.layers.{i}.mlp.", f"blocks.{i}.ffn."
@@ -143,44 +186,81 @@ def plan_tensors(kind: str, checkpoint: SourceCheckpoint, dtype: torch.dtype) ->
                 planned(prefix + "gate.weight", *ours(mine + "router.weight")),
                 planned(prefix + "experts.gate_up_proj", lambda g=gate, u=up: torch.cat([g, u], dim=1), (E, 2 * f, d)),
                 planned(prefix + "experts.down_proj", lambda w=down, s=scale: w.float() * s, (E, d, f)),
-                planned(prefix + "shared_expert.gate_proj.weight", lambda: torch.zeros(0, d), (0, d)),
-                planned(prefix + "shared_expert.up_proj.weight", lambda: torch.zeros(0, d), (0, d)),
-                planned(prefix + "shared_expert.down_proj.weight", lambda: torch.zeros(d, 0), (d, 0)),
-                planned(prefix + "shared_expert_gate.weight", lambda: torch.zeros(1, d), (1, d)),
             ]
+            if kind == "qwen2_moe":  # its shared expert is always built: width 0
+                tensors += [
+                    planned(prefix + "shared_expert.gate_proj.weight", lambda: torch.zeros(0, d), (0, d)),
+                    planned(prefix + "shared_expert.up_proj.weight", lambda: torch.zeros(0, d), (0, d)),
+                    planned(prefix + "shared_expert.down_proj.weight", lambda: torch.zeros(d, 0), (d, 0)),
+                    planned(prefix + "shared_expert_gate.weight", lambda: torch.zeros(1, d), (1, d)),
+                ]
     return tensors
 
 
 # ----- config.json -----
+def _rope_parameters(config: ModelConfig) -> dict[str, Any]:
+    rope = {"rope_type": "default", "rope_theta": config.rope_base}
+    if config.rope_scaling is not None:
+        scaling = dict(config.rope_scaling)
+        rope["rope_type"] = scaling.pop("type")
+        rope.update(scaling)
+    if config.rotary_dim != config.head_dim:
+        rope["partial_rotary_factor"] = config.rotary_dim / config.head_dim
+    return rope
+
+
 def _llama_common(config: ModelConfig) -> dict[str, Any]:
     return {
         "vocab_size": config.vocab_size, "hidden_size": config.d_model, "intermediate_size": config.d_ff,
         "num_hidden_layers": config.n_layer, "num_attention_heads": config.n_head,
         "num_key_value_heads": config.n_kv_head, "head_dim": config.head_dim, "hidden_act": "silu",
         "max_position_embeddings": config.max_seq_len, "rms_norm_eps": config.norm_eps,
-        "rope_theta": config.rope_base, "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_base},
+        "rope_theta": config.rope_base, "rope_parameters": _rope_parameters(config),
         "tie_word_embeddings": config.tie_embeddings, "attention_dropout": 0.0, "use_cache": True,
     }
 
 
-def llama_config(config: ModelConfig) -> dict[str, Any]:
-    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", **_llama_common(config),
-            "attention_bias": False, "mlp_bias": False}
-
-
-def qwen2_moe_config(config: ModelConfig) -> dict[str, Any]:
-    return {"architectures": ["Qwen2MoeForCausalLM"], "model_type": "qwen2_moe", **_llama_common(config),
-            "moe_intermediate_size": config.d_ff, "num_experts": config.n_experts,
-            "num_experts_per_tok": config.ffn_top_k, "norm_topk_prob": config.ffn_renormalize,
-            "shared_expert_intermediate_size": 0, "decoder_sparse_step": 1, "mlp_only_layers": [],
-            "qkv_bias": False, "use_sliding_window": False, "output_router_logits": False}
+def native_config(kind: str, config: ModelConfig) -> dict[str, Any]:
+    """config.json for a native transformers class (`kind` from `choose_target`)."""
+    head = {"architectures": [CLASS_NAMES[kind]], "model_type": kind}
+    if kind == "gpt_neox":
+        return {**head, "vocab_size": config.vocab_size, "hidden_size": config.d_model,
+                "intermediate_size": config.d_ff, "num_hidden_layers": config.n_layer,
+                "num_attention_heads": config.n_head, "max_position_embeddings": config.max_seq_len,
+                "hidden_act": {"gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh"}[config.ffn_activation],
+                "layer_norm_eps": config.norm_eps, "rope_parameters": _rope_parameters(config),
+                "rotary_pct": config.rotary_dim / config.head_dim, "rotary_emb_base": config.rope_base,
+                "use_parallel_residual": config.block_layout == "parallel", "attention_bias": config.qkv_bias,
+                "tie_word_embeddings": config.tie_embeddings, "use_cache": True}
+    values = {**head, **_llama_common(config)}
+    if kind == "llama":
+        values.update(attention_bias=config.qkv_bias, mlp_bias=config.ffn_bias)
+    elif kind == "mistral":
+        values.update(sliding_window=config.sliding_window)
+    elif kind in ("qwen2", "qwen3", "qwen3_moe"):
+        values.update(use_sliding_window=False, sliding_window=None, max_window_layers=config.n_layer,
+                      layer_types=["full_attention"] * config.n_layer)
+        if kind != "qwen2":
+            values["attention_bias"] = config.qkv_bias
+    if kind in MOE_TARGETS:
+        values.update(moe_intermediate_size=config.d_ff, num_experts=config.n_experts,
+                      num_local_experts=config.n_experts, num_experts_per_tok=config.ffn_top_k,
+                      norm_topk_prob=config.ffn_renormalize, decoder_sparse_step=1, mlp_only_layers=[],
+                      output_router_logits=False)
+    if kind == "qwen2_moe":
+        values.update(shared_expert_intermediate_size=0, qkv_bias=config.qkv_bias, use_sliding_window=False)
+    return values
 
 
 def bam_config(config: ModelConfig) -> dict[str, Any]:
     from bam_lightning.interop.remote_code.configuration_bam import BamConfig
 
-    fields = {name: value for name, value in config.to_dict().items()
-              if name in BamConfig.__init__.__code__.co_varnames}
+    values = config.to_dict()
+    # names transformers would act on: it rewrites `rope_scaling`, and a `sliding_window` makes
+    # generate() build a cache that keeps only the window (our keys are all kept and masked)
+    values["rope_scaling_bam"] = values.pop("rope_scaling")
+    values["sliding_window_bam"] = values.pop("sliding_window")
+    fields = {name: value for name, value in values.items() if name in BamConfig.__init__.__code__.co_varnames}
     return {"architectures": ["BamForCausalLM"], "model_type": "bam",
             "auto_map": {"AutoConfig": "configuration_bam.BamConfig",
                          "AutoModelForCausalLM": "modeling_bam.BamForCausalLM"}, **fields}
@@ -218,7 +298,7 @@ def _resolve_tokenizer(src: Path, checkpoint: SourceCheckpoint, explicit: str | 
     if explicit is not None:
         path = find_tokenizer_json(explicit)
         if path is None:
-            raise FileNotFoundError(f"--tokenizer {explicit}: no tokenizer.json there")
+            raise UserError(f"--tokenizer {explicit}: no tokenizer.json there")
         candidates = [path]
     else:
         candidates = [p for p in _recorded_tokenizers(src, depth=3) if p is not None]
@@ -226,7 +306,7 @@ def _resolve_tokenizer(src: Path, checkpoint: SourceCheckpoint, explicit: str | 
         if wanted is None or wanted in _fingerprints(path):
             return path
     if explicit is not None:
-        raise ValueError(f"--tokenizer {explicit}: its fingerprint {sorted(_fingerprints(candidates[0]))} is "
+        raise UserError(f"--tokenizer {explicit}: its fingerprint {sorted(_fingerprints(candidates[0]))} is "
                          f"not the checkpoint's tokenizer {wanted!r}")
     return None
 
@@ -285,6 +365,9 @@ def _tokenizer_config_without_auto_map(folder: Path) -> None:
 
 
 # ----- model card -----
+FAMILY_NAMES = {"llama": "Llama (Llama 2/3.x, SmolLM2, ...)", "mistral": "Mistral", "qwen2": "Qwen2 / Qwen2.5",
+                "qwen3": "Qwen3", "gpt_neox": "GPT-NeoX (Pythia)",
+                "bam": "bam_lightning's own architecture (parallel block or fields no transformers family has)"}
 METHOD_NAMES = {"bam": "BAM, Expert-KV attention experts", "bam_shared_kv": "BAM, Shared-KV attention experts",
                 "btx": "BTX (FFN experts, averaged attention)", "sparse": "sparse upcycling (FFN experts)"}
 
@@ -296,8 +379,9 @@ def model_card(src: Path, config: ModelConfig, kind: str, info: dict[str, Any], 
     provenance = info.get("provenance") or {}
     method = METHOD_NAMES.get(provenance.get("method"), "dense" if not config.is_moe else "mixture")
     total, active = parameter_counts(config)
-    home = {"llama": "native `LlamaForCausalLM`", "qwen2_moe": "native `Qwen2MoeForCausalLM`",
-            "bam": "remote code (`modeling_bam.py`), load with `trust_remote_code=True`"}[kind]
+    home = ("remote code (`modeling_bam.py`), load with `trust_remote_code=True`" if kind == "bam"
+            else f"native `{CLASS_NAMES[kind]}`")
+    family = family_of(config)
     remote = ", trust_remote_code=True" if kind == "bam" else ""
     lines = ["---", "library_name: transformers", "pipeline_tag: text-generation",
              "tags: [bam_lightning, " + ("mixture-of-experts" if config.is_moe else "dense") + "]", "---", "",
@@ -306,7 +390,8 @@ def model_card(src: Path, config: ModelConfig, kind: str, info: dict[str, Any], 
              f"| parameters | {total / 1e6:.1f}M total, {active / 1e6:.1f}M active per token |",
              f"| layers / width / heads | {config.n_layer} / {config.d_model} / {config.n_head} "
              f"({config.n_kv_head} KV) |",
-             f"| block | {config.block_layout}, {config.norm} |"]
+             f"| block | {config.block_layout}, {config.norm} |",
+             f"| seed family | {FAMILY_NAMES.get(family, family)} |"]
     if config.n_experts:
         gate = "renormalised top-k" if config.ffn_renormalize else "softmax then top-k (no renormalisation)"
         lines.append(f"| FFN experts | {config.n_experts}, top-{config.ffn_top_k}, {gate}, "
@@ -364,8 +449,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", required=True, help="the Hugging Face folder to write")
     parser.add_argument("--tokenizer", help="tokenizer.json (or its folder) to ship; default: the one "
                         "recorded by `bam import-hf` for the checkpoint or its sources")
-    parser.add_argument("--format", default="auto", choices=TARGETS, help="auto: llama for dense, qwen2_moe "
-                        "for FFN-only mixtures, bam (remote code) for the rest")
+    parser.add_argument("--format", default="auto", choices=TARGETS, help="auto: the seed family's native "
+                        "class for dense models, qwen2_moe / qwen3_moe for FFN-only mixtures they hold, "
+                        "bam (remote code) for the rest")
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="weights' dtype (default: the checkpoint's)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing folder")
     args = parser.parse_args(argv)

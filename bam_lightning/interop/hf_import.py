@@ -1,12 +1,14 @@
-"""`bam import-hf SRC --out CKPT`: a pretrained Llama-family model becomes a dense seed checkpoint.
+"""`bam import-hf SRC --out CKPT`: a pretrained model becomes a dense seed checkpoint.
 
-SRC is a Hugging Face folder (`config.json` + `*.safetensors`, sharded or not) or a `.gguf`
-file. The result is a self-describing `.safetensors` seed (`block_layout: sequential`, the
+SRC is a Hugging Face folder (`config.json` + `*.safetensors`, sharded or not) of a Llama
+(incl. 3.x RoPE scaling), Mistral, Qwen2/2.5, Qwen3 or GPT-NeoX (Pythia) model, or a Llama
+`.gguf` file (incl. llama.cpp's `rope_freqs` scaling). The result is a self-describing `.safetensors` seed (`block_layout: sequential`, the
 model's GQA, tying, RoPE base and norm epsilon in its metadata, like any checkpoint we write)
 and the model's tokenizer in a folder beside it (`<name>.tokenizer/`), whose fingerprint the
 checkpoint records. Everything is checked before a tensor is read: an architecture or feature
 ModelConfig cannot express is refused with the config field that says so, a tokenizer larger
-than the embedding is refused, a missing tensor is named. Tensors are then read one at a time
+than the embedding is refused, a missing tensor is named, and so is a source tensor the plan has
+no place for (dropping it would import a different model). Tensors are then read one at a time
 (memory-mapped safetensors; GGUF blocks dequantised per tensor) and written as they come, so
 peak memory is about one tensor, not the model.
 
@@ -31,7 +33,16 @@ import torch
 from bam_lightning.checkpoint import SAFETENSORS_CONFIG_KEY, SAFETENSORS_DTYPES, staging_directory
 from bam_lightning.config import ModelConfig
 from bam_lightning.data.hf_tokenizer import TOKENIZER_CONFIG_FILE, HFTokenizer
-from bam_lightning.interop.names import GGUF, HF, dense_name_map, is_banked
+from bam_lightning.errors import UserError
+from bam_lightning.interop.names import (
+    DERIVED_SUFFIXES,
+    GGUF,
+    HF,
+    dense_name_map,
+    fused_part,
+    is_banked,
+    our_keys,
+)
 from bam_lightning.interop.safetensors_stream import (
     PlannedTensor,
     progress_printer,
@@ -40,8 +51,13 @@ from bam_lightning.interop.safetensors_stream import (
 
 TOKENIZER_DIR_KEY = "bam_lightning.tokenizer_dir"  # metadata: the tokenizer folder, relative to the file
 IMPORTED_FROM_KEY = "bam_lightning.imported_from"
-HF_MODEL_TYPES = ("llama", "mistral")  # Llama-family configs that map onto ModelConfig exactly
-GGUF_ARCHITECTURES = ("llama",)
+# config.json model_type -> the name table it uses (interop/names.py)
+FAMILY_OF_MODEL_TYPE = {"llama": "llama", "mistral": "llama", "qwen2": "llama", "qwen3": "llama",
+                        "gpt_neox": "gpt_neox"}
+GELU_NAMES = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}
+# llama.cpp architectures: llama's q/k rows are stored permuted for its interleaved rotary, qwen2
+# and qwen3 rotate halves as we do and are stored as they are (transformers' GGUF loader agrees)
+GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3")
 TOKENIZER_FILES = ("tokenizer.json", TOKENIZER_CONFIG_FILE, "special_tokens_map.json", "chat_template.jinja")
 
 
@@ -72,9 +88,9 @@ def import_hf(src: str | Path, out: str | Path, *, dtype: torch.dtype | None = N
     """
     src, out = Path(src).expanduser(), Path(out).expanduser()
     if out.suffix != ".safetensors":
-        raise ValueError(f"--out {out}: the imported seed is written as a .safetensors file")
+        raise UserError(f"--out {out}: the imported seed is written as a .safetensors file")
     if not src.exists():
-        raise FileNotFoundError(f"{src}: no such file or folder")
+        raise UserError(f"{src}: no such file or folder")
     started = time.perf_counter()
     plan = plan_gguf(src) if src.suffix == ".gguf" else plan_hf_folder(src)
     if max_seq_len is not None:
@@ -86,7 +102,7 @@ def import_hf(src: str | Path, out: str | Path, *, dtype: torch.dtype | None = N
         plan.write_tokenizer(staging)
         tokenizer = HFTokenizer(staging / "tokenizer.json")
         if tokenizer.vocab_size > plan.config.vocab_size:
-            raise ValueError(f"{src}: the tokenizer has {tokenizer.vocab_size} tokens, more than the model's "
+            raise UserError(f"{src}: the tokenizer has {tokenizer.vocab_size} tokens, more than the model's "
                              f"vocab_size {plan.config.vocab_size} (embedding rows): it does not fit this model")
         metadata = {SAFETENSORS_CONFIG_KEY: json.dumps(plan.config.to_dict()),
                     "bam_lightning.tokenizer": tokenizer.fingerprint,
@@ -110,29 +126,59 @@ def import_hf(src: str | Path, out: str | Path, *, dtype: torch.dtype | None = N
 def plan_hf_folder(folder: Path) -> ImportPlan:
     config_path = folder / "config.json"
     if not config_path.is_file():
-        raise FileNotFoundError(f"{folder}: no config.json (expected a Hugging Face model folder or a .gguf file)")
+        raise UserError(f"{folder}: no config.json (expected a Hugging Face model folder or a .gguf file)")
     hf = json.loads(config_path.read_text())
     config = config_from_hf(hf, str(config_path))
+    family = FAMILY_OF_MODEL_TYPE[hf["model_type"]]
     files = sorted(folder.glob("*.safetensors"))
     if not files:
-        raise FileNotFoundError(f"{folder}: no *.safetensors weights (pytorch_model.bin is not read: "
+        raise UserError(f"{folder}: no *.safetensors weights (pytorch_model.bin is not read: "
                                 "it would need unpickling)")
     tensors: dict[str, tuple[Path, str, tuple[int, ...], torch.dtype]] = {}
     for file in files:
         for name, (shape, dtype) in _safetensors_header(file).items():
             tensors[name] = (file, name, shape, dtype)
-    biases = sorted(name for name in tensors if name.endswith(".bias"))
-    if biases:
-        raise ValueError(f"{folder}: tensor {biases[0]!r} is a bias; ModelConfig has no biases "
-                         "(config.json attention_bias / mlp_bias)")
-    names = dense_name_map(config.n_layer, config.tie_embeddings, HF)
+    names = dense_name_map(config, HF, family)
+    if family == "gpt_neox" and names.get("lm_head.weight") not in tensors and "lm_head.weight" in tensors:
+        names["lm_head.weight"] = "lm_head.weight"  # transformers 5.x's name for embed_out
+    ignorable = {"lm_head.weight", "embed_out.weight"} if config.tie_embeddings else set()
+    _refuse_unmapped([name for name in tensors if name not in ignorable and not name.endswith(DERIVED_SUFFIXES)],
+                     names, folder, "config.json")
     plan = {}
     for ours, theirs in names.items():
         if theirs not in tensors:
             continue
         file, name, shape, dtype = tensors[theirs]
-        plan[ours] = SourceTensor(shape, dtype, _safetensors_loader(file, name))
+        part = fused_part(ours, family)
+        load = _safetensors_loader(file, name)
+        if part is not None:
+            shape, load = _fused_slice(shape, part, config.n_head, load)
+        plan[ours] = SourceTensor(shape, dtype, load)
     return ImportPlan(config, plan, names, lambda out: _hf_tokenizer(folder, hf, out), str(folder))
+
+
+def _refuse_unmapped(theirs: list[str], names: dict[str, str], where, fix: str) -> None:
+    """Any source tensor the plan does not read is an error: dropping it silently would import a
+    different model."""
+    mapped = set(names.values())
+    unmapped = sorted(name for name in theirs if name not in mapped)
+    if unmapped:
+        more = f" (and {len(unmapped) - 1} more)" if len(unmapped) > 1 else ""
+        raise UserError(f"{where}: tensor {unmapped[0]!r}{more} has no place in the model its {fix} describes; "
+                        "importing without it would give a different model")
+
+
+def _fused_slice(shape: tuple[int, ...], part: int, heads: int, load: Callable[[], torch.Tensor]):
+    """q (part 0), k (1) or v (2) of GPT-NeoX's fused query_key_value, whose rows are
+    [head, (q, k, v), head_dim]; returns (shape, loader)."""
+    rows = shape[0] // 3
+    out_shape = (rows, *shape[1:])
+
+    def sliced() -> torch.Tensor:
+        fused = load()
+        return fused.reshape(heads, 3, rows // heads, *shape[1:])[:, part].reshape(out_shape).contiguous()
+
+    return out_shape, sliced
 
 
 def _safetensors_loader(file: Path, name: str) -> Callable[[], torch.Tensor]:
@@ -145,38 +191,79 @@ def _safetensors_loader(file: Path, name: str) -> Callable[[], torch.Tensor]:
     return load
 
 
+# transformers 5.24's MistralConfig default: a config.json without the key gets this window
+MISTRAL_DEFAULT_SLIDING_WINDOW = 4096
+
+
 def config_from_hf(hf: dict, where: str) -> ModelConfig:
-    """ModelConfig for a Llama-family `config.json`; refuses what it cannot express, naming the field."""
+    """ModelConfig for a supported `config.json`; refuses what it cannot express, naming the field."""
     model_type = hf.get("model_type")
-    if model_type not in HF_MODEL_TYPES:
-        raise ValueError(f"{where}: model_type {model_type!r} (architectures {hf.get('architectures')}) is not "
-                         f"supported; Llama-family types that load: {list(HF_MODEL_TYPES)}")
-    d_model, n_head = hf["hidden_size"], hf["num_attention_heads"]
+    if model_type not in FAMILY_OF_MODEL_TYPE:
+        raise UserError(f"{where}: model_type {model_type!r} (architectures {hf.get('architectures')}) is not "
+                        f"supported; model types that load: {list(FAMILY_OF_MODEL_TYPE)}")
 
     def refuse(field: str, why: str) -> None:
-        raise ValueError(f"{where}: {field} = {hf.get(field)!r}: {why}; ModelConfig cannot express it")
+        raise UserError(f"{where}: {field} = {hf.get(field)!r}: {why}; ModelConfig cannot express it")
 
-    if hf.get("hidden_act", "silu") != "silu":
-        refuse("hidden_act", "only SwiGLU (silu) FFNs exist here")
-    for field in ("attention_bias", "mlp_bias"):
-        if hf.get(field):
-            refuse(field, "our projections have no biases")
-    if hf.get("head_dim") not in (None, d_model // n_head):
-        refuse("head_dim", f"head_dim must be hidden_size / num_attention_heads = {d_model // n_head}")
-    rope = hf.get("rope_parameters") or {}
-    if hf.get("rope_scaling"):
-        refuse("rope_scaling", "only plain RoPE exists here")
-    if rope.get("rope_type", "default") != "default":
-        refuse("rope_parameters", f"rope_type {rope.get('rope_type')!r}: only plain RoPE exists here")
-    if model_type == "mistral" and hf.get("sliding_window") not in (None, 0):
-        refuse("sliding_window", "attention here is full causal")
-    return ModelConfig(
+    for field in ("hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size", "vocab_size"):
+        if field not in hf:
+            raise UserError(f"{where}: config.json has no {field!r}")
+    d_model, n_head = hf["hidden_size"], hf["num_attention_heads"]
+    head_dim = hf.get("head_dim") or d_model // n_head
+    rope = dict(hf.get("rope_parameters") or {})
+    rope.update(hf.get("rope_scaling") or {})  # transformers 4.x's name for the scaling part
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    rotary_fraction = float(rope.get("partial_rotary_factor", hf.get("partial_rotary_factor",
+                                                                     hf.get("rotary_pct", 1.0))))
+    rotary_dim = int(head_dim * rotary_fraction)
+    scaling = None
+    if kind == "linear":
+        scaling = {"type": "linear", "factor": float(rope["factor"])}
+    elif kind == "llama3":
+        scaling = {"type": "llama3", **{key: float(rope[key]) for key in
+                                        ("factor", "low_freq_factor", "high_freq_factor")},
+                   "original_max_position_embeddings": int(rope["original_max_position_embeddings"])}
+    elif kind != "default":
+        refuse("rope_parameters", f"rope_type {kind!r}: only plain, linear and llama3 RoPE exist here")
+    for field in ("layer_types",):
+        if any(layer != "full_attention" for layer in hf.get(field) or []):
+            refuse(field, "per-layer attention types (sliding layers) are not supported")
+    if hf.get("use_sliding_window"):
+        refuse("use_sliding_window", "per-layer sliding windows (max_window_layers) are not supported")
+    values = dict(
         vocab_size=hf["vocab_size"], n_layer=hf["num_hidden_layers"], d_model=d_model, n_head=n_head,
-        n_kv_head=hf.get("num_key_value_heads") or n_head, d_ff=hf["intermediate_size"],
-        max_seq_len=hf.get("max_position_embeddings", 2048),
-        rope_base=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
-        tie_embeddings=bool(hf.get("tie_word_embeddings", False)), norm="rmsnorm",
-        norm_eps=float(hf.get("rms_norm_eps", 1e-6)), block_layout="sequential")
+        n_kv_head=hf.get("num_key_value_heads") or n_head, d_ff=hf["intermediate_size"], head_dim=head_dim,
+        rotary_dim=rotary_dim, rope_scaling=scaling, max_seq_len=hf.get("max_position_embeddings", 2048),
+        rope_base=float(rope.get("rope_theta", hf.get("rope_theta", hf.get("rotary_emb_base", 10000.0)))),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)))
+    if model_type == "gpt_neox":
+        activation = GELU_NAMES.get(hf.get("hidden_act", "gelu"))
+        if activation is None:
+            refuse("hidden_act", f"the GPT-NeoX MLP here is one of {sorted(GELU_NAMES)}")
+        if hf.get("num_key_value_heads") not in (None, n_head):
+            refuse("num_key_value_heads", "GPT-NeoX has no grouped-query attention")
+        bias = bool(hf.get("attention_bias", True))
+        parallel = bool(hf.get("use_parallel_residual", True))
+        values.update(norm="layernorm", norm_bias=True, norm_eps=float(hf.get("layer_norm_eps", 1e-5)),
+                      block_layout="parallel" if parallel else "sequential", parallel_ffn_norm=parallel,
+                      ffn_activation=activation, ffn_bias=True, qkv_bias=bias, attn_out_bias=bias)
+    else:
+        if hf.get("hidden_act", "silu") != "silu":
+            refuse("hidden_act", "the Llama-family FFN here is SwiGLU (silu)")
+        if rotary_dim != head_dim:
+            refuse("rope_parameters", "partial rotary in a Llama-family model is not supported")
+        attention_bias = bool(hf.get("attention_bias", False))
+        values.update(norm="rmsnorm", norm_eps=float(hf.get("rms_norm_eps", 1e-6)), block_layout="sequential",
+                      qkv_bias=attention_bias or model_type == "qwen2",
+                      attn_out_bias=attention_bias and model_type != "qwen2",
+                      qk_norm=model_type == "qwen3", ffn_bias=bool(hf.get("mlp_bias", False)))
+        if model_type == "mistral":
+            window = hf.get("sliding_window", MISTRAL_DEFAULT_SLIDING_WINDOW)
+            values["sliding_window"] = int(window) if window else None
+    try:
+        return ModelConfig(**values)
+    except ValueError as error:
+        raise UserError(f"{where}: {error}") from error
 
 
 def _hf_tokenizer(folder: Path, hf: dict, out: Path) -> None:
@@ -192,7 +279,7 @@ def _hf_tokenizer(folder: Path, hf: dict, out: Path) -> None:
 
             AutoTokenizer.from_pretrained(str(folder)).save_pretrained(str(out))
         except Exception as error:
-            raise FileNotFoundError(f"{folder}: no tokenizer.json, and transformers could not build one "
+            raise UserError(f"{folder}: no tokenizer.json, and transformers could not build one "
                                     f"({type(error).__name__}: {error})") from error
     eos_id = hf.get("eos_token_id")
     _set_eos(out, eos_id[0] if isinstance(eos_id, list) else eos_id)
@@ -220,7 +307,7 @@ def _safetensors_header(file: Path) -> dict[str, tuple[tuple[int, ...], torch.dt
         header.pop("__metadata__", None)
         return {name: (tuple(entry["shape"]), SAFETENSORS_DTYPES[entry["dtype"]]) for name, entry in header.items()}
     except Exception as error:
-        raise ValueError(f"{file}: not a readable safetensors file ({type(error).__name__}: {error})") from error
+        raise UserError(f"{file}: not a readable safetensors file ({type(error).__name__}: {error})") from error
 
 
 # ----- GGUF -----
@@ -236,24 +323,22 @@ def plan_gguf(path: Path) -> ImportPlan:
     try:
         reader = GGUFReader(str(path))
     except Exception as error:
-        raise ValueError(f"{path}: not a readable GGUF file ({type(error).__name__}: {error})") from error
+        raise UserError(f"{path}: not a readable GGUF file ({type(error).__name__}: {error})") from error
     meta = {name: _field_value(field) for name, field in reader.fields.items()}
     arch = meta.get("general.architecture")
     if arch not in GGUF_ARCHITECTURES:
-        raise ValueError(f"{path}: general.architecture {arch!r} is not supported; architectures that load: "
+        raise UserError(f"{path}: general.architecture {arch!r} is not supported; architectures that load: "
                          f"{list(GGUF_ARCHITECTURES)}")
     tensors = {t.name: t for t in reader.tensors}
     for tensor in reader.tensors:
         kind = tensor.tensor_type.name
         if kind not in SUPPORTED_GGUF_TYPES:
-            raise ValueError(f"{path}: tensor {tensor.name!r} uses quantisation {kind}, which is not supported "
+            raise UserError(f"{path}: tensor {tensor.name!r} uses quantisation {kind}, which is not supported "
                              f"(supported: {', '.join(SUPPORTED_GGUF_TYPES)})")
-    biases = sorted(name for name in tensors if name.endswith(".bias"))
-    if biases:
-        raise ValueError(f"{path}: tensor {biases[0]!r} is a bias; ModelConfig has no biases")
     config = config_from_gguf(meta, tensors, str(path))
-    names = dense_name_map(config.n_layer, config.tie_embeddings, GGUF)
-    heads = {"attn.wq": config.n_head, "attn.wk": config.n_kv_head}
+    names = dense_name_map(config, GGUF, "llama")
+    _refuse_unmapped([name for name in tensors if name != ROPE_FREQS], names, path, "GGUF metadata")
+    heads = {"attn.wq": config.n_head, "attn.wk": config.n_kv_head} if arch == "llama" else {}
     plan = {}
     for ours, theirs in names.items():
         if theirs in tensors:
@@ -264,33 +349,69 @@ def plan_gguf(path: Path) -> ImportPlan:
     return ImportPlan(config, plan, names, lambda out: _gguf_tokenizer(path, meta, out), str(path))
 
 
+ROPE_FREQS = "rope_freqs.weight"  # llama.cpp's Llama 3.x RoPE scaling: one divisor per frequency
+
+
 def config_from_gguf(meta: dict, tensors: dict, where: str) -> ModelConfig:
     arch = meta["general.architecture"]
 
     def need(key: str):
         if f"{arch}.{key}" not in meta:
-            raise KeyError(f"{where}: GGUF metadata has no {arch}.{key!r}")
+            raise UserError(f"{where}: GGUF metadata has no {arch}.{key!r}")
         return meta[f"{arch}.{key}"]
 
     d_model, n_head = int(need("embedding_length")), int(need("attention.head_count"))
-    head_dim = d_model // n_head
-    for key in ("rope.dimension_count", "attention.key_length", "attention.value_length"):
+    head_dim = int(meta.get(f"{arch}.attention.key_length") or d_model // n_head)
+    for key in ("rope.dimension_count", "attention.value_length"):
         value = meta.get(f"{arch}.{key}")
         if value is not None and int(value) != head_dim:
-            raise ValueError(f"{where}: {arch}.{key} = {value}, but ModelConfig's head size is "
-                             f"embedding_length / head_count = {head_dim}")
-    scaling = meta.get(f"{arch}.rope.scaling.type")
-    if scaling not in (None, "none"):
-        raise ValueError(f"{where}: {arch}.rope.scaling.type = {scaling!r}: only plain RoPE exists here")
+            raise UserError(f"{where}: {arch}.{key} = {value}, but the head size is {head_dim} "
+                            "(attention.key_length, else embedding_length / head_count)")
+    kind = meta.get(f"{arch}.rope.scaling.type")
+    scaling = None
+    if kind == "linear":
+        scaling = {"type": "linear", "factor": float(need("rope.scaling.factor"))}
+    elif kind not in (None, "none"):
+        raise UserError(f"{where}: {arch}.rope.scaling.type = {kind!r}: only plain, linear and llama3 "
+                        f"({ROPE_FREQS}) RoPE exist here")
+    if ROPE_FREQS in tensors:
+        if scaling is not None:
+            raise UserError(f"{where}: both {arch}.rope.scaling.type = {kind!r} and tensor {ROPE_FREQS!r}")
+        factors = _gguf_loader(tensors[ROPE_FREQS], (-1,), None)()
+        if factors.numel() != head_dim // 2:
+            raise UserError(f"{where}: tensor {ROPE_FREQS!r} has {factors.numel()} values, the head size "
+                            f"{head_dim} has {head_dim // 2} frequencies")
+        scaling = _llama3_matching(factors, head_dim, float(meta.get(f"{arch}.rope.freq_base", 10000.0))) or {
+            "type": "factors", "factors": factors.tolist()}
     if "token_embd.weight" not in tensors:
-        raise KeyError(f"{where}: missing tensor 'token_embd.weight'")
+        raise UserError(f"{where}: missing tensor 'token_embd.weight'")
     return ModelConfig(
         vocab_size=int(tensors["token_embd.weight"].shape[-1]), n_layer=int(need("block_count")),
         d_model=d_model, n_head=n_head, n_kv_head=int(meta.get(f"{arch}.attention.head_count_kv", n_head)),
         d_ff=int(need("feed_forward_length")), max_seq_len=int(meta.get(f"{arch}.context_length", 2048)),
-        rope_base=float(meta.get(f"{arch}.rope.freq_base", 10000.0)),
+        rope_base=float(meta.get(f"{arch}.rope.freq_base", 10000.0)), head_dim=head_dim, rope_scaling=scaling,
         tie_embeddings="output.weight" not in tensors, norm="rmsnorm",
-        norm_eps=float(need("attention.layer_norm_rms_epsilon")), block_layout="sequential")
+        norm_eps=float(need("attention.layer_norm_rms_epsilon")), block_layout="sequential",
+        # Qwen2 always has q/k/v biases; Qwen3 has q/k norms, and biases on all four when present
+        qkv_bias=arch == "qwen2" or (arch == "qwen3" and "blk.0.attn_q.bias" in tensors),
+        attn_out_bias=arch == "qwen3" and "blk.0.attn_q.bias" in tensors, qk_norm=arch == "qwen3")
+
+
+# Llama 3.1 and 3.2's published scaling (their config.json): tried against a GGUF's rope_freqs so
+# the import carries the named type (and exports to LlamaForCausalLM) when the factors are these
+LLAMA3_PUBLISHED = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+
+
+def _llama3_matching(factors: torch.Tensor, head_dim: int, base: float) -> dict | None:
+    """The llama3 scaling whose frequencies are rope_freqs' (published low/high factors and
+    original context, factor = the largest divisor), else None."""
+    from bam_lightning.model.layers import scale_inv_freq
+
+    candidate = {"type": "llama3", "factor": float(factors.max()), **LLAMA3_PUBLISHED}
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    if torch.allclose(scale_inv_freq(inv_freq, candidate), inv_freq / factors.float(), rtol=1e-5, atol=0):
+        return candidate
+    return None
 
 
 def _field_value(field):
@@ -354,17 +475,14 @@ def _gguf_tokenizer(path: Path, meta: dict, out: Path) -> None:
 def _check_all_present(plan: ImportPlan, src: Path) -> dict[str, tuple[int, ...]]:
     """Every tensor our GPT needs is in the source with the shape the config implies; returns our
     keys (in the GPT's own order, read off a meta-device model) and their shapes."""
-    from bam_lightning.model import GPT
-
-    with torch.device("meta"):
-        shapes = {key: tuple(value.shape) for key, value in GPT(plan.config).state_dict().items()}
+    shapes = our_keys(plan.config)
     for key, shape in shapes.items():
         theirs = plan.names.get(key, key)
         if key not in plan.tensors:
             raise KeyError(f"{src}: missing tensor {theirs!r} (our {key!r})")
         got = plan.tensors[key].shape
         if ((1, *got) if is_banked(key) else tuple(got)) != shape:
-            raise ValueError(f"{src}: tensor {theirs!r} has shape {list(got)}, the config implies "
+            raise UserError(f"{src}: tensor {theirs!r} has shape {list(got)}, the config implies "
                              f"{list(shape[1:] if is_banked(key) else shape)}")
     return shapes
 

@@ -23,8 +23,8 @@ from bam_lightning.config import ModelConfig
 from bam_lightning.model.layers import (
     RouterStats,
     apply_rope,
+    config_rope_tables,
     init_router,
-    rope_tables,
     router_probs,
 )
 
@@ -40,6 +40,14 @@ class MixtureOfAttention(nn.Module):
         self.wv = nn.Parameter(torch.empty(e_kv, config.n_kv_head * hd, d))
         self.wo = nn.Parameter(torch.empty(e_q, d, config.n_head * hd))
         self.router = nn.Linear(d, config.attn_experts, bias=False) if config.attn_experts else None
+        # Other families' extras, per expert like the weights (absent by default): biases
+        # (Qwen2, GPT-NeoX) and per-head RMSNorm weights on q and k (Qwen3).
+        self.bq = nn.Parameter(torch.empty(e_q, config.n_head * hd)) if config.qkv_bias else None
+        self.bk = nn.Parameter(torch.empty(e_kv, config.n_kv_head * hd)) if config.qkv_bias else None
+        self.bv = nn.Parameter(torch.empty(e_kv, config.n_kv_head * hd)) if config.qkv_bias else None
+        self.bo = nn.Parameter(torch.empty(e_q, d)) if config.attn_out_bias else None
+        self.q_norm = nn.Parameter(torch.empty(e_q, hd)) if config.qk_norm else None
+        self.k_norm = nn.Parameter(torch.empty(e_kv, hd)) if config.qk_norm else None
 
     def reset_parameters(self) -> None:
         std = self.config.init_std
@@ -48,6 +56,12 @@ class MixtureOfAttention(nn.Module):
         nn.init.normal_(self.wo, std=std / math.sqrt(2 * self.config.n_layer))
         if self.router is not None:
             init_router(self.router, self.config)
+        for bias in (self.bq, self.bk, self.bv, self.bo):
+            if bias is not None:
+                nn.init.zeros_(bias)
+        for weight in (self.q_norm, self.k_norm):
+            if weight is not None:
+                nn.init.ones_(weight)
 
     def gates(self, h: torch.Tensor) -> torch.Tensor | None:
         """[B, T, E] gates from the query token only; None for a dense attention."""
@@ -76,6 +90,27 @@ class MixtureOfAttention(nn.Module):
         # a copy where the order changes (E > 1): decoding keeps it in the cache, built once
         return wq.reshape(E * H * hd, d), wo.reshape(d, E * H * hd)
 
+    def bank_extras(self) -> dict[str, torch.Tensor]:
+        """The q/k/v biases [heads * hd] and q/k norm weights [heads, 1, hd] that exist, in the
+        bank's head order (see `bank_weights`)."""
+        E, H, H_kv, hd = self.wq.shape[0], self.config.n_head, self.config.n_kv_head, self.config.head_dim
+        shared_kv = self.wk.shape[0] < E
+        extras = {}
+        if self.bq is not None:
+            bq = self.bq.view(E, H, hd).transpose(0, 1) if shared_kv else self.bq
+            extras.update(bq=bq.reshape(-1), bk=self.bk.reshape(-1), bv=self.bv.reshape(-1))
+        if self.q_norm is not None:
+            q_norm = self.q_norm.repeat(H, 1) if shared_kv else self.q_norm.repeat_interleave(H, dim=0)
+            extras.update(q_norm=q_norm[:, None], k_norm=self.k_norm.repeat_interleave(H_kv, dim=0)[:, None])
+        return extras
+
+    def rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """RoPE on the first `rotary_dim` dims of each head (all of them by default)."""
+        r = self.config.rotary_dim
+        if r == x.shape[-1]:
+            return apply_rope(x, cos, sin)
+        return torch.cat([apply_rope(x[..., :r], cos, sin), x[..., r:]], dim=-1)
+
     def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None,
                 layer: int = 0) -> tuple[torch.Tensor, RouterStats]:
         """`cache`: decoding (see `GPT.forward`); h holds the new tokens only, their K/V go into
@@ -85,15 +120,24 @@ class MixtureOfAttention(nn.Module):
         E, E_kv, H, H_kv, hd = self.wq.shape[0], self.wk.shape[0], cfg.n_head, cfg.n_kv_head, cfg.head_dim
         shared_kv = E_kv < E
         wq, wo = self.bank_weights() if cache is None else cache.constant(("attn", layer), self.bank_weights)
-        q = (h @ wq.T).view(B, T, E * H, hd).transpose(1, 2)
-        k = (h @ self.wk.reshape(E_kv * H_kv * hd, d).T).view(B, T, E_kv * H_kv, hd).transpose(1, 2)
-        v = (h @ self.wv.reshape(E_kv * H_kv * hd, d).T).view(B, T, E_kv * H_kv, hd).transpose(1, 2)
+        extras = {} if self.bq is None and self.q_norm is None else (
+            self.bank_extras() if cache is None else cache.constant(("attn_extras", layer), self.bank_extras))
+        q = _project(h, wq, extras.get("bq")).view(B, T, E * H, hd).transpose(1, 2)
+        k = _project(h, self.wk.reshape(E_kv * H_kv * hd, d), extras.get("bk")).view(B, T, E_kv * H_kv, hd)
+        v = _project(h, self.wv.reshape(E_kv * H_kv * hd, d), extras.get("bv")).view(B, T, E_kv * H_kv, hd)
+        k, v = k.transpose(1, 2), v.transpose(1, 2)
+        if "q_norm" in extras:  # Qwen3: RMSNorm over each head's dims, before RoPE
+            q = F.rms_norm(q, (hd,), eps=cfg.norm_eps) * extras["q_norm"]
+            k = F.rms_norm(k, (hd,), eps=cfg.norm_eps) * extras["k_norm"]
         cos, sin = cos.to(q.dtype), sin.to(q.dtype)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is None:
-            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=E * H != E_kv * H_kv)
-        else:
+        q, k = self.rotate(q, cos, sin), self.rotate(k, cos, sin)
+        if cache is not None:
             o = cache.attend(layer, q, k, v)
+        elif cfg.sliding_window is not None and T > cfg.sliding_window:
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=window_mask(T, cfg.sliding_window, h.device),
+                                               enable_gqa=E * H != E_kv * H_kv)
+        else:
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=E * H != E_kv * H_kv)
         gates = self.gates(h)
         stats = RouterStats()
         if gates is None:
@@ -102,7 +146,20 @@ class MixtureOfAttention(nn.Module):
             o = _GatedHeads.apply(o, gates.to(o.dtype), E, not shared_kv)
             stats.attn_gate_mean = gates.detach().mean(dim=(0, 1))
         # sum_e W_o,e (g_e o_e) as one GEMM over the concatenated expert outputs.
-        return o @ wo.T, stats
+        out = o @ wo.T
+        if self.bo is not None:  # sum_e g_e b_o,e
+            out = out + (self.bo[0] if gates is None else gates.to(out.dtype) @ self.bo)
+        return out, stats
+
+
+def _project(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return h @ weight.T if bias is None else F.linear(h, weight, bias)
+
+
+def window_mask(T: int, window: int, device) -> torch.Tensor:
+    """[T, T] booleans: query i sees keys j with i - window < j <= i (Mistral's sliding window)."""
+    offset = torch.arange(T, device=device)[:, None] - torch.arange(T, device=device)[None, :]
+    return (offset >= 0) & (offset < window)
 
 
 class _GatedHeads(torch.autograd.Function):
@@ -154,9 +211,12 @@ class KVCache:
     """
 
     def __init__(self, config: ModelConfig, batch_size: int, max_len: int, dtype: torch.dtype,
-                 device: torch.device | str):
-        if not 1 <= max_len <= config.max_seq_len:
-            raise ValueError(f"KVCache: max_len {max_len} must be between 1 and max_seq_len {config.max_seq_len}")
+                 device: torch.device | str, padding: int = 0):
+        # `padding`: columns beyond max_seq_len for a left-padded batch, whose short rows may run
+        # past the longest row's end; each row's own positions stay below max_seq_len (generate).
+        if not 1 <= max_len <= config.max_seq_len + padding:
+            raise ValueError(f"KVCache: max_len {max_len} must be between 1 and max_seq_len {config.max_seq_len}"
+                             + (f" + padding {padding}" if padding else ""))
         if batch_size < 1:
             raise ValueError(f"KVCache: batch_size must be positive, got {batch_size}")
         shape = (batch_size, config.n_kv_banks * config.n_kv_head, max_len, config.head_dim)
@@ -165,7 +225,10 @@ class KVCache:
         self.mask = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)  # real token?
         self.next_position = torch.zeros(batch_size, dtype=torch.long, device=device)  # per row
         # RoPE tables for every position, built as the training forward builds them (same values)
-        self.cos, self.sin = rope_tables(max_len, config.head_dim, config.rope_base, device, dtype)
+        self.cos, self.sin = config_rope_tables(config, max_len, device, dtype)
+        self.window = config.sliding_window
+        # each column's RoPE position (per row), for the sliding window
+        self.column_position = torch.zeros(batch_size, max_len, dtype=torch.long, device=device)
         self.max_len, self.length, self.padded = max_len, 0, False
         self._start, self._attn_mask, self._causal = 0, None, False
         self._gqa = config.n_attn_banks * config.n_head != shape[1]
@@ -210,6 +273,8 @@ class KVCache:
             self._attn_mask, self._causal = None, start == 0 and T > 1
             if T > 1 and start > 0:  # a second chunk of a prompt: causal within, all before
                 self._attn_mask = self._causal_mask(start, T)
+            if self.window is not None:
+                self._apply_window(torch.arange(start, start + T, device=self.mask.device).expand(B, T), start, T)
             return self.cos[start:start + T], self.sin[start:start + T]
         if attention_mask is None:  # decoding after a padded prefill: every new token is real
             self.mask[:, start:start + T] = True
@@ -225,6 +290,8 @@ class KVCache:
         else:  # a padding query sees only itself: finite values nobody reads, instead of a NaN row
             self._attn_mask = ((self._causal_mask(start, T) & self.mask[:, None, None, :start + T])
                                | self._causal_mask(start, T, diagonal_only=True))
+        if self.window is not None:
+            self._apply_window(positions, start, T)
         return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
 
     def select_rows(self, rows: torch.Tensor) -> None:
@@ -234,6 +301,22 @@ class KVCache:
         self.values = [v.index_select(0, rows) for v in self.values]
         self.mask = self.mask.index_select(0, rows)
         self.next_position = self.next_position.index_select(0, rows)
+        self.column_position = self.column_position.index_select(0, rows)
+
+    def _apply_window(self, positions: torch.Tensor, start: int, T: int) -> None:
+        """Restrict the mask to the last `window` positions of each row (columns of padding rows
+        count no positions, so a padded row sees what it would see alone)."""
+        self.column_position[:, start:start + T] = positions
+        if start + T <= self.window:  # every column is inside the window
+            return
+        mask = self._attn_mask
+        if mask is None:
+            mask = self._causal_mask(start, T)[None, None] if T > 1 else torch.ones(
+                1, 1, 1, start + T, dtype=torch.bool, device=self.mask.device)
+        columns = self.column_position[:, None, None, :start + T]
+        inside = columns > positions[:, None, :, None] - self.window
+        diagonal = self._causal_mask(start, T, diagonal_only=True)
+        self._attn_mask, self._causal = (mask & inside) | diagonal, False
 
     def _causal_mask(self, start: int, T: int, diagonal_only: bool = False) -> torch.Tensor:
         """[T, start + T]: query t (column start + t) sees columns <= start + t (or only its own)."""

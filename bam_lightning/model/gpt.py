@@ -2,6 +2,7 @@
 
 Parallel block (GPT-J / PaLM, the paper's seeds): h = Norm(x); y = x + Attn(h) + FFN(h).
 Sequential block (Llama family, for imported seeds): y = x + Attn(N1(x)); y = y + FFN(N2(y)).
+Parallel block with two norms (GPT-NeoX / Pythia, `parallel_ffn_norm`): y = x + Attn(N1(x)) + FFN(N2(x)).
 
 Decoding uses the same forward with a `KVCache` (see `GPT.forward`): prefill the prompt, then one
 token per call. Training never passes a cache and runs exactly the code it always ran.
@@ -17,7 +18,7 @@ from torch.utils.checkpoint import checkpoint
 from bam_lightning.config import ModelConfig
 from bam_lightning.model.attention import KVCache, MixtureOfAttention
 from bam_lightning.model.ffn import MixtureOfFFN
-from bam_lightning.model.layers import RouterStats, make_norm, rope_tables
+from bam_lightning.model.layers import RouterStats, config_rope_tables, make_norm
 
 
 class Block(nn.Module):
@@ -25,7 +26,7 @@ class Block(nn.Module):
         super().__init__()
         self.parallel = config.block_layout == "parallel"
         self.norm = make_norm(config)
-        self.norm_ffn = None if self.parallel else make_norm(config)
+        self.norm_ffn = make_norm(config) if not self.parallel or config.parallel_ffn_norm else None
         self.attn = MixtureOfAttention(config)
         self.ffn = MixtureOfFFN(config)
 
@@ -34,7 +35,7 @@ class Block(nn.Module):
         h = self.norm(x)
         attn_out, attn_stats = self.attn(h, cos, sin, cache, layer)
         if self.parallel:
-            ffn_out, stats = self.ffn(h)
+            ffn_out, stats = self.ffn(h if self.norm_ffn is None else self.norm_ffn(x))
             y = x + attn_out + ffn_out
         else:
             x = x + attn_out
@@ -86,7 +87,7 @@ class GPT(nn.Module):
             if T > self.config.max_seq_len:
                 raise ValueError(f"sequence length {T} exceeds max_seq_len {self.config.max_seq_len}")
             x = self.tok_emb(idx)
-            cos, sin = rope_tables(T, self.config.head_dim, self.config.rope_base, x.device, x.dtype)
+            cos, sin = config_rope_tables(self.config, T, x.device, x.dtype)
         else:
             cos, sin = cache.advance(idx, attention_mask)
             x = self.tok_emb(idx)
@@ -105,12 +106,14 @@ class GPT(nn.Module):
         head = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
         return F.linear(x, head), layer_stats
 
-    def new_cache(self, batch_size: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> KVCache:
+    def new_cache(self, batch_size: int, max_len: int | None = None, dtype: torch.dtype | None = None,
+                  padding: int = 0) -> KVCache:
         """An empty KV cache for `batch_size` sequences of up to `max_len` (default max_seq_len)
-        tokens, in the weights' dtype and on their device."""
+        tokens, in the weights' dtype and on their device; `padding` allows max_len up to
+        max_seq_len + padding for the left padding of a batch of prompts of different lengths."""
         weight = self.tok_emb.weight
         return KVCache(self.config, batch_size, max_len or self.config.max_seq_len, dtype or weight.dtype,
-                       weight.device)
+                       weight.device, padding)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

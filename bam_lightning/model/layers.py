@@ -18,15 +18,42 @@ from bam_lightning.config import ModelConfig
 def make_norm(config: ModelConfig) -> nn.Module:
     if config.norm == "rmsnorm":
         return nn.RMSNorm(config.d_model, eps=config.norm_eps)
-    return nn.LayerNorm(config.d_model, eps=config.norm_eps, bias=False)
+    return nn.LayerNorm(config.d_model, eps=config.norm_eps, bias=config.norm_bias)
 
 
-def rope_tables(seq_len: int, head_dim: int, base: float, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_tables(seq_len: int, head_dim: int, base: float, device, dtype,
+                scaling: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin tables [T, head_dim/2]; cheap enough to build per forward, so no buffers to
-    re-materialise after meta-device init or sharding."""
+    re-materialise after meta-device init or sharding. `head_dim` is the rotated width
+    (`config.rotary_dim`); `scaling` is `config.rope_scaling`."""
     inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
+    if scaling is not None:
+        inv_freq = scale_inv_freq(inv_freq, scaling)
     angles = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
     return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def config_rope_tables(config: ModelConfig, seq_len: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    return rope_tables(seq_len, config.rotary_dim, config.rope_base, device, dtype, config.rope_scaling)
+
+
+def scale_inv_freq(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
+    """Context extension by frequency: `factors` divides frequency i by factors[i] (llama.cpp's
+    rope_freqs tensor); `linear` divides every frequency by `factor` (positions
+    / factor); `llama3` divides only the low frequencies (wavelengths longer than
+    original_context / low_freq_factor), keeps the high ones (shorter than original_context /
+    high_freq_factor) and interpolates smoothly between the two bands."""
+    if scaling["type"] == "factors":
+        return inv_freq / torch.tensor(scaling["factors"], dtype=inv_freq.dtype, device=inv_freq.device)
+    factor = float(scaling["factor"])
+    if scaling["type"] == "linear":
+        return inv_freq / factor
+    context = float(scaling["original_max_position_embeddings"])
+    low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+    wavelength = 2 * torch.pi / inv_freq
+    smooth = ((context / wavelength - low) / (high - low)).clamp(0.0, 1.0)
+    # smooth = 0: long wavelengths (scaled); 1: short ones (kept)
+    return (1 - smooth) * inv_freq / factor + smooth * inv_freq
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

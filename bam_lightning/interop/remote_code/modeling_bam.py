@@ -8,7 +8,11 @@ d_model], ...), so the exported weights are the training checkpoint's tensors un
   and values; Shared-KV: one shared K/V projection) at the same RoPE positions; a soft gate from
   the query token weights each expert's output after its own output projection.
 - FFN experts: softmax over all experts, top-k, optionally renormalised, times ffn_gate_scale.
-- Block: parallel (x + Attn(N(x)) + FFN(N(x))) or sequential (Llama-style).
+- Block: parallel (x + Attn(N(x)) + FFN(N(x)); GPT-NeoX: x + Attn(N1(x)) + FFN(N2(x))) or
+  sequential (Llama-style).
+- Other families' fields travel with the experts: q/k/v/o biases (Qwen2, GPT-NeoX), per-head q/k
+  RMSNorm (Qwen3), partial rotary (GPT-NeoX), RoPE scaling (Llama 3.x), a sliding window (Mistral),
+  a 2-layer GELU MLP with biases and LayerNorm with bias (GPT-NeoX).
 - Generation: transformers' cache stores each layer's keys/values (Expert-KV: experts x KV heads);
   positions and the causal-plus-padding mask come from `attention_mask`, so left-padded batches
   give each row the result it gets alone.
@@ -31,24 +35,40 @@ _CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__
 def _norm(config):
     if config.norm == "rmsnorm":
         return nn.RMSNorm(config.d_model, eps=config.norm_eps)
-    return nn.LayerNorm(config.d_model, eps=config.norm_eps, bias=False)
+    return nn.LayerNorm(config.d_model, eps=config.norm_eps, bias=getattr(config, "norm_bias", False))
 
 
-def _rope_tables(position_ids, head_dim, base):
-    """cos/sin [B, 1, T, head_dim/2] for the given positions, computed in float32 each call
+def _inv_freq(config, device):
+    """RoPE frequencies of the rotated dims, with the config's scaling: `linear` divides all by
+    factor, `llama3` only the low-frequency band (smoothly towards the high band, which is
+    kept), `factors` divides frequency i by factors[i] (llama.cpp's rope_freqs)."""
+    dim = config.rotary_dim
+    inv_freq = 1.0 / (config.rope_base ** (torch.arange(0, dim, 2, device=device, dtype=torch.float32) / dim))
+    scaling = getattr(config, "rope_scaling_bam", None)
+    if not scaling:
+        return inv_freq
+    if scaling["type"] == "factors":
+        return inv_freq / torch.tensor(scaling["factors"], dtype=torch.float32, device=device)
+    if scaling["type"] == "linear":
+        return inv_freq / scaling["factor"]
+    context, low, high = scaling["original_max_position_embeddings"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    smooth = ((context * inv_freq / (2 * torch.pi) - low) / (high - low)).clamp(0.0, 1.0)
+    return (1 - smooth) * inv_freq / scaling["factor"] + smooth * inv_freq
+
+
+def _rope_tables(position_ids, config):
+    """cos/sin [B, 1, T, rotary_dim/2] for the given positions, computed in float32 each call
     (buffers are not restored by from_pretrained)."""
-    exponent = torch.arange(0, head_dim, 2, device=position_ids.device, dtype=torch.float32) / head_dim
-    inv_freq = 1.0 / (base ** exponent)
-    angles = position_ids.to(torch.float32)[..., None] * inv_freq
+    angles = position_ids.to(torch.float32)[..., None] * _inv_freq(config, position_ids.device)
     return angles.cos()[:, None], angles.sin()[:, None]
 
 
 def _rotate(x, cos, sin):
-    """RoPE on (first half, second half) pairs of the last dim; x [B, heads, T, head_dim]."""
-    half = x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]
+    """RoPE on (first half, second half) pairs of the first rotary dims; x [B, heads, T, head_dim]."""
+    half = cos.shape[-1]
+    x1, x2, rest = x[..., :half], x[..., half:2 * half], x[..., 2 * half:]
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest], dim=-1)
 
 
 def _router_probs(router, h):
@@ -62,34 +82,47 @@ class BamAttention(nn.Module):
         self.config, self.layer_idx = config, layer_idx
         experts = max(1, config.attn_experts)
         kv_experts = 1 if config.attn_shared_kv else experts
-        d, hd = config.d_model, config.d_model // config.n_head
+        d, hd = config.d_model, config.head_dim
         self.wq = nn.Parameter(torch.empty(experts, config.n_head * hd, d))
         self.wk = nn.Parameter(torch.empty(kv_experts, config.n_kv_head * hd, d))
         self.wv = nn.Parameter(torch.empty(kv_experts, config.n_kv_head * hd, d))
         self.wo = nn.Parameter(torch.empty(experts, d, config.n_head * hd))
         self.router = nn.Linear(d, config.attn_experts, bias=False) if config.attn_experts else None
+        bias, norm = getattr(config, "qkv_bias", False), getattr(config, "qk_norm", False)
+        self.bq = nn.Parameter(torch.empty(experts, config.n_head * hd)) if bias else None
+        self.bk = nn.Parameter(torch.empty(kv_experts, config.n_kv_head * hd)) if bias else None
+        self.bv = nn.Parameter(torch.empty(kv_experts, config.n_kv_head * hd)) if bias else None
+        self.bo = nn.Parameter(torch.empty(experts, d)) if getattr(config, "attn_out_bias", False) else None
+        self.q_norm = nn.Parameter(torch.empty(experts, hd)) if norm else None
+        self.k_norm = nn.Parameter(torch.empty(kv_experts, hd)) if norm else None
 
     def forward(self, h, cos, sin, mask, cache):
         cfg = self.config
         B, T, d = h.shape
         E, E_kv = self.wq.shape[0], self.wk.shape[0]
-        H, H_kv, hd = cfg.n_head, cfg.n_kv_head, d // cfg.n_head
+        H, H_kv, hd = cfg.n_head, cfg.n_kv_head, cfg.head_dim
 
-        def heads(weight, count):
-            return (h @ weight.reshape(-1, d).T).view(B, T, count, hd).transpose(1, 2)
+        def heads(weight, bias, norm, count):
+            """[B, experts * count, T, hd]: every expert's heads, expert-major."""
+            x = F.linear(h, weight.reshape(-1, d), None if bias is None else bias.reshape(-1))
+            x = x.view(B, T, -1, count, hd)
+            if norm is not None:  # Qwen3: RMSNorm over each head's dims, per expert
+                x = F.rms_norm(x, (hd,), eps=cfg.norm_eps) * norm[:, None, :]
+            return x.flatten(2, 3).transpose(1, 2)
 
-        k = _rotate(heads(self.wk, E_kv * H_kv), cos, sin)
-        v = heads(self.wv, E_kv * H_kv)
+        k = _rotate(heads(self.wk, self.bk, self.k_norm, H_kv), cos, sin)
+        v = heads(self.wv, self.bv, None, H_kv)
         if cache is not None:  # all experts' K/V of this layer as one [B, E_kv * H_kv, S, hd] entry
             k, v = cache.update(k, v, self.layer_idx)
-        q = _rotate(heads(self.wq, E * H), cos, sin)
+        q = _rotate(heads(self.wq, self.bq, self.q_norm, H), cos, sin)
         outputs = []
         for e in range(E):
             kv = 0 if E_kv == 1 else e
             k_e = k[:, kv * H_kv:(kv + 1) * H_kv].repeat_interleave(H // H_kv, dim=1)
             v_e = v[:, kv * H_kv:(kv + 1) * H_kv].repeat_interleave(H // H_kv, dim=1)
             o = F.scaled_dot_product_attention(q[:, e * H:(e + 1) * H], k_e, v_e, attn_mask=mask)
-            outputs.append(o.transpose(1, 2).reshape(B, T, H * hd) @ self.wo[e].T)
+            outputs.append(F.linear(o.transpose(1, 2).reshape(B, T, H * hd), self.wo[e],
+                                    None if self.bo is None else self.bo[e]))
         if self.router is None:
             return outputs[0]
         gates = _router_probs(self.router, h)
@@ -105,13 +138,26 @@ class BamFFN(nn.Module):
         super().__init__()
         self.config = config
         experts, d, f = max(1, config.n_experts), config.d_model, config.d_ff
-        self.w_gate = nn.Parameter(torch.empty(experts, f, d))
+        self.activation = getattr(config, "ffn_activation", "swiglu")
+        gated, bias = self.activation == "swiglu", getattr(config, "ffn_bias", False)
+        self.w_gate = nn.Parameter(torch.empty(experts, f, d)) if gated else None
         self.w_up = nn.Parameter(torch.empty(experts, f, d))
         self.w_down = nn.Parameter(torch.empty(experts, d, f))
         self.router = nn.Linear(d, config.n_experts, bias=False) if config.n_experts else None
+        self.b_gate = nn.Parameter(torch.empty(experts, f)) if gated and bias else None
+        self.b_up = nn.Parameter(torch.empty(experts, f)) if bias else None
+        self.b_down = nn.Parameter(torch.empty(experts, d)) if bias else None
 
     def expert(self, x, e):
-        return (F.silu(x @ self.w_gate[e].T) * (x @ self.w_up[e].T)) @ self.w_down[e].T
+        """SwiGLU, or a 2-layer MLP with GELU (exact, or its tanh form) as GPT-NeoX has."""
+        def linear(w, b):
+            return F.linear(x, w[e], None if b is None else b[e])
+
+        if self.w_gate is not None:
+            hidden = F.silu(linear(self.w_gate, self.b_gate)) * linear(self.w_up, self.b_up)
+        else:
+            hidden = F.gelu(linear(self.w_up, self.b_up), approximate="tanh" if self.activation == "gelu_tanh" else "none")
+        return F.linear(hidden, self.w_down[e], None if self.b_down is None else self.b_down[e])
 
     def forward(self, h):
         if self.router is None:
@@ -122,7 +168,7 @@ class BamFFN(nn.Module):
         if cfg.ffn_renormalize:
             weights = weights / weights.sum(dim=-1, keepdim=True)
         out = torch.zeros_like(x)
-        for e in range(self.w_gate.shape[0]):
+        for e in range(self.w_up.shape[0]):
             rows, slot = (idx == e).nonzero(as_tuple=True)
             if rows.numel():
                 out.index_add_(0, rows, self.expert(x[rows], e) * weights[rows, slot, None].to(x.dtype))
@@ -134,14 +180,15 @@ class BamBlock(nn.Module):
         super().__init__()
         self.parallel = config.block_layout == "parallel"
         self.norm = _norm(config)
-        self.norm_ffn = None if self.parallel else _norm(config)
+        two_norms = not self.parallel or getattr(config, "parallel_ffn_norm", False)
+        self.norm_ffn = _norm(config) if two_norms else None
         self.attn = BamAttention(config, layer_idx)
         self.ffn = BamFFN(config)
 
     def forward(self, x, cos, sin, mask, cache):
         h = self.norm(x)
-        if self.parallel:
-            return x + self.attn(h, cos, sin, mask, cache) + self.ffn(h)
+        if self.parallel:  # GPT-NeoX: the FFN has its own norm
+            return x + self.attn(h, cos, sin, mask, cache) + self.ffn(h if self.norm_ffn is None else self.norm_ffn(x))
         x = x + self.attn(h, cos, sin, mask, cache)
         return x + self.ffn(self.norm_ffn(x))
 
@@ -157,7 +204,8 @@ class BamPreTrainedModel(PreTrainedModel):
         std = getattr(self.config, "initializer_range", 0.02)
         if isinstance(module, (BamAttention, BamFFN)):
             for param in module.parameters(recurse=False):
-                nn.init.normal_(param, std=std)
+                if param is not None:
+                    nn.init.normal_(param, std=std)
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, std=std)
         elif isinstance(module, (nn.RMSNorm, nn.LayerNorm)):
@@ -196,7 +244,12 @@ class BamForCausalLM(BamPreTrainedModel, GenerationMixin):
         if position_ids is None:  # left padding: a row's first real token is position 0
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:past + T]
         mask = self._mask(attention_mask.bool(), past, T)
-        cos, sin = _rope_tables(position_ids, self.config.d_model // self.config.n_head, self.config.rope_base)
+        window = getattr(self.config, "sliding_window_bam", None)
+        if window:  # Mistral: a query sees the keys of its last `window` positions
+            key_position = attention_mask.long().cumsum(-1) - 1
+            inside = key_position[:, None, None, :] > position_ids[:, None, :, None] - window
+            mask = mask & (inside | ~attention_mask.bool()[:, None, None, :])
+        cos, sin = _rope_tables(position_ids, self.config)
         for block in self.blocks:
             x = block(x, cos, sin, mask, cache)
         x = self.norm_f(x)
