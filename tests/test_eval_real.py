@@ -49,17 +49,21 @@ def read_arrow(path: Path, n: int) -> list[dict]:
 def reference_choices(model, tokenizer, items: list[tuple[str, list[str]]]) -> list[int]:
     """For each (context, choices): the choice with the highest summed log-probability of its
     tokens after the context, the continuation being " choice" and its tokens those that
-    context + continuation adds to the context's."""
+    context + continuation adds to the context's. An item's choices run as one right-padded
+    batch: under causal attention the padding after a sequence cannot change its logits."""
     picks = []
     with torch.no_grad():
         for context, choices in items:
             context_ids = tokenizer(context)["input_ids"]
+            sequences = [tokenizer(context + " " + choice)["input_ids"] for choice in choices]
+            width = max(map(len, sequences))
+            batch = torch.tensor([ids + [0] * (width - len(ids)) for ids in sequences])
+            mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids in sequences])
+            logprobs = model(batch, attention_mask=mask).logits.double().log_softmax(-1)
             scores = []
-            for choice in choices:
-                ids = tokenizer(context + " " + choice)["input_ids"]
+            for row, ids in enumerate(sequences):
                 assert ids[:len(context_ids)] == context_ids
-                logits = model(torch.tensor([ids])).logits[0].double().log_softmax(-1)
-                scores.append(sum(logits[i - 1, ids[i]].item() for i in range(len(context_ids), len(ids))))
+                scores.append(sum(logprobs[row, i - 1, ids[i]].item() for i in range(len(context_ids), len(ids))))
             picks.append(max(range(len(choices)), key=scores.__getitem__))
     return picks
 
