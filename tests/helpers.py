@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import random
+import signal
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -99,3 +102,17 @@ def write_word_documents(root: Path) -> Path:
     for i in range(4):
         (root / "words" / f"{i}.txt").write_text(" ".join(f"word{(i * j) % 13}" for j in range(300)))
     return root / "words"
+
+
+def finish(process: subprocess.Popen, timeout: float) -> tuple[int, str]:
+    """(exit code, output) of a command started with `start_new_session=True`; past `timeout`
+    its whole process group (every rank it launched) is killed and the test fails, never hangs."""
+    import pytest
+
+    try:
+        output, _ = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        output, _ = process.communicate()
+        pytest.fail(f"{process.args} did not finish in {timeout} s:\n{output[-4000:]}")
+    return process.returncode, output

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from helpers import finish as finish_process
 
 MAX_STEPS = 4
 BAM = str(Path(sys.executable).with_name("bam"))  # the console script users run
@@ -95,13 +96,7 @@ def start(command: list[str], run_dir: Path, recipe: Path, **env: str) -> subpro
 
 
 def finish(process: subprocess.Popen, timeout: float = 180) -> tuple[int, str]:
-    try:
-        output, _ = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        output, _ = process.communicate()
-        pytest.fail(f"{process.args} did not finish in {timeout} s:\n{output[-4000:]}")
-    return process.returncode, output
+    return finish_process(process, timeout)
 
 
 def run(command: list[str], run_dir: Path, recipe: Path, timeout: float = 180, **env: str) -> str:

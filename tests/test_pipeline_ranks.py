@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from helpers import finish as finish_process
 from helpers import write_domains
 
 TWO_DDP = ["--set", "trainer.devices=2", "--set", "trainer.strategy=ddp"]
@@ -49,13 +50,7 @@ def start(command: list[str], root: Path) -> subprocess.Popen:
 
 
 def finish(process: subprocess.Popen, timeout: float = 420) -> tuple[int, str]:
-    try:
-        output, _ = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        output, _ = process.communicate()
-        pytest.fail(f"{process.args} did not finish in {timeout} s:\n{output[-4000:]}")
-    return process.returncode, output
+    return finish_process(process, timeout)
 
 
 def pipeline(study: Path, *launcher: str) -> list[str]:
