@@ -1,6 +1,6 @@
-"""The same training on two CPU processes (gloo) as on one: DDP and FSDP2 give one process's
-validation metrics and weights for the same global batch, and FSDP2's sharded and full
-checkpoints reload into one process and into two."""
+"""The same training on two CPU processes (gloo) as on one: FSDP2 gives one process's validation
+metrics and weights for the same global batch, and its sharded and full checkpoints reload into
+one process and into two. (DDP against one process: test_training_processes.py, through `bam fit`.)"""
 
 from __future__ import annotations
 
@@ -91,16 +91,13 @@ def fsdp2(save_distributed_checkpoint=True):
 
 
 if __name__ == "__main__":
-    out, results = sys.argv[2], {}
-    if sys.argv[1] == "ddp":
-        trainer, results["ddp"] = run(2, "ddp", epochs=2)
-    else:
-        # The first checkpoint is a folder of per-rank shards, the second one file written by rank 0.
-        trainer, results["fsdp2"] = run(2, fsdp2(), epochs=1, save_as=f"{out}/sharded.ckpt")
-        trainer, results["fsdp2_resumed"] = run(2, fsdp2(save_distributed_checkpoint=False), epochs=2,
-                                                ckpt_path=f"{out}/sharded.ckpt", save_as=f"{out}/full.ckpt")
-        trainer, results["fsdp2_validated"] = run(2, fsdp2(), epochs=2, ckpt_path=f"{out}/full.ckpt",
-                                                  validate_only=True)
+    out, results = sys.argv[1], {}
+    # The first checkpoint is a folder of per-rank shards, the second one file written by rank 0.
+    trainer, results["fsdp2"] = run(2, fsdp2(), epochs=1, save_as=f"{out}/sharded.ckpt")
+    trainer, results["fsdp2_resumed"] = run(2, fsdp2(save_distributed_checkpoint=False), epochs=2,
+                                            ckpt_path=f"{out}/sharded.ckpt", save_as=f"{out}/full.ckpt")
+    trainer, results["fsdp2_validated"] = run(2, fsdp2(), epochs=2, ckpt_path=f"{out}/full.ckpt",
+                                              validate_only=True)
     if trainer.global_rank == 0:
         torch.save(results, f"{out}/results.pt")
 '''
@@ -126,8 +123,8 @@ def one_process(script):
     return module.run(1, "auto", epochs=2)[1]
 
 
-def launch(script_folder: Path, mode: str, out: Path) -> dict:
-    run = subprocess.run([sys.executable, str(script_folder / "two_processes.py"), mode, str(out)],
+def launch(script_folder: Path, out: Path) -> dict:
+    run = subprocess.run([sys.executable, str(script_folder / "two_processes.py"), str(out)],
                          cwd=out, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
     # validation metrics are reduced across ranks: Lightning has nothing to warn about per key
@@ -151,17 +148,10 @@ def assert_same_weights(got: dict[str, torch.Tensor], expected: dict[str, torch.
         torch.testing.assert_close(got[key], value, rtol=1e-4, atol=1e-5, msg=key)
 
 
-def test_ddp_on_two_processes_matches_one_process(script, one_process, tmp_path):
-    ddp = launch(script[0], "ddp", tmp_path)["ddp"]
-    assert len(ddp) == len(one_process) == 2  # after each epoch
-    for got, expected in zip(ddp, one_process, strict=True):
-        assert_same(got, expected)
-
-
 def test_fsdp2_matches_one_process_and_its_checkpoints_reload_on_one_or_two_processes(script, one_process,
                                                                                       tmp_path):
     folder, module = script
-    results = launch(folder, "fsdp2", tmp_path)
+    results = launch(folder, tmp_path)
     after_epoch_1, after_epoch_2 = one_process
     (fsdp2,), (resumed,), (validated,) = results["fsdp2"], results["fsdp2_resumed"], results["fsdp2_validated"]
     assert_same(fsdp2, after_epoch_1)

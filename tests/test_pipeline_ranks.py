@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -116,26 +117,35 @@ def stage_rank_1(root: Path) -> int | None:
     return None
 
 
-def test_a_rank_killed_mid_stage_stops_the_pipeline_naming_the_stage_and_a_rerun_finishes(tmp_path):
-    study = write_study(tmp_path, expert_steps=16)
-    process = start(pipeline(study), tmp_path)
-    checkpoint = tmp_path / "run" / "stages" / "expert_digits" / "checkpoints" / "last.ckpt"
+def test_a_rank_killed_mid_stage_stops_the_pipeline_naming_the_stage_and_a_rerun_finishes(launched_by_lightning,
+                                                                                          tmp_path):
+    """The finished study of the first test, copied with its prepared data, without its mixture,
+    made longer: only that stage runs, and its rank 1 is killed once it has checkpointed."""
+    run_dir, _ = launched_by_lightning
+    shutil.copytree(run_dir, tmp_path / "run", ignore=lambda folder, _: {"bam"} if Path(folder).name == "stages" else set())
+    shutil.copytree(run_dir.parent / "cache", tmp_path / "cache")
+    study = yaml.safe_load((run_dir.parent / "study.yaml").read_text())
+    study["run_dir"], study["mixtures"]["steps"] = str(tmp_path / "run"), 16
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump(study, sort_keys=False))
+    process = start(pipeline(tmp_path / "study.yaml"), tmp_path)
+    checkpoint = tmp_path / "run" / "stages" / "bam" / "checkpoints" / "last.ckpt"
     deadline = time.time() + 300
     while not checkpoint.exists() and process.poll() is None and time.time() < deadline:
         time.sleep(0.1)
     victim = stage_rank_1(tmp_path)
-    assert checkpoint.exists() and victim is not None, "the expert stage never checkpointed on two processes"
+    assert checkpoint.exists() and victim is not None, "the mixture stage never checkpointed on two processes"
     os.kill(victim, signal.SIGKILL)
     code, output = finish(process)
     assert code == 1, output[-4000:]
-    assert "[2/3] expert_digits stopped: another process of the stage stopped" in output, output[-4000:]
+    assert "[2/3] expert_digits: done earlier, skipped" in output and "[3/3] bam: training" in output
+    assert "[3/3] bam stopped: another process of the stage stopped" in output, output[-4000:]
     assert "Re-run the same command to resume" in output
-    assert not (tmp_path / "run" / "stages" / "expert_digits" / "stage.json").exists()
+    assert not (tmp_path / "run" / "stages" / "bam" / "stage.json").exists()
 
-    code, output = finish(start(pipeline(study), tmp_path))
+    code, output = finish(start(pipeline(tmp_path / "study.yaml"), tmp_path))
     assert code == 0, output[-4000:]
-    assert "[1/3] seed: done earlier, skipped" in output and "[2/3] expert_digits: resuming" in output
-    assert json.loads((tmp_path / "run" / "stages" / "expert_digits" / "stage.json").read_text())["steps"] == 16
+    assert "[2/3] expert_digits: done earlier, skipped" in output and "[3/3] bam: resuming" in output
+    assert json.loads((tmp_path / "run" / "stages" / "bam" / "stage.json").read_text())["steps"] == 16
     assert (tmp_path / "run" / "report.md").exists()
 
 
