@@ -1,6 +1,5 @@
 """A user's mistake ends every `bam` command with one line, `bam <command>: error: ...`, a
-non-zero exit and no traceback (issue 22, item 10). Each case runs the real command; they run
-side by side, since each spends its time importing torch and Lightning."""
+non-zero exit and no traceback (issue 22, item 10)."""
 
 from __future__ import annotations
 
@@ -10,12 +9,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from bam_lightning.cli import main
+
 REPO = Path(__file__).resolve().parents[1]
 STUDY = REPO / "recipes" / "tiny" / "study.yaml"
 BAM = str(Path(sys.executable).with_name("bam"))
 
 
-def test_user_errors_end_with_one_line_and_no_traceback(tmp_path):
+def test_user_errors_end_with_one_line_and_no_traceback(tmp_path, capsys):
     a_file = tmp_path / "a_file"
     a_file.write_text("not a folder\n")
     gelu = tmp_path / "gelu_model"
@@ -40,17 +43,31 @@ def test_user_errors_end_with_one_line_and_no_traceback(tmp_path):
         ("import-hf", str(gelu), "--out", str(tmp_path / "seed.bin")):
             ("bam import-hf: error: ", "the imported seed is written as a .safetensors file"),
     }
+    # Two run as the real command, side by side (each spends its time importing torch and
+    # Lightning); the rest call the same entry point, `bam_lightning.cli.main`, in this process.
+    in_process = list(cases)[1:3] + list(cases)[4:]
     env = {**os.environ, "BAM_CACHE_DIR": str(tmp_path / "cache")}
     running = {argv: subprocess.Popen([BAM, *argv], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, text=True) for argv in cases}
+                                      stderr=subprocess.PIPE, text=True) for argv in cases if argv not in in_process}
+    results = {}
     try:
-        results = {argv: (process.communicate(timeout=240), process.returncode) for argv, process in running.items()}
+        with pytest.MonkeyPatch.context() as patch:
+            patch.chdir(tmp_path)
+            patch.setenv("BAM_CACHE_DIR", str(tmp_path / "cache"))
+            patch.setenv("BAM_MALLOC", "default")  # leave this process's allocator alone
+            for argv in in_process:
+                with pytest.raises(SystemExit) as stopped:
+                    main(list(argv))
+                results[argv] = (capsys.readouterr().err, stopped.value.code)
+        results.update({argv: (process.communicate(timeout=240)[1], process.returncode)
+                        for argv, process in running.items()})
     finally:
         for process in running.values():
             process.kill()
-    for argv, ((_, stderr), returncode) in results.items():
+    assert results.keys() == cases.keys()
+    for argv, (stderr, returncode) in results.items():
         start, message = cases[argv]
         last = stderr.strip().splitlines()[-1] if stderr.strip() else ""
-        assert returncode != 0 and "Traceback" not in stderr, (argv, stderr[-3000:])
+        assert returncode == 2 and "Traceback" not in stderr, (argv, stderr[-3000:])
         assert last.startswith(start) and message in last, (argv, last)
     assert not (tmp_path / "seed.safetensors").exists() and a_file.read_text() == "not a folder\n"

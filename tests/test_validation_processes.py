@@ -129,14 +129,14 @@ def test_rank_batches_share_every_window_once_in_as_many_batches_per_rank():
 
 def test_one_two_and_three_processes_validate_the_same_windows_once(toy):
     root, settings = toy
-    results = {devices: run_script(root, settings, devices) for devices in (1, 2, 3)}
+    results = {devices: run_script(root, settings, devices) for devices in (1, 3)}  # 2: under torchrun below
     reference = results[1]
-    fsdp2 = run_script(root, settings, 3, "fsdp2")  # a rank with no digits window, sharded weights
+    fsdp2 = run_script(root, settings, 2, "fsdp2")  # uneven shards (prose 2 + 1 windows), sharded weights
     for domain, windows in (("prose", 3), ("digits", 2)):
         assert sum(reference["documents"][domain]["tokens"]) == windows * SEQ_LEN
     assert any(key.startswith("val/prose/attn_gate/") for key in reference["metrics"])
     assert any(key.startswith("val/digits/ffn_load/") for key in reference["metrics"])
-    for devices, got in ((2, results[2]), (3, results[3]), ("3 fsdp2", fsdp2)):
+    for devices, got in ((3, results[3]), ("2 fsdp2", fsdp2)):  # 3: a rank with no digits window
         for domain, expected in reference["documents"].items():
             ours = got["documents"][domain]
             assert ours["document"] == expected["document"], (devices, domain)
@@ -144,17 +144,18 @@ def test_one_two_and_three_processes_validate_the_same_windows_once(toy):
             assert ours["bytes"] == expected["bytes"], (devices, domain)
             assert ours["loss_sum"] == pytest.approx(expected["loss_sum"], rel=1e-6), (devices, domain)
         assert_same_metrics(got["metrics"], reference["metrics"])
-    for devices in (1, 2, 3):  # inside fit, before step 0: the same weights, the same numbers
+    for devices in (1, 3):  # inside fit, before step 0: the same weights, the same numbers
         losses = {k: v for k, v in reference["metrics"].items() if k.split("/")[-1] in ("loss", "ppl", "bpb")}
         assert_same_metrics(results[devices]["in_fit"], losses)
 
 
-def test_bam_validate_under_torchrun_gives_the_same_numbers_on_1_2_and_3_processes(toy, tmp_path):
+def test_bam_validate_under_torchrun_gives_the_same_numbers_on_1_2_and_3_processes(toy, tmp_path, monkeypatch):
     root, settings = toy
     import lightning as L
     import torch
 
     from bam_lightning.config import ModelConfig
+    from bam_lightning.lightning_cli import run_lightning_cli
     from bam_lightning.lit import MoELM
 
     torch.manual_seed(1)
@@ -166,6 +167,7 @@ def test_bam_validate_under_torchrun_gives_the_same_numbers_on_1_2_and_3_process
     checkpoint = tmp_path / "trained.ckpt"
     trainer.save_checkpoint(checkpoint)
 
+    monkeypatch.chdir(tmp_path)
     records = {}
     for devices in (1, 2, 3):
         metrics_file = tmp_path / f"metrics{devices}.jsonl"
@@ -178,11 +180,14 @@ def test_bam_validate_under_torchrun_gives_the_same_numbers_on_1_2_and_3_process
             "data": settings,
         }
         (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
-        run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                              f"--nproc-per-node={devices}", "-m", "bam_lightning.cli", "validate",
-                              "--config", str(tmp_path / "recipe.yaml"), "--ckpt_path", str(checkpoint)],
-                             cwd=tmp_path, capture_output=True, text=True, timeout=240)
-        assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
+        arguments = ["validate", "--config", str(tmp_path / "recipe.yaml"), "--ckpt_path", str(checkpoint)]
+        if devices == 1:  # the reference, in this process (the command's code without a second start-up)
+            run_lightning_cli(arguments)
+        else:
+            run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                  f"--nproc-per-node={devices}", "-m", "bam_lightning.cli", *arguments],
+                                 cwd=tmp_path, capture_output=True, text=True, timeout=240)
+            assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
         (record,) = [json.loads(line) for line in metrics_file.read_text().splitlines()]  # rank 0 only
         records[devices] = {k: v for k, v in record.items() if k.startswith("val/")}
     assert {"val/prose/loss", "val/digits/bpb", "val/avg/ppl"} <= records[1].keys()
