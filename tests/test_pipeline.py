@@ -4,6 +4,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from helpers import read_prepared_split, write_domains
 
 from bam_lightning.errors import UserError
 from bam_lightning.pipeline import compute_matched_steps, load_pipeline_config, plan
+from bam_lightning.pipeline import main as pipeline_main
 
 MODEL = {"vocab_size": 257, "n_layer": 1, "d_model": 16, "n_head": 2, "d_ff": 32, "max_seq_len": 16}
 MIXTURE = {"n_experts": 2, "ffn_top_k": 1}
@@ -72,7 +74,7 @@ def bam(*args, **kwargs):
                           env=env, **kwargs)
 
 
-def test_pipeline_runs_every_stage_writes_the_report_and_skips_finished_stages(study):
+def test_pipeline_runs_every_stage_writes_the_report_and_skips_finished_stages(study, capsys):
     path, recipes, run_dir = study
     first = bam("pipeline", str(path))
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
@@ -104,9 +106,9 @@ def test_pipeline_runs_every_stage_writes_the_report_and_skips_finished_stages(s
     assert (run_dir / "perplexity_by_domain.png").stat().st_size > 0
     assert any((run_dir / "tensorboard" / "bam").glob("events.out.tfevents.*"))
 
-    second = bam("pipeline", str(path))
-    assert second.returncode == 0
-    assert second.stdout.count("done earlier, skipped") == len(stages)
+    capsys.readouterr()
+    pipeline_main([str(path)])  # nothing to train: the same entry point, in this process
+    assert capsys.readouterr().out.count("done earlier, skipped") == len(stages)
 
     # changing one mixture's recipe reruns that stage only (and what depends on it)
     changed = yaml.safe_load(recipes["btx"].read_text())
@@ -209,14 +211,35 @@ def small_study(tmp_path, **extra):
     return path, tmp_path / "run", domains
 
 
-def test_a_change_that_cannot_run_never_destroys_a_finished_stage(tmp_path, monkeypatch, capsys):
-    """Issue 22, item 0: a refused change, run twice, keeps the finished seed; the original study reuses it."""
-    from bam_lightning.pipeline import main as pipeline_main
-
-    monkeypatch.setenv("BAM_CACHE_DIR", str(tmp_path / "cache"))
-    path, run_dir, _ = small_study(tmp_path)
-    first = bam("pipeline", str(path), timeout=600)
+@pytest.fixture(scope="module")
+def finished_small_study(tmp_path_factory):
+    """`small_study` run once by `bam pipeline`: (root with corpora/ and cache/, study file, run dir)."""
+    root = tmp_path_factory.mktemp("finished_small_study")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("BAM_CACHE_DIR", str(root / "cache"))
+        path, run_dir, _ = small_study(root)
+        first = bam("pipeline", str(path), timeout=600)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    return root, path, run_dir
+
+
+def copy_of_finished_study(finished, tmp_path):
+    """The finished study's run folder and prepared data copied into tmp_path, and a study file
+    that trains there from the same corpora: every stage is finished."""
+    root, path, run_dir = finished
+    shutil.copytree(run_dir, tmp_path / "run")
+    shutil.copytree(root / "cache", tmp_path / "cache")
+    study = yaml.safe_load(path.read_text())
+    study["run_dir"] = str(tmp_path / "run")
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump(study, sort_keys=False))
+    return tmp_path / "study.yaml", tmp_path / "run"
+
+
+def test_a_change_that_cannot_run_never_destroys_a_finished_stage(finished_small_study, tmp_path, monkeypatch,
+                                                                  capsys):
+    """Issue 22, item 0: a refused change, run twice, keeps the finished seed; the original study reuses it."""
+    monkeypatch.setenv("BAM_CACHE_DIR", str(tmp_path / "cache"))
+    path, run_dir = copy_of_finished_study(finished_small_study, tmp_path)
     seed_ckpt = run_dir / "stages" / "seed" / "checkpoints" / "last.ckpt"
     seed_bytes = seed_ckpt.read_bytes()
     # refused before any stage: a data module argument, a path typo in a new domain
@@ -238,9 +261,10 @@ def test_a_change_that_cannot_run_never_destroys_a_finished_stage(tmp_path, monk
         assert "previous outputs restored" in failed.stdout
         # the new domain is missing from the seed's explicit train_weights: named at the start (item 12)
         assert "warning: " in failed.stdout and "seed.train_weights leaves out 'extra'" in failed.stdout
-    again = bam("pipeline", str(path), timeout=600)
-    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    assert again.stdout.count("done earlier, skipped") == 3, again.stdout
+    capsys.readouterr()
+    pipeline_main([str(path)])  # nothing to train: the same entry point, in this process
+    again = capsys.readouterr().out
+    assert again.count("done earlier, skipped") == 3, again
     assert seed_ckpt.read_bytes() == seed_bytes
 
 
@@ -290,7 +314,7 @@ def test_speed_only_fields_keep_fingerprints_and_result_fields_change_them(tmp_p
     assert all(replaced[name] != base[name] for name in base)
 
 
-def test_replacing_a_domains_text_retrains_the_stages_and_records_document_hashes(tmp_path, monkeypatch):
+def test_replacing_a_domains_text_retrains_the_stages_and_records_document_hashes(tmp_path, monkeypatch, capsys):
     """Issue 22, items 2 and 3 end to end: speed-only changes and a moved run folder reuse the
     stages; a domain's text replaced under the same path retrains all of them."""
     monkeypatch.setenv("BAM_CACHE_DIR", str(tmp_path / "cache"))
@@ -306,9 +330,11 @@ def test_replacing_a_domains_text_retrains_the_stages_and_records_document_hashe
                     for i in stats["document"]]
         assert stats["hash"] == expected, domain
     os.rename(run_dir, tmp_path / "moved")
-    reused = bam("pipeline", str(path), "--set", f"run_dir={tmp_path / 'moved'}", "--set", "data.num_workers=1",
-                 "--set", "checkpoint_every_n_steps=2", timeout=600)
-    assert reused.returncode == 0 and reused.stdout.count("done earlier, skipped") == 3, reused.stdout[-3000:]
+    capsys.readouterr()
+    pipeline_main([str(path), "--set", f"run_dir={tmp_path / 'moved'}", "--set", "data.num_workers=1",
+                   "--set", "checkpoint_every_n_steps=2"])  # nothing to train: in this process
+    reused = capsys.readouterr().out
+    assert reused.count("done earlier, skipped") == 3, reused[-3000:]
     digits = tmp_path / "corpora" / "digits"
     for i, document in enumerate(sorted(digits.glob("*.txt"))):
         document.write_text(" ".join(str((i * 11 + j) * (j + 5) % 89) for j in range(200)))
