@@ -269,10 +269,7 @@ def test_sigterm_to_rank_0_stops_both_ranks_after_the_same_step(preemptible):
     reached = assert_saved_at_the_step_reached(run_dir, code, output)
     assert {max(r["step"] for r in steps(run_dir) if r["rank"] == rank) for rank in (0, 1)} == {reached}
     assert_all_exit(process)
-    resumed = run([*command, "--ckpt_path", "checkpoints/last.ckpt"], run_dir, recipe)
-    assert f"`max_steps={SIGTERM_STEPS}` reached" in resumed
-    saved = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
-    assert saved["global_step"] == SIGTERM_STEPS and saved["bam_lightning"]["final"]
+    # resuming it is a 2-process resume from a mid-run checkpoint: exact (test_training_processes.py)
 
 
 def test_shipped_fsdp2_recipes_shard_over_every_process():
