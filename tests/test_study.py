@@ -276,6 +276,23 @@ def test_a_study_file_runs_end_to_end_with_a_length_sweep_and_routing_in_the_rep
         "mixtures": {"methods": ["btx", "bam"], "steps": 4, "val_check_interval": 2, **schedule,
                      "compute_matched": {"reference": "btx", "methods": ["bam"]}, "sweep": [4, 8]},
     }
+    # downstream accuracy of every model after the report (issue 20): a tiny local multiple-choice task
+    (tmp_path / "mc.jsonl").write_text("".join(json.dumps({"question": f"{a} + {b} =", "choices": [str(a + b), str(a * b + 1)],
+                                                           "label": 0}) + "\n" for a, b in ((1, 2), (3, 4), (2, 5), (6, 1))))
+    (tmp_path / "mc.yaml").write_text(f"""task: tiny_sums
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {tmp_path / 'mc.jsonl'}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{question}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: label
+metric_list:
+  - metric: acc
+""")
+    study["eval"] = {"tasks": [str(tmp_path / "mc.yaml")], "batch_size": 4}
     path = write(tmp_path / "study.yaml", study)
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     run = subprocess.run([sys.executable, "-m", "bam_lightning.cli", "pipeline", path], capture_output=True, text=True,
@@ -296,6 +313,12 @@ def test_a_study_file_runs_end_to_end_with_a_length_sweep_and_routing_in_the_rep
     assert "| BAM CM Expert-KV | 4 |" in report and "| BAM CM Expert-KV | 8 |" in report
     assert (tmp_path / "run" / "routing_bam.png").stat().st_size > 0
     assert (tmp_path / "run" / "sweep_ppl_vs_flops.png").stat().st_size > 0
+    # every model scored once on the task, recorded beside the run and summarised in the report
+    assert run.stdout.count("[eval ") == 8 and "[eval 8/8]" in run.stdout, run.stdout[-3000:]
+    for name in stages:
+        scored = json.loads((tmp_path / "run" / "eval" / f"{name}.json").read_text())
+        assert scored["results"]["tiny_sums"]["n"] == 4, name
+    assert "## Downstream accuracy" in report and "| seed |" in report.split("## Downstream accuracy")[1]
     # each stage is an ordinary `bam fit` recipe on disk
     assert yaml.safe_load((tmp_path / "run" / "stages" / "bam_L8" / "config.yaml").read_text())["trainer"]["max_steps"] == 8
 
