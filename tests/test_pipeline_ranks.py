@@ -18,13 +18,17 @@ import pytest
 import torch
 import yaml
 from helpers import finish as finish_process
-from helpers import write_domains
+from helpers import random_dense_state_dict, save_lightning_checkpoint, tiny_config, write_domains
 
 TWO_DDP = ["--set", "trainer.devices=2", "--set", "trainer.strategy=ddp"]
-STAGES = ["seed", "expert_digits", "bam"]
+STAGES = ["expert_digits", "bam"]
+MODEL = {"vocab_size": 257, "n_layer": 1, "d_model": 16, "n_head": 2, "d_ff": 32, "max_seq_len": 16}
 
 
 def write_study(root: Path, expert_steps: int = 4) -> Path:
+    """An existing seed (random weights, the same in every test), one expert and BAM: two stages."""
+    config = tiny_config(**MODEL)
+    seed = save_lightning_checkpoint(root / "seed.ckpt", config, random_dense_state_dict(config, 0))
     schedule = {"lr": 0.003, "warmup_steps": 1}
     study = {
         "run_dir": str(root / "run"), "checkpoint_every_n_steps": 2, "seed_everything": 1,
@@ -32,9 +36,8 @@ def write_study(root: Path, expert_steps: int = 4) -> Path:
                  "val_tokens_per_domain": 128, "val_fraction": 0.2},
         "trainer": {"accelerator": "cpu", "devices": 1, "check_val_every_n_epoch": None, "num_sanity_val_steps": 0,
                     "enable_progress_bar": False, "enable_model_summary": False},
-        "model": {"vocab_size": 257, "n_layer": 1, "d_model": 16, "n_head": 2, "d_ff": 32, "max_seq_len": 16},
-        "seed": {"domain": "alpha", "train_weights": {"alpha": 0.8, "digits": 0.1, "code": 0.1}, "steps": 4,
-                 **schedule},
+        "model": MODEL,
+        "seed": {"domain": "alpha", "checkpoint": str(seed)},
         "experts": {"domains": ["digits"], "train_weights": {"own": 0.9, "seed": 0.1}, "steps": expert_steps,
                     **schedule},
         "mixtures": {"methods": ["bam"], "steps": 4, **schedule},
@@ -65,10 +68,10 @@ def records(run_dir: Path) -> dict[str, dict]:
 
 
 def assert_each_stage_trained_once_on_two_processes(output: str, run_dir: Path) -> None:
-    assert "3 stages composed and checked" in output
+    assert "2 stages composed and checked" in output
     for number, name in enumerate(STAGES, 1):
-        assert output.count(f"[{number}/3] {name}: training") == 1, output[-4000:]
-    assert output.count("`max_steps=4` reached") == 3, output[-4000:]  # rank 0 reports each fit once
+        assert output.count(f"[{number}/2] {name}: training") == 1, output[-4000:]
+    assert output.count("`max_steps=4` reached") == 2, output[-4000:]  # rank 0 reports each fit once
     for name, record in records(run_dir).items():
         assert record["steps"] == 4 and record["tokens"] == 4 * 2 * 4 * 16, name  # 2 processes x batch 4
         saved = torch.load(run_dir / "stages" / name / "checkpoints" / "last.ckpt", weights_only=True)
@@ -87,7 +90,7 @@ def launched_by_lightning(tmp_path_factory):
 
 def test_a_study_with_two_devices_runs_each_stage_once_as_one_two_process_job(launched_by_lightning):
     run_dir, output = launched_by_lightning
-    assert output.count("Starting with 2 processes") == 3, output[-4000:]
+    assert output.count("Starting with 2 processes") == 2, output[-4000:]
     assert_each_stage_trained_once_on_two_processes(output, run_dir)
 
 
@@ -137,14 +140,14 @@ def test_a_rank_killed_mid_stage_stops_the_pipeline_naming_the_stage_and_a_rerun
     os.kill(victim, signal.SIGKILL)
     code, output = finish(process)
     assert code == 1, output[-4000:]
-    assert "[2/3] expert_digits: done earlier, skipped" in output and "[3/3] bam: training" in output
-    assert "[3/3] bam stopped: another process of the stage stopped" in output, output[-4000:]
+    assert "[1/2] expert_digits: done earlier, skipped" in output and "[2/2] bam: training" in output
+    assert "[2/2] bam stopped: another process of the stage stopped" in output, output[-4000:]
     assert "Re-run the same command to resume" in output
     assert not (tmp_path / "run" / "stages" / "bam" / "stage.json").exists()
 
     code, output = finish(start(pipeline(tmp_path / "study.yaml"), tmp_path))
     assert code == 0, output[-4000:]
-    assert "[2/3] expert_digits: done earlier, skipped" in output and "[3/3] bam: resuming" in output
+    assert "[1/2] expert_digits: done earlier, skipped" in output and "[2/2] bam: resuming" in output
     assert json.loads((tmp_path / "run" / "stages" / "bam" / "stage.json").read_text())["steps"] == 16
     assert (tmp_path / "run" / "report.md").exists()
 
@@ -163,12 +166,12 @@ def test_sigterm_to_a_stage_stops_the_pipeline_with_its_step_saved_and_a_rerun_r
     os.kill(int(stage), signal.SIGTERM)
     code, output = finish(process)
     assert code == 143, output[-4000:]
-    assert "[2/3] expert_digits was stopped by SIGTERM (its last step is saved). Re-run the same command" in output
+    assert "[1/2] expert_digits was stopped by SIGTERM (its last step is saved). Re-run the same command" in output
     assert "Traceback" not in output, output[-4000:]
     saved = torch.load(checkpoint, weights_only=True)
     assert 2 <= saved["global_step"] < 120 and not saved["bam_lightning"]["final"]
 
     code, output = finish(start(command, tmp_path))
     assert code == 0, output[-4000:]
-    assert "[2/3] expert_digits: resuming" in output
+    assert "[1/2] expert_digits: resuming" in output
     assert json.loads((tmp_path / "run" / "stages" / "expert_digits" / "stage.json").read_text())["steps"] == 120
