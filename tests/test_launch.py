@@ -1,6 +1,7 @@
 """Every `bam` command on several processes, started the ways users start them: Lightning's own
-launcher (`bam fit --trainer.devices 2`), torchrun on one machine, and torchrun as two "nodes" of
-one process each. Each run is a subprocess with a timeout, so a hang fails instead of blocking."""
+launcher (`bam fit --trainer.devices 2`) and torchrun as two "nodes" of one process each (torchrun
+on one machine: test_training_processes.py). Each run is a subprocess with a timeout, so a hang
+fails instead of blocking."""
 
 from __future__ import annotations
 
@@ -135,13 +136,6 @@ def test_bam_fit_with_fsdp2_from_the_command_line(recipe):
                   "--trainer.strategy.init_args.data_parallel_size", "2",
                   "--trainer.strategy.init_args.tensor_parallel_size", "1",
                   "--trainer.strategy.init_args.save_distributed_checkpoint", "false"], run_dir, recipe)
-    assert_trained_once(run_dir, output, 2)
-
-
-def test_torchrun_on_one_machine(recipe):
-    run_dir = recipe.parent / "torchrun"
-    output = run([*TORCHRUN, "--standalone", "--nproc-per-node", "2", "-m", "bam_lightning.cli", "fit",
-                  "--config", str(recipe), "--trainer.devices", "2", "--trainer.strategy", "ddp"], run_dir, recipe)
     assert_trained_once(run_dir, output, 2)
 
 

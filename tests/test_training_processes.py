@@ -59,13 +59,14 @@ def torchrun_fit(recipe: Path, run_dir: Path, *extra: str, pause_s: float = 0.0)
                             text=True, start_new_session=True)
 
 
-def finish(run: subprocess.Popen) -> None:
+def finish(run: subprocess.Popen) -> str:
     try:
         output, _ = run.communicate(timeout=300)
     except subprocess.TimeoutExpired:
         os.killpg(run.pid, signal.SIGKILL)
         output, _ = run.communicate()
     assert run.returncode == 0, output[-4000:]
+    return output
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +91,9 @@ def study(tmp_path_factory):
         patch.syspath_prepend(str(root))
         run_lightning_cli(["fit", "--config", str(recipe), "--data.batch_size=8"])
     two_dir = root / "two_processes"
-    finish(torchrun_fit(recipe, two_dir))
+    output = finish(torchrun_fit(recipe, two_dir))
+    # `torchrun --nproc-per-node 2 -m bam_lightning.cli fit`: one 2-process job, reported once
+    assert output.count("Starting with 2 processes") == 1 and output.count(f"`max_steps={MAX_STEPS}` reached") == 1
     return recipe, one_dir, two_dir
 
 
