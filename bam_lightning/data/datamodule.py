@@ -125,6 +125,10 @@ class BAMDataModule(L.LightningDataModule):
         num_workers: DataLoader worker processes (speed only: the stream does not depend on it).
         text_fields: domain -> the JSON field or Parquet/Arrow column holding its documents
             (None, or a domain left out: "text").
+        prepare_workers: `litdata.optimize` worker processes that tokenize and write the data
+            while preparing it. Where litdata's chunks end depends on it, so a count other than 1
+            is part of the prepared data's settings (its own data dir); 1 is the layout of data
+            prepared before the option.
     """
 
     def __init__(
@@ -144,6 +148,7 @@ class BAMDataModule(L.LightningDataModule):
         order_seed: int | None = None,
         num_workers: int = 0,
         text_fields: dict[str, str] | None = None,
+        prepare_workers: int = 1,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -179,6 +184,9 @@ class BAMDataModule(L.LightningDataModule):
                 raise ValueError(f"text_fields[{name!r}] = {field!r}: give a known domain "
                                  f"({', '.join(self.domains)}) and a non-empty field name")
         self.text_fields = dict(text_fields) if text_fields else None
+        if isinstance(prepare_workers, bool) or not isinstance(prepare_workers, int) or prepare_workers < 1:
+            raise ValueError(f"prepare_workers must be a whole number >= 1, got {prepare_workers!r}")
+        self.prepare_workers = prepare_workers
 
         # Known after setup() (data_dir after prepare_data(); vocab_size at once for bytes).
         self.data_dir: Path | None = None
@@ -205,6 +213,7 @@ class BAMDataModule(L.LightningDataModule):
             self.max_bytes_per_domain,
             self.seed,
             self.text_fields,
+            self.prepare_workers,
         )
 
     def _resolve_data_dir(self, settings: dict[str, Any]) -> Path:
