@@ -61,7 +61,7 @@ MANIFEST_FILE = "manifest.json"
 DOCUMENTS_FILE = "documents.npy"
 CHUNK_BYTES = 1 << 22  # 4 MiB of tokens per litdata chunk file
 TOKENIZE_BLOCK = 4096  # documents encoded per tokenizer call
-GROUP_BYTES = 1 << 20  # text handed to an optimize worker per input (not one message per document)
+GROUP_BYTES = 1 << 16  # text per optimize input: a message per range, not per document; many for balance
 
 
 # --- settings and the data dir ----------------------------------------------------------------

@@ -1,0 +1,127 @@
+"""Preparation with several litdata.optimize workers, and the streamed preparation's parts that
+must give exactly what the in-memory versions gave (so prepared data keeps its bytes)."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pytest
+from helpers import read_prepared_split, write_domains
+
+from bam_lightning.data import prepare
+from bam_lightning.data.corpora import load_documents, seeded_order
+from bam_lightning.data.datamodule import BAMDataModule
+from bam_lightning.data.dedup import SignatureBands, group_ids, near_duplicate_groups
+from bam_lightning.data.prepare import split_arrays, split_indices
+
+
+def list_split(n_documents, val_fraction, seed, groups=None):
+    """The split as it was written before it was vectorised: a dict of member lists, a list of
+    groups shuffled by random.Random(seed)."""
+    groups = list(range(n_documents)) if groups is None else list(groups)
+    members: dict[int, list[int]] = {}
+    for index, group in enumerate(groups):
+        members.setdefault(group, []).append(index)
+    order = list(members)
+    random.Random(seed).shuffle(order)
+    target = min(n_documents - 1, max(1, round(n_documents * val_fraction)))
+    val: list[int] = []
+    for group in order[:-1]:
+        if len(val) >= target:
+            break
+        if len(val) + len(members[group]) > target and val:
+            continue
+        val.extend(members[group])
+    held = set(val)
+    return [i for i in range(n_documents) if i not in held], val
+
+
+def test_vectorised_split_and_shuffle_match_the_list_versions():
+    rng = random.Random(5)
+    for trial in range(300):
+        n = rng.randint(2, 80)
+        labels = rng.sample(range(1000), rng.randint(2, n))  # any ids, not only 0..G-1
+        groups = [rng.choice(labels) for _ in range(n)] if trial % 3 else None
+        if groups is not None and len(set(groups)) < 2:
+            continue
+        fraction, seed = rng.choice([0.05, 0.2, 0.5, 0.9]), rng.randint(0, 10**6)
+        expected = list_split(n, fraction, seed, groups)
+        assert split_indices(n, fraction, seed, groups) == expected, trial
+        train, val = split_arrays(n, fraction, seed, None if groups is None else np.asarray(groups))
+        assert (train.tolist(), val.tolist()) == expected, trial
+        reference = list(range(n))
+        random.Random(seed).shuffle(reference)
+        assert list(seeded_order(n, seed)) == reference
+
+
+def test_signatures_on_disk_group_like_the_in_memory_grouping(tmp_path):
+    rng = random.Random(2)
+    words = [f"w{i}" for i in range(60)]  # small vocabulary: partial overlaps, big buckets
+    documents = [" ".join(rng.choice(words) for _ in range(rng.randint(1, 30))) for _ in range(300)]
+    for source in range(0, 300, 7):
+        copy = documents[source].split()
+        copy[rng.randrange(len(copy))] = "changed"
+        documents.append(" ".join(copy))
+    bands = SignatureBands(tmp_path / "signatures", len(documents))
+    bands.write(iter(documents))
+    for threshold in (0.3, 0.5, 0.9):
+        expected = near_duplicate_groups(documents, threshold)
+        assert group_ids(len(documents), bands.band, threshold).tolist() == expected
+        assert len(set(expected)) < len(documents)  # something was grouped
+
+
+@pytest.mark.parametrize("tokenizer", ["byte", "bpe"])
+def test_two_workers_write_the_same_documents_in_the_same_order(tmp_path, monkeypatch, tokenizer):
+    monkeypatch.setenv("BAM_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(prepare, "GROUP_BYTES", 1500)  # several inputs per split, so both workers write
+    domains = write_domains(tmp_path)
+    prepared = {}
+    for workers in (1, 2):
+        data = BAMDataModule(domains=domains, tokenizer=tokenizer, bpe_vocab_size=300, val_fraction=0.25,
+                             prepare_workers=workers)
+        data.prepare_data()
+        data.setup("fit")
+        prepared[workers] = data
+    one, two = prepared[1].data_dir, prepared[2].data_dir
+    assert one != two  # the worker count is part of the data's settings: chunk ends differ
+    if tokenizer == "bpe":
+        assert (one / "tokenizer.json").read_bytes() == (two / "tokenizer.json").read_bytes()
+    dtype = prepared[1].manifest["token_dtype"]
+    files_of_second_worker = 0
+    for domain, source in domains.items():
+        documents = load_documents(domain, source)
+        train, val = split_indices(len(documents), 0.25, 1234, near_duplicate_groups(documents))
+        for split, indices in (("train", train), ("val", val)):
+            tokens_1, _, offsets_1 = read_prepared_split(one / domain / split, dtype)
+            tokens_2, _, offsets_2 = read_prepared_split(two / domain / split, dtype)
+            assert np.array_equal(tokens_1, tokens_2) and np.array_equal(offsets_1, offsets_2)
+            assert len(offsets_2) == len(indices) + 1 and offsets_2[-1] == len(tokens_2)
+            if tokenizer == "byte":  # an independent reference: the documents' bytes, EOS-ended
+                expected = b"".join(documents[i].encode() + b"\0" for i in indices)
+                reference = np.frombuffer(expected, dtype=np.uint8).astype(dtype)
+                reference[np.cumsum([len(documents[i].encode()) + 1 for i in indices]) - 1] = 256
+                assert np.array_equal(tokens_2, reference)
+            else:
+                bpe = prepared[2].tokenizer
+                for k, i in enumerate(indices):
+                    assert tokens_2[offsets_2[k]:offsets_2[k + 1]].tolist() == bpe.encode(documents[i]) + [bpe.eos_id]
+            chunks = json.loads((two / domain / split / "index.json").read_text())["chunks"]
+            files_of_second_worker += sum(chunk["filename"].startswith("chunk-1-") for chunk in chunks)
+    assert files_of_second_worker > 0
+
+
+def test_bad_prepare_workers_is_named():
+    with pytest.raises(ValueError, match=r"prepare_workers must be a whole number >= 1, got 0"):
+        BAMDataModule(domains={"a": "a.txt"}, prepare_workers=0)
+
+
+def test_a_failed_split_leaves_no_staging(tmp_path):
+    (tmp_path / "same").mkdir()
+    for i in range(3):
+        (tmp_path / "same" / f"{i}.txt").write_text("the very same words in every single one of them\n")
+    data = BAMDataModule(domains={"same": str(tmp_path / "same" / "*.txt")}, data_dir=str(tmp_path / "out" / "d"))
+    with pytest.raises(ValueError, match="domain 'same': all 3 documents are near-duplicates"):
+        data.prepare_data()
+    assert list((tmp_path / "out").iterdir()) == []
