@@ -4,17 +4,24 @@ must give exactly what the in-memory versions gave (so prepared data keeps its b
 from __future__ import annotations
 
 import json
+import os
 import random
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import read_prepared_split, write_domains
+from helpers import finish, read_prepared_split, write_domains
 
 from bam_lightning.data import prepare
 from bam_lightning.data.corpora import load_documents, seeded_order
 from bam_lightning.data.datamodule import BAMDataModule
 from bam_lightning.data.dedup import SignatureBands, group_ids, near_duplicate_groups
 from bam_lightning.data.prepare import split_arrays, split_indices
+
+REPO = Path(__file__).resolve().parents[1]
+BAM = str(Path(sys.executable).with_name("bam"))
 
 
 def list_split(n_documents, val_fraction, seed, groups=None):
@@ -113,7 +120,7 @@ def test_two_workers_write_the_same_documents_in_the_same_order(tmp_path, monkey
 
 
 def test_bad_prepare_workers_is_named():
-    with pytest.raises(ValueError, match=r"prepare_workers must be a whole number >= 1, got 0"):
+    with pytest.raises(ValueError, match=r"data.prepare_workers must be a whole number >= 1, got 0"):
         BAMDataModule(domains={"a": "a.txt"}, prepare_workers=0)
 
 
@@ -125,3 +132,26 @@ def test_a_failed_split_leaves_no_staging(tmp_path):
     with pytest.raises(ValueError, match="domain 'same': all 3 documents are near-duplicates"):
         data.prepare_data()
     assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_bam_fit_prepares_with_two_workers(tmp_path):
+    """`data.prepare_workers` through the command line: the data is prepared by two litdata
+    workers (chunks of both), under its own settings, and training runs on it."""
+    (tmp_path / "words").mkdir()
+    for i in range(60):  # about 190 KB: several optimize inputs, so both workers get some
+        (tmp_path / "words" / f"{i}.txt").write_text(" ".join(f"word{(i * j) % 97}" for j in range(450)))
+    command = [BAM, "fit", "--config", str(REPO / "recipes" / "tiny" / "seed.yaml"),
+               "--data.domains", json.dumps({"words": str(tmp_path / "words" / "*.txt")}),
+               "--data.train_weights", "null", "--data.prepare_workers", "2", "--data.seq_len", "16",
+               "--data.batch_size", "2", "--data.val_tokens_per_domain", "64", "--trainer.max_steps", "1",
+               "--trainer.num_sanity_val_steps", "0", "--trainer.logger", "false", "--trainer.callbacks", "[]",
+               "--trainer.enable_checkpointing", "false"]
+    process = subprocess.Popen(command, cwd=tmp_path, env={**os.environ, "BAM_CACHE_DIR": str(tmp_path / "cache")},
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    returncode, output = finish(process, timeout=240)
+    assert returncode == 0, output[-3000:]
+    (manifest_path,) = (tmp_path / "cache" / "prepared").glob("*/manifest.json")
+    manifest = json.loads(manifest_path.read_text())
+    assert manifest["settings"]["prepare_workers"] == 2
+    chunks = json.loads((manifest_path.parent / "words" / "train" / "index.json").read_text())["chunks"]
+    assert {chunk["filename"].split("-")[1] for chunk in chunks} == {"0", "1"}

@@ -46,6 +46,7 @@ from bam_lightning.data.stream import (
     ValidationWindows,
 )
 from bam_lightning.data.tokenizer import TOKENIZER_FILE, load_tokenizer
+from bam_lightning.errors import UserError
 
 _DOMAIN_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")  # it becomes a folder and a metric name
 
@@ -185,7 +186,7 @@ class BAMDataModule(L.LightningDataModule):
                                  f"({', '.join(self.domains)}) and a non-empty field name")
         self.text_fields = dict(text_fields) if text_fields else None
         if isinstance(prepare_workers, bool) or not isinstance(prepare_workers, int) or prepare_workers < 1:
-            raise ValueError(f"prepare_workers must be a whole number >= 1, got {prepare_workers!r}")
+            raise UserError(f"data.prepare_workers must be a whole number >= 1, got {prepare_workers!r}")
         self.prepare_workers = prepare_workers
 
         # Known after setup() (data_dir after prepare_data(); vocab_size at once for bytes).
