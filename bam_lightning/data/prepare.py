@@ -21,7 +21,15 @@ are refused.
 
 The default data dir is `<cache>/prepared/<hash of the settings>`: the sources (built-in corpus
 ids, or user files with their sizes and modification times), tokenizer, byte cap, split, seed
-and chunk size. `seq_len` and the validation token cap are read-time choices and not part of it.
+and chunk size, and the optimize worker count when it is not 1 (each worker ends its own last
+chunk, so the chunk ends depend on it). `seq_len` and the validation token cap are read-time
+choices and not part of it.
+
+Memory is bounded by a block, not the corpus: the sources are read as streams twice (sizes and
+the byte cap, then into a spool file of the kept documents in the staging folder while their
+MinHash signatures go to disk band by band); the split, the BPE training and the optimize workers
+read the spool back by document. What stays in memory is a block of texts or tokens plus tens of
+bytes per document (byte offsets, group ids, split indices, one band of signatures while grouping).
 """
 
 from __future__ import annotations
