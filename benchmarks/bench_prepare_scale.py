@@ -70,11 +70,11 @@ def one_size(corpus: Path, workers: int, tokenizer: str = "byte") -> dict:
         root = Path(folder)
         base = current_rss()
         domains = {"synthetic": str(corpus)}
-        settings = prepare_settings(domains, tokenizer, 4096, 0.05, 10**12, 1234, prepare_workers=workers)
+        settings = prepare_settings(domains, tokenizer, 4096, 0.05, 10**12, 1234)
         started = time.perf_counter()
         documents = load_all_documents(domains, 10**12, 1234, root / "cache")
         read = time.perf_counter() - started
-        prepare(root / "prepared", documents, settings)
+        prepare(root / "prepared", documents, settings, workers)
         seconds = time.perf_counter() - started
         manifest = json.loads((root / "prepared" / "manifest.json").read_text())
     peak_self = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

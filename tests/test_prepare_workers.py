@@ -18,7 +18,7 @@ from bam_lightning.data import prepare
 from bam_lightning.data.corpora import load_documents, seeded_order
 from bam_lightning.data.datamodule import BAMDataModule
 from bam_lightning.data.dedup import SignatureBands, group_ids, near_duplicate_groups
-from bam_lightning.data.prepare import split_arrays, split_indices
+from bam_lightning.data.prepare import settings_digest, split_arrays, split_indices
 
 REPO = Path(__file__).resolve().parents[1]
 BAM = str(Path(sys.executable).with_name("bam"))
@@ -79,44 +79,53 @@ def test_signatures_on_disk_group_like_the_in_memory_grouping(tmp_path):
         assert len(set(expected)) < len(documents)  # something was grouped
 
 
+def tree(folder):
+    """Every file's bytes under `folder`, litdata's `updated_at` stamp and the timing left out."""
+    files = {}
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            content = json.loads(path.read_text()) if path.suffix == ".json" else path.read_bytes()
+            if path.name in ("index.json", "manifest.json"):
+                content.pop("updated_at", None), content.pop("prepare_seconds", None)
+            files[str(path.relative_to(folder))] = content
+    return files
+
+
 @pytest.mark.parametrize("tokenizer", ["byte", "bpe"])
-def test_two_workers_write_the_same_documents_in_the_same_order(tmp_path, monkeypatch, tokenizer):
+def test_two_workers_prepare_exactly_what_one_prepares(tmp_path, monkeypatch, tokenizer):
     monkeypatch.setenv("BAM_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setattr(prepare, "GROUP_BYTES", 1500)  # several inputs per split, so both workers write
+    monkeypatch.setattr(prepare, "GROUP_BYTES", 1500)  # several inputs per split, so both workers tokenize
+    workers_used = []
+    original = prepare._optimize
+    monkeypatch.setattr(prepare, "_optimize", lambda *args: workers_used.append(args[-1]) or original(*args))
     domains = write_domains(tmp_path)
     prepared = {}
     for workers in (1, 2):
         data = BAMDataModule(domains=domains, tokenizer=tokenizer, bpe_vocab_size=300, val_fraction=0.25,
-                             prepare_workers=workers)
+                             prepare_workers=workers, data_dir=str(tmp_path / f"workers{workers}"))
         data.prepare_data()
         data.setup("fit")
         prepared[workers] = data
+        assert max(workers_used) == workers
+    assert BAMDataModule(domains=domains, prepare_workers=2)._settings() == BAMDataModule(domains=domains)._settings()
     one, two = prepared[1].data_dir, prepared[2].data_dir
-    assert one != two  # the worker count is part of the data's settings: chunk ends differ
-    if tokenizer == "bpe":
-        assert (one / "tokenizer.json").read_bytes() == (two / "tokenizer.json").read_bytes()
-    dtype = prepared[1].manifest["token_dtype"]
-    files_of_second_worker = 0
+    assert tree(one) == tree(two)  # every chunk, index, offsets file and tokenizer
+    dtype = prepared[2].manifest["token_dtype"]
     for domain, source in domains.items():
         documents = load_documents(domain, source)
         train, val = split_indices(len(documents), 0.25, 1234, near_duplicate_groups(documents))
         for split, indices in (("train", train), ("val", val)):
-            tokens_1, _, offsets_1 = read_prepared_split(one / domain / split, dtype)
-            tokens_2, _, offsets_2 = read_prepared_split(two / domain / split, dtype)
-            assert np.array_equal(tokens_1, tokens_2) and np.array_equal(offsets_1, offsets_2)
-            assert len(offsets_2) == len(indices) + 1 and offsets_2[-1] == len(tokens_2)
+            tokens, _, offsets = read_prepared_split(two / domain / split, dtype)
+            assert len(offsets) == len(indices) + 1 and offsets[-1] == len(tokens)
             if tokenizer == "byte":  # an independent reference: the documents' bytes, EOS-ended
                 expected = b"".join(documents[i].encode() + b"\0" for i in indices)
                 reference = np.frombuffer(expected, dtype=np.uint8).astype(dtype)
                 reference[np.cumsum([len(documents[i].encode()) + 1 for i in indices]) - 1] = 256
-                assert np.array_equal(tokens_2, reference)
+                assert np.array_equal(tokens, reference)
             else:
                 bpe = prepared[2].tokenizer
                 for k, i in enumerate(indices):
-                    assert tokens_2[offsets_2[k]:offsets_2[k + 1]].tolist() == bpe.encode(documents[i]) + [bpe.eos_id]
-            chunks = json.loads((two / domain / split / "index.json").read_text())["chunks"]
-            files_of_second_worker += sum(chunk["filename"].startswith("chunk-1-") for chunk in chunks)
-    assert files_of_second_worker > 0
+                    assert tokens[offsets[k]:offsets[k + 1]].tolist() == bpe.encode(documents[i]) + [bpe.eos_id]
 
 
 def test_bad_prepare_workers_is_named():
@@ -135,23 +144,24 @@ def test_a_failed_split_leaves_no_staging(tmp_path):
 
 
 def test_bam_fit_prepares_with_two_workers(tmp_path):
-    """`data.prepare_workers` through the command line: the data is prepared by two litdata
-    workers (chunks of both), under its own settings, and training runs on it."""
+    """`data.prepare_workers` through the command line: two litdata workers tokenize, and the
+    data is what one worker prepares (the same key, the same files)."""
     (tmp_path / "words").mkdir()
     for i in range(60):  # about 190 KB: several optimize inputs, so both workers get some
         (tmp_path / "words" / f"{i}.txt").write_text(" ".join(f"word{(i * j) % 97}" for j in range(450)))
+    domains = {"words": str(tmp_path / "words" / "*.txt")}
     command = [BAM, "fit", "--config", str(REPO / "recipes" / "tiny" / "seed.yaml"),
-               "--data.domains", json.dumps({"words": str(tmp_path / "words" / "*.txt")}),
-               "--data.train_weights", "null", "--data.prepare_workers", "2", "--data.seq_len", "16",
-               "--data.batch_size", "2", "--data.val_tokens_per_domain", "64", "--trainer.max_steps", "1",
-               "--trainer.num_sanity_val_steps", "0", "--trainer.logger", "false", "--trainer.callbacks", "[]",
-               "--trainer.enable_checkpointing", "false"]
+               "--data.domains", json.dumps(domains), "--data.train_weights", "null",
+               "--data.prepare_workers", "2", "--data.seq_len", "16", "--data.batch_size", "2",
+               "--data.val_tokens_per_domain", "64", "--trainer.max_steps", "1", "--trainer.num_sanity_val_steps", "0",
+               "--trainer.logger", "false", "--trainer.callbacks", "[]", "--trainer.enable_checkpointing", "false"]
     process = subprocess.Popen(command, cwd=tmp_path, env={**os.environ, "BAM_CACHE_DIR": str(tmp_path / "cache")},
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     returncode, output = finish(process, timeout=240)
     assert returncode == 0, output[-3000:]
+    assert "words/train: tokenized by 2 optimize workers" in output
     (manifest_path,) = (tmp_path / "cache" / "prepared").glob("*/manifest.json")
-    manifest = json.loads(manifest_path.read_text())
-    assert manifest["settings"]["prepare_workers"] == 2
-    chunks = json.loads((manifest_path.parent / "words" / "train" / "index.json").read_text())["chunks"]
-    assert {chunk["filename"].split("-")[1] for chunk in chunks} == {"0", "1"}
+    reference = BAMDataModule(domains=domains, data_dir=str(tmp_path / "one"))
+    reference.prepare_data()
+    assert settings_digest(reference._settings()) == manifest_path.parent.name  # the same key
+    assert tree(manifest_path.parent) == tree(tmp_path / "one")

@@ -126,10 +126,8 @@ class BAMDataModule(L.LightningDataModule):
         num_workers: DataLoader worker processes (speed only: the stream does not depend on it).
         text_fields: domain -> the JSON field or Parquet/Arrow column holding its documents
             (None, or a domain left out: "text").
-        prepare_workers: `litdata.optimize` worker processes that tokenize and write the data
-            while preparing it. Where litdata's chunks end depends on it, so a count other than 1
-            is part of the prepared data's settings (its own data dir); 1 is the layout of data
-            prepared before the option.
+        prepare_workers: `litdata.optimize` worker processes that tokenize the documents while
+            the data is prepared (speed only: the prepared data is the same for any count).
     """
 
     def __init__(
@@ -214,7 +212,6 @@ class BAMDataModule(L.LightningDataModule):
             self.max_bytes_per_domain,
             self.seed,
             self.text_fields,
-            self.prepare_workers,
         )
 
     def _resolve_data_dir(self, settings: dict[str, Any]) -> Path:
@@ -231,7 +228,7 @@ class BAMDataModule(L.LightningDataModule):
         documents = load_all_documents(
             self.domains, self.max_bytes_per_domain, self.seed, default_cache_dir(), self.text_fields
         )
-        prepare(data_dir, documents, settings)
+        prepare(data_dir, documents, settings, self.prepare_workers)
 
     def setup(self, stage: str | None = None) -> None:
         settings = self._settings()

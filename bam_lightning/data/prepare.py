@@ -21,9 +21,8 @@ are refused.
 
 The default data dir is `<cache>/prepared/<hash of the settings>`: the sources (built-in corpus
 ids, or user files with their sizes and modification times), tokenizer, byte cap, split, seed
-and chunk size, and the optimize worker count when it is not 1 (each worker ends its own last
-chunk, so the chunk ends depend on it). `seq_len` and the validation token cap are read-time
-choices and not part of it.
+and chunk size. `seq_len`, the validation token cap and the optimize worker count (the data is
+the same for any) are not part of it.
 
 Memory is bounded by a block, not the corpus: the sources are read as streams twice (sizes and
 the byte cap, then into a spool file of the kept documents in the staging folder while their
@@ -94,9 +93,9 @@ def prepare_settings(
     max_bytes_per_domain: int,
     seed: int,
     text_fields: dict[str, str] | None = None,
-    prepare_workers: int = 1,
 ) -> dict[str, Any]:
-    """Everything the prepared data depends on, as plain JSON values."""
+    """Everything the prepared data depends on, as plain JSON values (not the optimize worker
+    count: the data is the same for any, see `write_token_dataset`)."""
     settings = {
         "format": PREPARED_FORMAT_VERSION,
         "sources": {d: source_identity(d, s, max_bytes_per_domain) for d, s in domains.items()},
@@ -111,8 +110,6 @@ def prepare_settings(
     }
     if text_fields:  # only when set, so data prepared before the option keeps its hash
         settings["text_fields"] = dict(sorted(text_fields.items()))
-    if prepare_workers != 1:  # where litdata's chunks end depends on it; 1 keeps older data's hash
-        settings["prepare_workers"] = prepare_workers
     if tokenizer not in ("byte", "bpe"):  # a tokenizer file: prepared data follows its contents
         from bam_lightning.data.hf_tokenizer import HFTokenizer, find_tokenizer_json
 
@@ -366,6 +363,39 @@ def _isolated_optimize(staging_dir: Path) -> Iterator[None]:
                 os.environ[name] = value
 
 
+def copy_documents(spec: dict[str, Any], position: int) -> Iterator[np.ndarray]:
+    """litdata.optimize item function: the documents (items) of chunk `position` of an already
+    tokenized split, in order (the single-worker rewrite after parallel tokenizing)."""
+    raw = (Path(spec["source"]) / spec["files"][position]).read_bytes()
+    count = int(np.frombuffer(raw, dtype=np.uint32, count=1)[0])
+    bounds = np.frombuffer(raw, dtype=np.uint32, count=count + 1, offset=4).tolist()
+    itemsize = np.dtype(spec["dtype"]).itemsize
+    for start, stop in zip(bounds[:-1], bounds[1:], strict=True):
+        yield np.frombuffer(raw, dtype=spec["dtype"], count=(stop - start) // itemsize, offset=start)
+
+
+def _optimize(fn: Any, inputs: list[Any], output_dir: Path, staging_dir: Path, workers: int) -> None:
+    """`litdata.optimize` into TokensLoader chunks, documents in input order (`keep_data_ordered`:
+    worker k takes the k-th contiguous share of the inputs, and the chunks are listed worker by
+    worker, so the order never depends on timing)."""
+    from litdata import TokensLoader, optimize  # heavy import, only needed while preparing
+
+    with _isolated_optimize(staging_dir):
+        optimize(
+            fn=fn,
+            inputs=inputs,
+            output_dir=str(output_dir),
+            chunk_bytes=CHUNK_BYTES,
+            item_loader=TokensLoader(),
+            num_workers=workers,
+            keep_data_ordered=True,
+            reorder_files=False,
+            verbose=False,
+            # fork: a worker starts in milliseconds; spawn re-imports torch, ~5 s a call.
+            start_method="fork" if sys.platform == "linux" else "spawn",
+        )
+
+
 def write_token_dataset(
     spool: TextSpool, indices: np.ndarray, tokenizer: dict[str, Any], output_dir: Path,
     staging_dir: Path, workers: int = 1,
@@ -374,32 +404,30 @@ def write_token_dataset(
     (a TokensLoader dataset, a document per item), its workers tokenizing; then the document
     offsets beside it, read back from the chunk headers. Returns the tokens in each chunk.
 
-    Each worker gets a contiguous share of the documents in order and writes its own chunks,
-    and litdata lists the chunks worker by worker (`keep_data_ordered`): the documents come out
-    in `indices` order for any worker count, deterministically. Where the chunks end depends on
-    the worker count (a worker's last chunk is short), so it is part of the data's settings."""
-    from litdata import TokensLoader, optimize  # heavy import, only needed while preparing
-
+    One worker writes the chunks as it tokenizes. Several workers each tokenize a contiguous
+    share of the documents into chunks of their own (in the staging folder), and one more
+    single-worker pass copies those documents, in order, into the split's chunks: each worker
+    ends its own last chunk, so only this rewrite gives the chunk ends (and files) of one worker.
+    The prepared data is the same for any worker count, which is why `prepare_workers` is not
+    part of the data's settings; the rewrite copies bytes (about 25M tokens/s here)."""
     staging_dir.mkdir(parents=True, exist_ok=True)
     indices_path = staging_dir / f"{output_dir.parent.name}-{output_dir.name}.indices.npy"
     np.save(indices_path, indices)
     inputs = input_ranges(spool.sizes(indices))
     spec = {**tokenizer, "spool": str(spool.path), "offsets": str(spool.path.with_suffix(".offsets.npy")),
             "indices": str(indices_path)}
-    with _isolated_optimize(staging_dir):
-        optimize(
-            fn=functools.partial(tokenize_documents, spec),
-            inputs=inputs,
-            output_dir=str(output_dir),
-            chunk_bytes=CHUNK_BYTES,
-            item_loader=TokensLoader(),
-            num_workers=max(1, min(workers, len(inputs))),
-            keep_data_ordered=True,
-            reorder_files=False,
-            verbose=False,
-            # fork: a worker starts in milliseconds; spawn re-imports torch, ~5 s a call.
-            start_method="fork" if sys.platform == "linux" else "spawn",
-        )
+    workers = max(1, min(workers, len(inputs)))
+    if workers == 1:
+        _optimize(functools.partial(tokenize_documents, spec), inputs, output_dir, staging_dir, 1)
+    else:
+        tokenized = staging_dir / f"{output_dir.parent.name}-{output_dir.name}.tokenized"
+        _optimize(functools.partial(tokenize_documents, spec), inputs, tokenized, staging_dir, workers)
+        files = [chunk["filename"] for chunk in json.loads((tokenized / "index.json").read_text())["chunks"]]
+        copy = {"source": str(tokenized), "files": files, "dtype": tokenizer["dtype"]}
+        _optimize(functools.partial(copy_documents, copy), list(range(len(files))), output_dir, staging_dir, 1)
+        shutil.rmtree(tokenized)
+        rank_zero_info(f"[bam data] {output_dir.parent.name}/{output_dir.name}: tokenized by {workers} optimize "
+                       f"workers ({len(files)} chunks), rewritten in order as one worker's chunks")
     chunk_tokens, lengths = chunk_document_tokens(output_dir, np.dtype(tokenizer["dtype"]).itemsize)
     if len(lengths) != len(indices) or int(lengths.sum()) != sum(chunk_tokens):
         raise RuntimeError(f"litdata wrote {len(lengths)} documents ({sum(chunk_tokens)} tokens) to "
@@ -458,6 +486,7 @@ def prepare(
     data_dir: Path,
     documents: Mapping[str, Collection[str]],
     settings: dict[str, Any],
+    workers: int = 1,
 ) -> dict[str, Any]:
     """Split, train the tokenizer if asked, tokenize and write every domain and split; then the
     manifest; then rename the finished tree to `data_dir`. Returns the manifest.
@@ -469,7 +498,6 @@ def prepare(
     (offsets, group ids, split indices; see docs)."""
     started = time.perf_counter()
     val_fraction, seed = settings["val_fraction"], settings["seed"]
-    workers = settings.get("prepare_workers", 1)
     data_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = data_dir.parent / f".{data_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     staging.mkdir()
