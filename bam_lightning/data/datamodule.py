@@ -127,7 +127,8 @@ class BAMDataModule(L.LightningDataModule):
         text_fields: domain -> the JSON field or Parquet/Arrow column holding its documents
             (None, or a domain left out: "text").
         prepare_workers: `litdata.optimize` worker processes that tokenize the documents while
-            the data is prepared (speed only: the prepared data is the same for any count).
+            the data is prepared, for "bpe" or a tokenizer.json ("byte" needs no tokenizing: one
+            worker copies the bytes). Speed only: the prepared data is the same for any count.
     """
 
     def __init__(

@@ -540,6 +540,8 @@ def prepare(
         dtype = "uint16" if tokenizer.vocab_size <= 1 << 16 else "uint32"
         tokenizer_spec = {"tokenizer": "byte" if settings["tokenizer"] == "byte" else str(staging),
                           "dtype": dtype, "eos_id": tokenizer.eos_id}
+        if settings["tokenizer"] == "byte":  # the spool's bytes are the tokens: nothing to share out
+            workers = 1
         summary: dict[str, dict[str, Any]] = {}
         for domain, (spool, by_split) in splits.items():
             summary[domain] = {}
