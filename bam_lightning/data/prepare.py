@@ -235,12 +235,16 @@ class TextSpool:
         count = 0
         with self.path.open("wb", buffering=1 << 20) as file:
             for count, text in enumerate(documents, start=1):
+                if count == len(self.offsets):
+                    raise RuntimeError(f"{self.path}: more documents than the {count - 1} counted before "
+                                       "(a source changed while it was prepared?)")
                 data = text.encode("utf-8")
                 file.write(data)
                 self.offsets[count] = self.offsets[count - 1] + len(data)
                 yield text
         if count != len(self.offsets) - 1:
-            raise RuntimeError(f"{self.path}: {count} documents written, expected {len(self.offsets) - 1}")
+            raise RuntimeError(f"{self.path}: {count} documents written, expected {len(self.offsets) - 1} "
+                               "(a source changed while it was prepared?)")
         np.save(self.path.with_suffix(".offsets.npy"), self.offsets)
 
     def sizes(self, indices: np.ndarray) -> np.ndarray:
