@@ -15,7 +15,7 @@ unfinished one resumes from its `last.ckpt`; a changed one is rerun, and so is e
 it. The fingerprint is what decides a stage's numbers: its composed config, its upstream stages'
 fingerprints (sparse upcycling: the seed's only, the one source it reads) and the identity of the
 prepared data (sources with each file's size and modification time, tokenizer, split). Speed-only
-fields are left out (SPEED_ONLY_*: `data.num_workers`, `data.data_dir`, `checkpoint_every_n_steps`,
+fields are left out (SPEED_ONLY_*: `data.num_workers`, `data.prepare_workers`, `data.data_dir`, `checkpoint_every_n_steps`,
 the progress bar, model summary, logging, logger and monitoring callbacks), and paths inside
 `run_dir` count relative to it, so a moved run folder keeps its stages.
 
@@ -400,7 +400,7 @@ def upcycling_method(recipe: dict[str, Any]) -> str | None:
 SPEED_ONLY_TRAINER = ("default_root_dir", "logger", "enable_progress_bar", "enable_model_summary",
                       "log_every_n_steps")
 SPEED_ONLY_CALLBACKS = ("ModelCheckpoint", "MetricsFile", "ProgressLog", "LearningRateMonitor", "TokenThroughput")
-SPEED_ONLY_DATA = ("num_workers", "data_dir")  # data_dir: where the data is; its identity is fingerprinted
+SPEED_ONLY_DATA = ("num_workers", "prepare_workers", "data_dir")  # data_dir: where the data is; its identity is fingerprinted
 RUN_DIR_MARK = "$RUN_DIR"
 
 
@@ -478,7 +478,7 @@ def data_identities(stages: list[Stage], composed: dict[str, dict[str, Any]],
     identities = {}
     for stage in stages:
         data = dict(composed[stage.name].get("data") or {})
-        key = json.dumps({k: v for k, v in data.items() if k not in ("train_weights", "order_seed", "num_workers")},
+        key = json.dumps({k: v for k, v in data.items() if k not in ("train_weights", "order_seed", "num_workers", "prepare_workers")},
                          sort_keys=True)
         if key not in by_data:
             try:

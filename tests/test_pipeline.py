@@ -298,7 +298,7 @@ def test_speed_only_fields_keep_fingerprints_and_result_fields_change_them(tmp_p
         return stage_fingerprints(stages, check_stages(stages, config, run), config, run)
 
     base = prints()
-    for speed_only in (["data.num_workers=1"], ["checkpoint_every_n_steps=3"], ["trainer.enable_progress_bar=true"],
+    for speed_only in (["data.num_workers=1"], ["data.prepare_workers=2"], ["checkpoint_every_n_steps=3"], ["trainer.enable_progress_bar=true"],
                        ["trainer.log_every_n_steps=1"]):
         assert prints(*speed_only) == base, speed_only
     assert prints(run=tmp_path / "moved_run") == base  # the run folder moved

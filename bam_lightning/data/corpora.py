@@ -31,9 +31,12 @@ import sys
 import sysconfig
 import tarfile
 import zlib
+from array import array
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from bam_lightning.data.math_gen import MATH_GENERATOR_VERSION, generate_math_documents
 
@@ -95,8 +98,8 @@ def builtin_corpus_id(name: str, max_bytes: int) -> str:
     )
 
 
-def builtin_documents(name: str, max_bytes: int, cache_dir: Path | None = None) -> list[str]:
-    """The documents of a built-in corpus, built on first use and cached as JSONL."""
+def builtin_corpus_path(name: str, max_bytes: int, cache_dir: Path | None = None) -> Path:
+    """The cached JSONL file of a built-in corpus, built on first use."""
     cache_dir = Path(cache_dir or default_cache_dir())
     path = cache_dir / "corpora" / f"{builtin_corpus_id(name, max_bytes)}.jsonl"
     if not path.is_file():
@@ -107,8 +110,21 @@ def builtin_documents(name: str, max_bytes: int, cache_dir: Path | None = None) 
             "math": lambda: generate_math_documents(max_bytes, MATH_CORPUS_SEED),
         }
         write_jsonl(path, builders[name]())
-    lines = path.read_text(encoding="utf-8").split("\n")  # not splitlines(): U+2028 is text
-    return [json.loads(line)["text"] for line in lines if line]
+    return path
+
+
+def iter_cached_corpus(path: Path) -> Iterator[str]:
+    """The documents of a cached corpus file, a line at a time (lines end at b"\n" only: U+2028
+    is text)."""
+    with path.open("rb") as handle:
+        for line in handle:
+            if line.strip(b"\n"):
+                yield json.loads(line.decode("utf-8"))["text"]
+
+
+def builtin_documents(name: str, max_bytes: int, cache_dir: Path | None = None) -> list[str]:
+    """The documents of a built-in corpus, built on first use and cached as JSONL."""
+    return list(iter_cached_corpus(builtin_corpus_path(name, max_bytes, cache_dir)))
 
 
 def write_jsonl(path: Path, documents: list[str]) -> None:
@@ -324,21 +340,25 @@ def resolve_files(domain: str, source: str | list[str]) -> list[Path]:
     return files
 
 
-def read_documents(files: list[Path], text_field: str = "text") -> list[str]:
-    """All documents of the given files, in file order (see the module docstring)."""
-    documents: list[str] = []
+def iter_documents(files: list[Path], text_field: str = "text") -> Iterator[str]:
+    """Every document of the given files, in file order, as a stream: a .txt file is one
+    document; the other kinds are read a line or a record batch at a time."""
     for path in files:
         kind = file_kind(path)
         if kind == ".txt":
             text = _read_utf8(path)
             if not text.strip():
                 raise ValueError(f"{path}: file is empty")
-            documents.append(text)
+            yield text
         elif kind in (".parquet", ".arrow"):
-            documents.extend(_column_texts(path, text_field))
+            yield from _column_texts(path, text_field)
         else:
-            documents.extend(_jsonl_texts(path, text_field))
-    return documents
+            yield from _jsonl_texts(path, text_field)
+
+
+def read_documents(files: list[Path], text_field: str = "text") -> list[str]:
+    """All documents of the given files, in file order (see the module docstring)."""
+    return list(iter_documents(files, text_field))
 
 
 def _read_utf8(path: Path) -> str:
@@ -378,8 +398,8 @@ def _binary_lines(path: Path) -> Iterator[bytes]:
             yield from handle
 
 
-def _jsonl_texts(path: Path, text_field: str = "text") -> list[str]:
-    texts = []
+def _jsonl_texts(path: Path, text_field: str = "text") -> Iterator[str]:
+    found = False
     for number, raw in enumerate(_binary_lines(path), start=1):
         try:
             line = raw.decode("utf-8")
@@ -399,10 +419,10 @@ def _jsonl_texts(path: Path, text_field: str = "text") -> list[str]:
                 f'{path}, line {number}: "{text_field}" is {type(record[text_field]).__name__}, not a string'
             )
         if record[text_field]:
-            texts.append(record[text_field])
-    if not texts:
+            found = True
+            yield record[text_field]
+    if not found:
         raise ValueError(f'{path}: no documents (every line is blank or has an empty "{text_field}")')
-    return texts
 
 
 def _record_batches(path: Path, text_field: str) -> Iterator[Any]:
@@ -446,31 +466,101 @@ def _record_batches(path: Path, text_field: str) -> Iterator[Any]:
         raise ValueError(f"{path}: not a readable {file_kind(path)} file ({error})") from None
 
 
-def _column_texts(path: Path, text_field: str) -> list[str]:
-    texts = [text for batch in _record_batches(path, text_field)
-             for text in batch.column(0).to_pylist() if text]
-    if not texts:
+def _column_texts(path: Path, text_field: str) -> Iterator[str]:
+    found = False
+    for batch in _record_batches(path, text_field):
+        for text in batch.column(0).to_pylist():
+            if text:
+                found = True
+                yield text
+    if not found:
         raise ValueError(f'{path}: no documents (every "{text_field}" is empty)')
-    return texts
 
 
 # --- one domain -------------------------------------------------------------------------------
 
 
+def seeded_order(n: int, seed: int) -> array:
+    """range(n) shuffled exactly as `random.Random(seed).shuffle(list(range(n)))` shuffles it
+    (the same swaps on an 8-byte-per-item array instead of a list of Python ints)."""
+    order = array("q", range(n))
+    random.Random(seed).shuffle(order)
+    return order
+
+
+def capped_indices(sizes: np.ndarray, max_bytes: int, seed: int) -> np.ndarray | None:
+    """Which documents (by index, sorted) fit in `max_bytes`: walk them in a seeded shuffled
+    order and keep each one that still fits. None when all of them fit."""
+    if int(sizes.sum()) <= max_bytes:
+        return None
+    sizes_list = sizes.tolist()
+    kept, total = array("q"), 0
+    for index in seeded_order(len(sizes_list), seed):
+        if total + sizes_list[index] <= max_bytes:
+            kept.append(index)
+            total += sizes_list[index]
+    return np.sort(np.frombuffer(kept, dtype=np.int64))
+
+
 def cap_documents(documents: list[str], max_bytes: int, seed: int) -> list[str]:
     """At most `max_bytes` of UTF-8 text: walk the documents in a seeded shuffled order, keep
     each one that still fits, and return the kept ones in their original order."""
-    sizes = [len(document.encode("utf-8")) for document in documents]
-    if sum(sizes) <= max_bytes:
-        return list(documents)
-    order = list(range(len(documents)))
-    random.Random(seed).shuffle(order)
-    kept, total = [], 0
-    for index in order:
-        if total + sizes[index] <= max_bytes:
-            kept.append(index)
-            total += sizes[index]
-    return [documents[index] for index in sorted(kept)]
+    sizes = np.fromiter((len(document.encode("utf-8")) for document in documents), dtype=np.int64,
+                        count=len(documents))
+    kept = capped_indices(sizes, max_bytes, seed)
+    return list(documents) if kept is None else [documents[index] for index in kept.tolist()]
+
+
+class DomainDocuments:
+    """One domain's documents as a stream that can be read again (never held whole).
+
+    `scan()` reads the source once (every file problem surfaces there, with its file and line):
+    each document's UTF-8 size, then which documents the byte cap keeps. Iterating reads the
+    source again and yields the kept documents in order. Memory: 8 bytes per document (sizes)
+    plus one document or record batch."""
+
+    def __init__(self, domain: str, source: str | list[str] = BUILTIN, max_bytes: int = 8_000_000,
+                 seed: int = 1234, cache_dir: str | Path | None = None, text_field: str = "text"):
+        self.domain, self.source, self.max_bytes, self.seed = domain, source, max_bytes, seed
+        self.cache_dir = Path(cache_dir) if cache_dir else None
+        self.text_field = text_field
+        self.files: list[Path] | None = None
+        self.kept: np.ndarray | None = None  # sorted indices of the kept documents; None: all
+        self.total_documents = self.total_bytes = self.kept_bytes = 0
+
+    def _all_documents(self) -> Iterator[str]:
+        if self.source == BUILTIN:
+            return iter_cached_corpus(builtin_corpus_path(self.domain, self.max_bytes, self.cache_dir))
+        if self.files is None:
+            self.files = resolve_files(self.domain, self.source)
+        return iter_documents(self.files, self.text_field)
+
+    def scan(self) -> DomainDocuments:
+        sizes = np.fromiter((len(text.encode("utf-8")) for text in self._all_documents()), dtype=np.int64)
+        self.total_documents, self.total_bytes = len(sizes), int(sizes.sum())
+        self.kept = capped_indices(sizes, self.max_bytes, self.seed)
+        self.kept_bytes = self.total_bytes if self.kept is None else int(sizes[self.kept].sum())
+        if self.kept is not None:
+            print(f"domain {self.domain!r}: over max_bytes_per_domain ({self.max_bytes:,} bytes): kept "
+                  f"{len(self):,} of {self.total_documents:,} documents, {self.kept_bytes:,} of "
+                  f"{self.total_bytes:,} bytes", file=sys.stderr, flush=True)
+        return self
+
+    def __len__(self) -> int:
+        return self.total_documents if self.kept is None else len(self.kept)
+
+    def __iter__(self) -> Iterator[str]:
+        if self.kept is None:
+            yield from self._all_documents()
+            return
+        kept = iter(self.kept.tolist())
+        wanted = next(kept, None)
+        for index, text in enumerate(self._all_documents()):
+            if index == wanted:
+                yield text
+                wanted = next(kept, None)
+                if wanted is None:
+                    return
 
 
 def load_documents(
@@ -481,15 +571,5 @@ def load_documents(
     cache_dir: str | Path | None = None,
     text_field: str = "text",
 ) -> list[str]:
-    """The documents of one domain, capped at `max_bytes` (see `cap_documents`)."""
-    if source == BUILTIN:
-        documents = builtin_documents(domain, max_bytes, Path(cache_dir) if cache_dir else None)
-    else:
-        documents = read_documents(resolve_files(domain, source), text_field)
-    kept = cap_documents(documents, max_bytes, seed)
-    if len(kept) < len(documents):
-        total = sum(len(document.encode("utf-8")) for document in documents)
-        used = sum(len(document.encode("utf-8")) for document in kept)
-        print(f"domain {domain!r}: over max_bytes_per_domain ({max_bytes:,} bytes): kept {len(kept):,} of "
-              f"{len(documents):,} documents, {used:,} of {total:,} bytes", file=sys.stderr, flush=True)
-    return kept
+    """The documents of one domain, capped at `max_bytes` (see `cap_documents`), as a list."""
+    return list(DomainDocuments(domain, source, max_bytes, seed, cache_dir, text_field).scan())

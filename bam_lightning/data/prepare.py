@@ -21,11 +21,19 @@ are refused.
 
 The default data dir is `<cache>/prepared/<hash of the settings>`: the sources (built-in corpus
 ids, or user files with their sizes and modification times), tokenizer, byte cap, split, seed
-and chunk size. `seq_len` and the validation token cap are read-time choices and not part of it.
+and chunk size. `seq_len`, the validation token cap and the optimize worker count (the data is
+the same for any) are not part of it.
+
+Memory is bounded by a block, not the corpus: the sources are read as streams twice (sizes and
+the byte cap, then into a spool file of the kept documents in the staging folder while their
+MinHash signatures go to disk band by band); the split, the BPE training and the optimize workers
+read the spool back by document. What stays in memory is a block of texts or tokens plus tens of
+bytes per document (byte offsets, group ids, split indices, one band of signatures while grouping).
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import json
@@ -36,7 +44,7 @@ import signal
 import sys
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -47,19 +55,20 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from bam_lightning.data.corpora import (
     BUILTIN,
+    DomainDocuments,
     builtin_corpus_id,
-    load_documents,
     resolve_files,
+    seeded_order,
 )
-from bam_lightning.data.dedup import JACCARD_THRESHOLD, SHINGLE_WORDS, near_duplicate_groups
-from bam_lightning.data.tokenizer import TextTokenizer, build_tokenizer
+from bam_lightning.data.dedup import JACCARD_THRESHOLD, SHINGLE_WORDS, SignatureBands, group_ids
+from bam_lightning.data.tokenizer import TextTokenizer, build_tokenizer, load_tokenizer
 
 PREPARED_FORMAT_VERSION = 3  # 1: litdata, our reading order not yet ours; 2: flat .npy arrays
 MANIFEST_FILE = "manifest.json"
 DOCUMENTS_FILE = "documents.npy"
 CHUNK_BYTES = 1 << 22  # 4 MiB of tokens per litdata chunk file
 TOKENIZE_BLOCK = 4096  # documents encoded per tokenizer call
-GROUP_TOKENS = 1 << 20  # tokens handed to the optimize worker per input (not one message per document)
+GROUP_BYTES = 1 << 16  # text per optimize input: a message per range, not per document; many for balance
 
 
 # --- settings and the data dir ----------------------------------------------------------------
@@ -85,7 +94,8 @@ def prepare_settings(
     seed: int,
     text_fields: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """Everything the prepared data depends on, as plain JSON values."""
+    """Everything the prepared data depends on, as plain JSON values (not the optimize worker
+    count: the data is the same for any, see `write_token_dataset`)."""
     settings = {
         "format": PREPARED_FORMAT_VERSION,
         "sources": {d: source_identity(d, s, max_bytes_per_domain) for d, s in domains.items()},
@@ -159,73 +169,169 @@ def split_indices(
     `groups` (a group id per document, e.g. near-duplicates) keeps each group on one side: groups
     are shuffled and held out whole until the validation share is reached. At least one document
     goes to each side when there are two groups or more. Train indices come back sorted;
-    validation ones in shuffled order.
+    validation ones in shuffled order. (Lists; `split_arrays` gives the same as arrays.)
     """
+    train, val = split_arrays(n_documents, val_fraction, seed, groups)
+    return train.tolist(), val.tolist()
+
+
+def split_arrays(
+    n_documents: int, val_fraction: float, seed: int, groups: Sequence[int] | np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """`split_indices` as int64 arrays, in tens of bytes per document: groups are numbered in
+    order of their first document and shuffled with `random.Random(seed)` (as a list of them
+    would be), members are found through one stable sort instead of a dict of lists."""
     if n_documents < 2:
         raise ValueError(f"need at least 2 documents to split, got {n_documents}")
-    groups = list(range(n_documents)) if groups is None else list(groups)
-    members: dict[int, list[int]] = {}
-    for index, group in enumerate(groups):
-        members.setdefault(group, []).append(index)
-    order = list(members)
-    random.Random(seed).shuffle(order)
+    if groups is None:
+        dense = np.arange(n_documents, dtype=np.int64)
+    else:
+        unique, first, inverse = np.unique(np.asarray(groups), return_index=True, return_inverse=True)
+        rank = np.empty(len(unique), dtype=np.int64)
+        rank[np.argsort(first, kind="stable")] = np.arange(len(unique))
+        dense = rank[inverse.reshape(-1)]
+    n_groups = int(dense.max()) + 1
+    by_group = np.argsort(dense, kind="stable")  # members of each group, in index order
+    sizes = np.bincount(dense, minlength=n_groups)
+    starts = (np.cumsum(sizes) - sizes).tolist()
+    sizes_list = sizes.tolist()
+    order = seeded_order(n_groups, seed)
     target = min(n_documents - 1, max(1, round(n_documents * val_fraction)))
-    val: list[int] = []
-    for group in order[:-1]:  # the last group always trains
-        if len(val) >= target:
+    held_groups, held = [], 0
+    for position in range(n_groups - 1):  # the last group always trains
+        if held >= target:
             break
-        if len(val) + len(members[group]) > target and val:
+        group = order[position]
+        if held + sizes_list[group] > target and held:
             continue  # too big to fit: try a smaller group
-        val.extend(members[group])
-    if not val:
+        held_groups.append(group)
+        held += sizes_list[group]
+    if not held_groups:
         raise ValueError(
             f"all {n_documents} documents are near-duplicates of each other: nothing can be held "
             "out that is not also trained on; add documents"
         )
-    held = set(val)
-    return [i for i in range(n_documents) if i not in held], val
+    val = np.concatenate([by_group[starts[g]:starts[g] + sizes_list[g]] for g in held_groups])
+    in_val = np.zeros(n_documents, dtype=bool)
+    in_val[val] = True
+    return np.flatnonzero(~in_val).astype(np.int64), val.astype(np.int64)
 
 
 # --- tokenizing into litdata chunks ------------------------------------------------------------
 
 
-def tokenize_documents(
-    tokenizer: TextTokenizer, documents: Sequence[str], dtype: str
-) -> tuple[np.ndarray, np.ndarray]:
-    """All documents' tokens, each EOS-terminated, joined; and the offset of each document
-    (length n + 1). Encoded TOKENIZE_BLOCK documents at a time (in parallel for BPE), so the
-    tokenizer's Python lists never hold more than a block: the result is `dtype` throughout."""
-    blocks: list[np.ndarray] = []
-    lengths = np.empty(len(documents), dtype=np.int64)
-    for first in range(0, len(documents), TOKENIZE_BLOCK):
-        encoded = tokenizer.encode_batch(documents[first:first + TOKENIZE_BLOCK])
-        lengths[first:first + len(encoded)] = [len(ids) + 1 for ids in encoded]
-        eos = [tokenizer.eos_id]
-        blocks.append(np.fromiter(itertools.chain.from_iterable(ids + eos for ids in encoded), dtype=dtype,
-                                  count=int(lengths[first:first + len(encoded)].sum())))
-        del encoded
-    offsets = np.zeros(len(documents) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=offsets[1:])
-    tokens = np.concatenate(blocks) if blocks else np.empty(0, dtype=dtype)
-    return tokens, offsets
+class TextSpool:
+    """A domain's kept documents as UTF-8 bytes in one file of the staging folder, with each
+    document's byte offset (8 bytes per document in memory): the splits, the BPE training and the
+    optimize workers read documents back from it by index, in any order, without holding them."""
+
+    def __init__(self, path: Path, n_documents: int):
+        self.path = Path(path)
+        self.offsets = np.zeros(n_documents + 1, dtype=np.int64)
+
+    def write_through(self, documents: Iterable[str]) -> Iterator[str]:
+        """Yields `documents` as they are written (so one read of the source serves the spool and
+        the MinHash signatures)."""
+        count = 0
+        with self.path.open("wb", buffering=1 << 20) as file:
+            for count, text in enumerate(documents, start=1):
+                if count == len(self.offsets):
+                    raise RuntimeError(f"{self.path}: more documents than the {count - 1} counted before "
+                                       "(a source changed while it was prepared?)")
+                data = text.encode("utf-8")
+                file.write(data)
+                self.offsets[count] = self.offsets[count - 1] + len(data)
+                yield text
+        if count != len(self.offsets) - 1:
+            raise RuntimeError(f"{self.path}: {count} documents written, expected {len(self.offsets) - 1} "
+                               "(a source changed while it was prepared?)")
+        np.save(self.path.with_suffix(".offsets.npy"), self.offsets)
+
+    def sizes(self, indices: np.ndarray) -> np.ndarray:
+        return self.offsets[indices + 1] - self.offsets[indices]
+
+    def texts(self, indices: np.ndarray) -> Iterator[str]:
+        yield from (data.decode("utf-8") for data in read_spool(self.path, self.offsets, indices))
 
 
-def yield_token_arrays(arrays: list[np.ndarray]) -> Iterator[np.ndarray]:
-    """litdata.optimize item function (top level, so worker processes can import it)."""
-    yield from arrays
+def read_spool(path: Path, offsets: np.ndarray, indices: np.ndarray) -> Iterator[bytes]:
+    """The UTF-8 bytes of documents `indices` of a spool (sequential reads when they are sorted)."""
+    with Path(path).open("rb", buffering=1 << 20) as file:
+        position = -1
+        for index in indices.tolist():
+            start, stop = int(offsets[index]), int(offsets[index + 1])
+            if start != position:
+                file.seek(start)
+            yield file.read(stop - start)
+            position = stop
 
 
-def _document_groups(tokens: np.ndarray, offsets: np.ndarray) -> list[list[np.ndarray]]:
-    """Each document's tokens as one litdata item, handed over in groups of about GROUP_TOKENS."""
-    groups: list[list[np.ndarray]] = [[]]
-    size = 0
-    for start, stop in zip(offsets[:-1], offsets[1:], strict=True):
-        if size >= GROUP_TOKENS:
-            groups.append([])
-            size = 0
-        groups[-1].append(tokens[start:stop])
-        size += int(stop - start)
-    return groups
+class TrainingTexts:
+    """Every domain's training documents, in order, readable more than once (the BPE trainer's
+    input, streamed from the spools)."""
+
+    def __init__(self, parts: list[tuple[TextSpool, np.ndarray]]):
+        self.parts = parts
+
+    def __len__(self) -> int:
+        return sum(len(indices) for _, indices in self.parts)
+
+    def __iter__(self) -> Iterator[str]:
+        for spool, indices in self.parts:
+            yield from spool.texts(indices)
+
+
+_WORKER_TOKENIZERS: dict[str, TextTokenizer] = {}
+
+
+def tokenize_documents(spec: dict[str, Any], bounds: tuple[int, int]) -> Iterator[np.ndarray]:
+    """litdata.optimize item function (top level, so worker processes can import it): the split's
+    documents `bounds[0]:bounds[1]` read from the spool and tokenized, each EOS-ended, one item
+    each. Bytes skip the decode/encode round trip: their tokens are the spool's bytes."""
+    offsets = np.load(spec["offsets"], mmap_mode="r")
+    indices = np.array(np.load(spec["indices"], mmap_mode="r")[bounds[0]:bounds[1]])
+    dtype, eos = spec["dtype"], spec["eos_id"]
+    documents = read_spool(spec["spool"], offsets, indices)
+    if spec["tokenizer"] == "byte":
+        for data in documents:
+            tokens = np.empty(len(data) + 1, dtype=dtype)
+            tokens[:-1] = np.frombuffer(data, dtype=np.uint8)
+            tokens[-1] = eos
+            yield tokens
+        return
+    if spec["tokenizer"] not in _WORKER_TOKENIZERS:
+        _WORKER_TOKENIZERS[spec["tokenizer"]] = load_tokenizer(spec["tokenizer"])
+    tokenizer = _WORKER_TOKENIZERS[spec["tokenizer"]]
+    while block := [data.decode("utf-8") for data in itertools.islice(documents, TOKENIZE_BLOCK)]:
+        for ids in tokenizer.encode_batch(block):
+            tokens = np.empty(len(ids) + 1, dtype=dtype)
+            tokens[:-1] = ids
+            tokens[-1] = eos
+            yield tokens
+
+
+def input_ranges(sizes: np.ndarray) -> list[tuple[int, int]]:
+    """Documents cut into consecutive ranges of about GROUP_BYTES bytes and at most
+    TOKENIZE_BLOCK documents: the optimize inputs (a range, not one message per document)."""
+    ends = np.cumsum(sizes)
+    cuts = np.flatnonzero(np.diff(ends // GROUP_BYTES)) + 1
+    cuts = np.union1d(cuts, np.arange(TOKENIZE_BLOCK, len(sizes), TOKENIZE_BLOCK))
+    bounds = [0, *cuts.tolist(), len(sizes)]
+    return [(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a]
+
+
+def chunk_document_tokens(split_dir: Path, itemsize: int) -> tuple[list[int], np.ndarray]:
+    """The tokens in each chunk and in each document (item), read back from the chunk headers:
+    a uint32 item count, then count + 1 uint32 byte offsets of the items."""
+    index = json.loads((split_dir / "index.json").read_text())
+    chunk_tokens, lengths = [], []
+    for chunk in index["chunks"]:
+        with (split_dir / chunk["filename"]).open("rb") as file:
+            count = int(np.frombuffer(file.read(4), dtype=np.uint32)[0])
+            item_offsets = np.frombuffer(file.read(4 * (count + 1)), dtype=np.uint32).astype(np.int64)
+        lengths.append(np.diff(item_offsets) // itemsize)
+        chunk_tokens.append(int(chunk["dim"]))
+    return chunk_tokens, np.concatenate(lengths) if lengths else np.empty(0, dtype=np.int64)
 
 
 @contextmanager
@@ -261,35 +367,79 @@ def _isolated_optimize(staging_dir: Path) -> Iterator[None]:
                 os.environ[name] = value
 
 
-def write_token_dataset(
-    tokens: np.ndarray, offsets: np.ndarray, output_dir: Path, staging_dir: Path
-) -> list[int]:
-    """Write one split with `litdata.optimize` (a TokensLoader dataset, a document per item) and
-    its document offsets beside it; returns the tokens in each chunk, in order.
+def copy_documents(spec: dict[str, Any], position: int) -> Iterator[np.ndarray]:
+    """litdata.optimize item function: the documents (items) of chunk `position` of an already
+    tokenized split, in order (the single-worker rewrite after parallel tokenizing)."""
+    raw = (Path(spec["source"]) / spec["files"][position]).read_bytes()
+    count = int(np.frombuffer(raw, dtype=np.uint32, count=1)[0])
+    bounds = np.frombuffer(raw, dtype=np.uint32, count=count + 1, offset=4).tolist()
+    itemsize = np.dtype(spec["dtype"]).itemsize
+    for start, stop in zip(bounds[:-1], bounds[1:], strict=True):
+        yield np.frombuffer(raw, dtype=spec["dtype"], count=(stop - start) // itemsize, offset=start)
 
-    One worker keeps the documents in order, so the chunks joined are exactly `tokens` and the
-    offsets hold for them; it only copies bytes, the tokenizing is done by then.
-    """
+
+def _optimize(fn: Any, inputs: list[Any], output_dir: Path, staging_dir: Path, workers: int) -> None:
+    """`litdata.optimize` into TokensLoader chunks, documents in input order (`keep_data_ordered`:
+    worker k takes the k-th contiguous share of the inputs, and the chunks are listed worker by
+    worker, so the order never depends on timing)."""
     from litdata import TokensLoader, optimize  # heavy import, only needed while preparing
 
     with _isolated_optimize(staging_dir):
         optimize(
-            fn=yield_token_arrays,
-            inputs=_document_groups(tokens, offsets),
+            fn=fn,
+            inputs=inputs,
             output_dir=str(output_dir),
             chunk_bytes=CHUNK_BYTES,
             item_loader=TokensLoader(),
-            num_workers=1,
+            num_workers=workers,
             keep_data_ordered=True,
             reorder_files=False,
             verbose=False,
-            # fork: the worker starts in milliseconds; spawn re-imports torch, ~5 s a call.
+            # fork: a worker starts in milliseconds; spawn re-imports torch, ~5 s a call.
             start_method="fork" if sys.platform == "linux" else "spawn",
         )
-    chunk_tokens = [int(chunk["dim"]) for chunk in json.loads((output_dir / "index.json").read_text())["chunks"]]
-    if sum(chunk_tokens) != len(tokens):
-        raise RuntimeError(f"litdata wrote {sum(chunk_tokens)} tokens to {output_dir}, expected {len(tokens)}")
+
+
+def write_token_dataset(
+    spool: TextSpool, indices: np.ndarray, tokenizer: dict[str, Any], output_dir: Path,
+    staging_dir: Path, workers: int = 1,
+) -> list[int]:
+    """Write one split (documents `indices` of `spool`, in that order) with `litdata.optimize`
+    (a TokensLoader dataset, a document per item), its workers tokenizing; then the document
+    offsets beside it, read back from the chunk headers. Returns the tokens in each chunk.
+
+    One worker writes the chunks as it tokenizes. Several workers each tokenize a contiguous
+    share of the documents into chunks of their own (in the staging folder), and one more
+    single-worker pass copies those documents, in order, into the split's chunks: each worker
+    ends its own last chunk, so only this rewrite gives the chunk ends (and files) of one worker.
+    The prepared data is the same for any worker count, which is why `prepare_workers` is not
+    part of the data's settings; the rewrite copies bytes (about 25M tokens/s here)."""
+    staging_dir.mkdir(parents=True, exist_ok=True)
+    indices_path = staging_dir / f"{output_dir.parent.name}-{output_dir.name}.indices.npy"
+    np.save(indices_path, indices)
+    inputs = input_ranges(spool.sizes(indices))
+    spec = {**tokenizer, "spool": str(spool.path), "offsets": str(spool.path.with_suffix(".offsets.npy")),
+            "indices": str(indices_path)}
+    workers = max(1, min(workers, len(inputs)))
+    if workers == 1:
+        _optimize(functools.partial(tokenize_documents, spec), inputs, output_dir, staging_dir, 1)
+    else:
+        tokenized = staging_dir / f"{output_dir.parent.name}-{output_dir.name}.tokenized"
+        _optimize(functools.partial(tokenize_documents, spec), inputs, tokenized, staging_dir, workers)
+        files = [chunk["filename"] for chunk in json.loads((tokenized / "index.json").read_text())["chunks"]]
+        copy = {"source": str(tokenized), "files": files, "dtype": tokenizer["dtype"]}
+        _optimize(functools.partial(copy_documents, copy), list(range(len(files))), output_dir, staging_dir, 1)
+        shutil.rmtree(tokenized)
+        rank_zero_info(f"[bam data] {output_dir.parent.name}/{output_dir.name}: tokenized by {workers} optimize "
+                       f"workers ({len(files)} chunks), rewritten in order as one worker's chunks")
+    chunk_tokens, lengths = chunk_document_tokens(output_dir, np.dtype(tokenizer["dtype"]).itemsize)
+    if len(lengths) != len(indices) or int(lengths.sum()) != sum(chunk_tokens):
+        raise RuntimeError(f"litdata wrote {len(lengths)} documents ({sum(chunk_tokens)} tokens) to "
+                           f"{output_dir}, expected {len(indices)} documents")
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
     np.save(output_dir / DOCUMENTS_FILE, offsets)
+    indices_path.unlink()
     return chunk_tokens
 
 
@@ -314,59 +464,74 @@ def read_document_offsets(split_dir: Path) -> np.ndarray:
 def load_all_documents(
     domains: dict[str, str | list[str]], max_bytes: int, seed: int, cache_dir: Path,
     text_fields: dict[str, str] | None = None,
-) -> dict[str, list[str]]:
-    """User files first: their errors should show before any built-in corpus is built."""
+) -> dict[str, DomainDocuments]:
+    """Every domain's documents as a stream, each source read through once (`DomainDocuments
+    .scan`: sizes and the byte cap). User files first: their errors should show before any
+    built-in corpus is built."""
     ordered = sorted(domains, key=lambda domain: domains[domain] == BUILTIN)
     documents = {}
     for domain in ordered:
         started = time.perf_counter()
-        documents[domain] = load_documents(domain, domains[domain], max_bytes, seed, cache_dir,
-                                           (text_fields or {}).get(domain, "text"))
+        documents[domain] = DomainDocuments(domain, domains[domain], max_bytes, seed, cache_dir,
+                                            (text_fields or {}).get(domain, "text")).scan()
         if len(documents[domain]) < 2:
             raise ValueError(
                 f"domain {domain!r} has {len(documents[domain])} document(s) within "
                 f"max_bytes_per_domain={max_bytes}; it needs at least 2 (one to validate on)"
             )
-        megabytes = sum(len(d.encode("utf-8")) for d in documents[domain]) / 1e6
         rank_zero_info(
-            f"[bam data] {domain}: {len(documents[domain])} documents, {megabytes:.1f} MB "
-            f"({time.perf_counter() - started:.1f} s)"
+            f"[bam data] {domain}: {len(documents[domain])} documents, "
+            f"{documents[domain].kept_bytes / 1e6:.1f} MB ({time.perf_counter() - started:.1f} s)"
         )
     return {domain: documents[domain] for domain in domains}
 
 
 def prepare(
     data_dir: Path,
-    documents: dict[str, list[str]],
+    documents: Mapping[str, Collection[str]],
     settings: dict[str, Any],
+    workers: int = 1,
 ) -> dict[str, Any]:
     """Split, train the tokenizer if asked, tokenize and write every domain and split; then the
-    manifest; then rename the finished tree to `data_dir`. Returns the manifest."""
+    manifest; then rename the finished tree to `data_dir`. Returns the manifest.
+
+    Streamed: each domain's documents are read once more (a `DomainDocuments`, or a list) into
+    a spool file in the staging folder while their MinHash signatures go to disk; everything
+    after reads the spool. Memory: a block of texts or tokens (TOKENIZE_BLOCK documents,
+    SHINGLE_BLOCK shingles, a 4 MiB chunk per optimize worker) plus tens of bytes per document
+    (offsets, group ids, split indices; see docs)."""
     started = time.perf_counter()
     val_fraction, seed = settings["val_fraction"], settings["seed"]
-    splits: dict[str, dict[str, list[str]]] = {}
-    near_duplicates: dict[str, dict[str, int]] = {}
-    for domain, docs in documents.items():
-        dedup_started = time.perf_counter()
-        groups = near_duplicate_groups(docs, settings["near_duplicates"]["jaccard"])
-        try:
-            train, val = split_indices(len(docs), val_fraction, seed, groups)
-        except ValueError as error:
-            raise ValueError(f"domain {domain!r}: {error}") from None
-        splits[domain] = {"train": [docs[i] for i in train], "val": [docs[i] for i in val]}
-        near_duplicates[domain] = _near_duplicate_summary(groups, len(docs), val_fraction, seed, val)
-        rank_zero_info(
-            f"[bam data] {domain}: {near_duplicates[domain]['documents_in_groups']} documents in "
-            f"{near_duplicates[domain]['groups']} near-duplicate groups; an ungrouped split would "
-            f"have validated on {near_duplicates[domain]['val_leaks_without_grouping']} documents with "
-            f"a near-duplicate in training ({time.perf_counter() - dedup_started:.1f} s)"
-        )
-
     data_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = data_dir.parent / f".{data_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     staging.mkdir()
+    work = staging / ".work"
+    work.mkdir()
     try:
-        train_texts = [doc for domain in splits.values() for doc in domain["train"]]
+        splits: dict[str, tuple[TextSpool, dict[str, np.ndarray]]] = {}
+        near_duplicates: dict[str, dict[str, int]] = {}
+        for number, (domain, docs) in enumerate(documents.items()):
+            dedup_started = time.perf_counter()
+            spool = TextSpool(work / f"{number}.spool", len(docs))
+            bands = SignatureBands(work / f"{number}.signatures", len(docs))
+            bands.write(spool.write_through(docs))
+            groups = group_ids(len(docs), bands.band, settings["near_duplicates"]["jaccard"])
+            bands.path.unlink()
+            try:
+                train, val = split_arrays(len(docs), val_fraction, seed, groups)
+            except ValueError as error:
+                raise ValueError(f"domain {domain!r}: {error}") from None
+            splits[domain] = (spool, {"train": train, "val": val})
+            near_duplicates[domain] = _near_duplicate_summary(groups, len(docs), val_fraction, seed, val)
+            del groups
+            rank_zero_info(
+                f"[bam data] {domain}: {near_duplicates[domain]['documents_in_groups']} documents in "
+                f"{near_duplicates[domain]['groups']} near-duplicate groups; an ungrouped split would "
+                f"have validated on {near_duplicates[domain]['val_leaks_without_grouping']} documents with "
+                f"a near-duplicate in training ({time.perf_counter() - dedup_started:.1f} s)"
+            )
+
+        train_texts = TrainingTexts([(spool, by_split["train"]) for spool, by_split in splits.values()])
         tokenizer_started = time.perf_counter()
         tokenizer = build_tokenizer(
             settings["tokenizer"], train_texts, settings["bpe_vocab_size"], staging
@@ -377,28 +542,32 @@ def prepare(
                 f"training split in {time.perf_counter() - tokenizer_started:.1f} s"
             )
         dtype = "uint16" if tokenizer.vocab_size <= 1 << 16 else "uint32"
+        tokenizer_spec = {"tokenizer": "byte" if settings["tokenizer"] == "byte" else str(staging),
+                          "dtype": dtype, "eos_id": tokenizer.eos_id}
+        if settings["tokenizer"] == "byte":  # the spool's bytes are the tokens: nothing to share out
+            workers = 1
         summary: dict[str, dict[str, Any]] = {}
-        for domain, by_split in splits.items():
+        for domain, (spool, by_split) in splits.items():
             summary[domain] = {}
-            for split, docs in by_split.items():
+            for split, indices in by_split.items():
                 split_started = time.perf_counter()
                 chunk_tokens = write_token_dataset(
-                    *tokenize_documents(tokenizer, docs, dtype), staging / domain / split,
-                    staging / ".optimizer",
+                    spool, indices, tokenizer_spec, staging / domain / split, staging / ".optimizer", workers
                 )
                 tokens = sum(chunk_tokens)
-                n_bytes = sum(len(doc.encode("utf-8")) for doc in docs)
+                n_bytes = int(spool.sizes(indices).sum())
                 summary[domain][split] = {
-                    "documents": len(docs),
+                    "documents": len(indices),
                     "bytes": n_bytes,
                     "tokens": tokens,
                     "chunk_tokens": chunk_tokens,
                 }
                 rank_zero_info(
-                    f"[bam data] {domain}/{split}: {len(docs)} documents, {n_bytes / 1e6:.2f} MB "
+                    f"[bam data] {domain}/{split}: {len(indices)} documents, {n_bytes / 1e6:.2f} MB "
                     f"-> {tokens:,} tokens ({time.perf_counter() - split_started:.1f} s)"
                 )
         shutil.rmtree(staging / ".optimizer", ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
         manifest = {
             "settings": settings,
             "tokenizer": {
@@ -420,7 +589,8 @@ def prepare(
 
 
 def _near_duplicate_summary(
-    groups: list[int], n_documents: int, val_fraction: float, seed: int, val: list[int]
+    groups: Sequence[int] | np.ndarray, n_documents: int, val_fraction: float, seed: int,
+    val: Sequence[int] | np.ndarray,
 ) -> dict[str, int]:
     """What the grouping changed: how many validation documents a plain per-document split
     would have had with a near-duplicate on the training side (now 0 by construction).
@@ -431,8 +601,8 @@ def _near_duplicate_summary(
     sizes = np.bincount(dense, minlength=1)
     leaks = 0
     if int(np.count_nonzero(sizes)) < n_documents:
-        _, plain_val = split_indices(n_documents, val_fraction, seed)
-        held_groups = dense[np.asarray(plain_val, dtype=np.int64)]
+        _, plain_val = split_arrays(n_documents, val_fraction, seed)
+        held_groups = dense[plain_val]
         held = np.bincount(held_groups, minlength=len(sizes))
         leaks = int(np.count_nonzero(sizes[held_groups] > held[held_groups]))
     grouped = sizes[sizes > 1]
