@@ -10,6 +10,11 @@ class UserError(ValueError):
     """A refusal whose message names the file, key or field to fix."""
 
 
+class MissingFileError(UserError, FileNotFoundError):
+    """A file or folder the user named does not exist: refused like any UserError by `bam`, and
+    still a FileNotFoundError for code that calls the library."""
+
+
 class DiskFullError(UserError):
     """No space left on the device a run writes to. Not a recipe error: the run can be resumed
     from its last checkpoint (kept intact, see `write_atomically`) once space is freed."""

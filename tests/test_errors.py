@@ -42,6 +42,13 @@ def test_user_errors_end_with_one_line_and_no_traceback(tmp_path, capsys):
             ("bam import-hf: error: ", "hidden_act = 'gelu': the Llama-family FFN here is SwiGLU (silu)"),
         ("import-hf", str(gelu), "--out", str(tmp_path / "seed.bin")):
             ("bam import-hf: error: ", "the imported seed is written as a .safetensors file"),
+        # the data module's arguments and paths, refused under `bam fit` before any training
+        ("fit", "--config", str(REPO / "recipes" / "tiny" / "seed.yaml"), "--data.domains",
+         json.dumps({"a": str(tmp_path / "nowhere" / "*.txt")})):
+            ("bam fit: error: ", "train_weights names unknown domain 'literature'; known domains: a"),
+        ("fit", "--config", str(REPO / "recipes" / "tiny" / "seed.yaml"), "--data.domains",
+         json.dumps({"a": str(tmp_path / "nowhere" / "*.txt")}), "--data.train_weights", "null"):
+            ("bam fit: error: ", f"domain 'a': '{tmp_path / 'nowhere' / '*.txt'}' matches no files"),
     }
     # Two run as the real command, side by side (each spends its time importing torch and
     # Lightning); the rest call the same entry point, `bam_lightning.cli.main`, in this process.

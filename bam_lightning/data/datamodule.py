@@ -77,7 +77,7 @@ class TrainBatches:
         rank, world = data.rank_and_world()
         first = data.position_batches()  # global: batch g goes to rank g mod world
         if first % world:
-            raise ValueError(
+            raise UserError(
                 f"cannot resume: the checkpoint's stream position ({first} batches) is not a "
                 f"multiple of this run's {world} processes (trainer devices x num_nodes)"
             )
@@ -181,7 +181,7 @@ class BAMDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         for name, field in (text_fields or {}).items():
             if name not in self.domains or not isinstance(field, str) or not field:
-                raise ValueError(f"text_fields[{name!r}] = {field!r}: give a known domain "
+                raise UserError(f"text_fields[{name!r}] = {field!r}: give a known domain "
                                  f"({', '.join(self.domains)}) and a non-empty field name")
         self.text_fields = dict(text_fields) if text_fields else None
         if isinstance(prepare_workers, bool) or not isinstance(prepare_workers, int) or prepare_workers < 1:
@@ -239,7 +239,7 @@ class BAMDataModule(L.LightningDataModule):
             raise FileNotFoundError(f"no prepared data in {data_dir}: call prepare_data() first")
         if manifest["settings"] != settings:
             check_reusable(data_dir, settings)  # names an older format, if that is the cause
-            raise ValueError(
+            raise UserError(
                 f"{data_dir} holds data prepared with other settings; run prepare_data()"
             )
         self.data_dir, self.manifest = data_dir, manifest
@@ -252,7 +252,7 @@ class BAMDataModule(L.LightningDataModule):
         used = [(d, "train") for d in self.domains if self.train_weights[d] > 0]
         for domain, split in used + [(d, "val") for d in self.val_domain_names]:
             if len(window_starts(self.chunk_tokens[domain, split], self.seq_len + 1)) < 1:
-                raise ValueError(
+                raise UserError(
                     f"domain {domain!r}: the {split} split has {counts[domain][split]['tokens']} "
                     f"tokens, fewer than one window of seq_len + 1 = {self.seq_len + 1}"
                 )
@@ -361,7 +361,7 @@ class BAMDataModule(L.LightningDataModule):
         if not state_dict:
             return
         if state_dict.get("version") != STATE_VERSION:
-            raise ValueError(
+            raise UserError(
                 "the checkpoint's data position was written by an older bam_lightning (litdata "
                 "loader state), which cannot be resumed exactly; start this run again"
             )
@@ -369,7 +369,7 @@ class BAMDataModule(L.LightningDataModule):
         for key, field in (("order_seed", "data.order_seed"), ("train_weights", "data.train_weights"),
                            ("seq_len", "data.seq_len"), ("batch_size", "data.batch_size")):
             if state_dict[key] != ours[key]:
-                raise ValueError(
+                raise UserError(
                     f"cannot resume the training stream: the checkpoint was trained with {field} = "
                     f"{state_dict[key]!r}, this run has {ours[key]!r}"
                 )
@@ -391,24 +391,24 @@ def _check_arguments(
     num_workers: int,
 ) -> None:
     if not domains:
-        raise ValueError("domains is empty: give at least one domain")
+        raise UserError("domains is empty: give at least one domain")
     for name, source in domains.items():
         if not isinstance(name, str) or not _DOMAIN_NAME.match(name):
-            raise ValueError(f"domain name {name!r} must use only letters, digits, '_', '-' or '.'")
+            raise UserError(f"domain name {name!r} must use only letters, digits, '_', '-' or '.'")
         if source == BUILTIN and name not in BUILTIN_DOMAINS:
-            raise ValueError(
+            raise UserError(
                 f"domains[{name!r}] = 'builtin', but there is no built-in {name!r} corpus; "
                 f"built-ins are {', '.join(BUILTIN_DOMAINS)} (or give a path/glob)"
             )
         if not isinstance(source, (str, list)) or (
             isinstance(source, list) and not all(isinstance(s, str) for s in source)
         ):
-            raise ValueError(f"domains[{name!r}] must be 'builtin', a path/glob, or a list of them")
+            raise UserError(f"domains[{name!r}] must be 'builtin', a path/glob, or a list of them")
     if tokenizer not in ("byte", "bpe") and find_tokenizer_json(tokenizer) is None:
-        raise ValueError(f"tokenizer must be 'byte' or 'bpe', got {tokenizer!r}; or the path of a "
+        raise UserError(f"tokenizer must be 'byte' or 'bpe', got {tokenizer!r}; or the path of a "
                          "pretrained model's tokenizer.json (or its folder)")
     if tokenizer == "bpe" and bpe_vocab_size <= 257:
-        raise ValueError(f"bpe_vocab_size must exceed 257 (bytes + EOS), got {bpe_vocab_size}")
+        raise UserError(f"bpe_vocab_size must exceed 257 (bytes + EOS), got {bpe_vocab_size}")
     positive = {
         "seq_len": seq_len,
         "batch_size": batch_size,
@@ -417,11 +417,11 @@ def _check_arguments(
     }
     for field, value in positive.items():
         if value < 1:
-            raise ValueError(f"{field} must be at least 1, got {value}")
+            raise UserError(f"{field} must be at least 1, got {value}")
     if not 0 < val_fraction < 1:
-        raise ValueError(f"val_fraction must be between 0 and 1 (exclusive), got {val_fraction}")
+        raise UserError(f"val_fraction must be between 0 and 1 (exclusive), got {val_fraction}")
     if num_workers < 0:
-        raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        raise UserError(f"num_workers must be >= 0, got {num_workers}")
 
 
 def _normalised_weights(
@@ -431,14 +431,14 @@ def _normalised_weights(
         return {domain: 1 / len(domains) for domain in domains}
     for name, weight in weights.items():
         if name not in domains:
-            raise ValueError(
+            raise UserError(
                 f"train_weights names unknown domain {name!r}; known domains: {', '.join(domains)}"
             )
         if not math.isfinite(weight) or weight < 0:
-            raise ValueError(f"train_weights[{name!r}] must be a finite number >= 0, got {weight}")
+            raise UserError(f"train_weights[{name!r}] must be a finite number >= 0, got {weight}")
     total = sum(weights.values())
     if total <= 0:
-        raise ValueError(
+        raise UserError(
             f"train_weights are all zero: {weights}; give at least one domain a positive weight"
         )
     return {domain: weights.get(domain, 0.0) / total for domain in domains}
@@ -448,10 +448,10 @@ def _checked_val_domains(domains: dict[str, Any], val_domains: list[str] | None)
     if val_domains is None:
         return list(domains)
     if not val_domains:
-        raise ValueError("val_domains is empty; use None for all domains (or limit_val_batches=0)")
+        raise UserError("val_domains is empty; use None for all domains (or limit_val_batches=0)")
     for name in val_domains:
         if name not in domains:
-            raise ValueError(
+            raise UserError(
                 f"val_domains names unknown domain {name!r}; known domains: {', '.join(domains)}"
             )
     return list(val_domains)

@@ -62,6 +62,7 @@ from bam_lightning.data.corpora import (
 )
 from bam_lightning.data.dedup import JACCARD_THRESHOLD, SHINGLE_WORDS, SignatureBands, group_ids
 from bam_lightning.data.tokenizer import TextTokenizer, build_tokenizer, load_tokenizer
+from bam_lightning.errors import UserError
 
 PREPARED_FORMAT_VERSION = 3  # 1: litdata, our reading order not yet ours; 2: flat .npy arrays
 MANIFEST_FILE = "manifest.json"
@@ -139,19 +140,19 @@ def check_reusable(data_dir: Path, settings: dict[str, Any]) -> bool:
     manifest = read_manifest(data_dir)
     if manifest is not None:
         if manifest["settings"].get("format") != PREPARED_FORMAT_VERSION:
-            raise ValueError(
+            raise UserError(
                 f"data_dir {data_dir} holds data prepared by an older bam_lightning (format "
                 f"{manifest['settings'].get('format')}, this version reads format "
                 f"{PREPARED_FORMAT_VERSION}); delete it or choose another data_dir"
             )
         if manifest["settings"] != settings:
-            raise ValueError(
+            raise UserError(
                 f"data_dir {data_dir} holds data prepared with other settings (sources, files, "
                 "tokenizer, split or byte cap differ); delete it or choose another data_dir"
             )
         return True
     if data_dir.exists() and any(data_dir.iterdir()):
-        raise ValueError(
+        raise UserError(
             f"data_dir {data_dir} is not empty and has no {MANIFEST_FILE}, so it is not prepared "
             "data; delete it or choose another data_dir"
         )
@@ -182,7 +183,7 @@ def split_arrays(
     order of their first document and shuffled with `random.Random(seed)` (as a list of them
     would be), members are found through one stable sort instead of a dict of lists."""
     if n_documents < 2:
-        raise ValueError(f"need at least 2 documents to split, got {n_documents}")
+        raise UserError(f"need at least 2 documents to split, got {n_documents}")
     if groups is None:
         dense = np.arange(n_documents, dtype=np.int64)
     else:
@@ -207,7 +208,7 @@ def split_arrays(
         held_groups.append(group)
         held += sizes_list[group]
     if not held_groups:
-        raise ValueError(
+        raise UserError(
             f"all {n_documents} documents are near-duplicates of each other: nothing can be held "
             "out that is not also trained on; add documents"
         )
@@ -475,7 +476,7 @@ def load_all_documents(
         documents[domain] = DomainDocuments(domain, domains[domain], max_bytes, seed, cache_dir,
                                             (text_fields or {}).get(domain, "text")).scan()
         if len(documents[domain]) < 2:
-            raise ValueError(
+            raise UserError(
                 f"domain {domain!r} has {len(documents[domain])} document(s) within "
                 f"max_bytes_per_domain={max_bytes}; it needs at least 2 (one to validate on)"
             )
@@ -520,7 +521,7 @@ def prepare(
             try:
                 train, val = split_arrays(len(docs), val_fraction, seed, groups)
             except ValueError as error:
-                raise ValueError(f"domain {domain!r}: {error}") from None
+                raise UserError(f"domain {domain!r}: {error}") from None
             splits[domain] = (spool, {"train": train, "val": val})
             near_duplicates[domain] = _near_duplicate_summary(groups, len(docs), val_fraction, seed, val)
             del groups
