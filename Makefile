@@ -1,4 +1,5 @@
-# The two Quick-start commands: `make study` (the main job) and `make test` (the test suite).
+# The two Quick-start commands: `make study` (the main job) and `make test` (the test suite, as two
+# pytest-xdist processes: see README "Tests").
 # Both create the virtual environment on first use. The CPU install pins torch 2.13.0 (a small
 # CPU wheel) and removes torchvision, which litdata pulls in but cannot load beside that wheel
 # (see README "Install"); every pip resolve brings it back, so the removal follows each one.
@@ -53,7 +54,7 @@ study: $(STAMP)
 	$(BIN)/bam pipeline recipes/tiny/study.yaml
 
 test: $(STAMP)
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n 2 --dist loadfile --no-loadscope-reorder
 
 clean-venv:
 	rm -rf $(VENV)
