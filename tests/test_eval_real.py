@@ -29,12 +29,10 @@ for needed, how in ((ARC, "make evaldata"), (PIQA, "make evaldata")):  # the GGU
         if IN_CI:
             raise FileNotFoundError(f"{needed} is missing in CI: `make install` fetches it ({how})")
         pytest.skip(f"{needed} not downloaded ({how})", allow_module_level=True)
-if IN_CI:  # CI installs the eval and hf extras: there they must not skip
+if IN_CI:  # CI installs the eval and hf extras: there they must not skip (transformers: conftest.py)
     import pyarrow
-    import transformers
 else:
     pyarrow = pytest.importorskip("pyarrow")
-    transformers = pytest.importorskip("transformers")
     pytest.importorskip("lm_eval")
 
 

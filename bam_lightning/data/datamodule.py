@@ -165,6 +165,7 @@ class BAMDataModule(L.LightningDataModule):
             val_tokens_per_domain,
             max_bytes_per_domain,
             num_workers,
+            prepare_workers,
         )
         self.train_weights = _normalised_weights(self.domains, train_weights)
         self.val_domain_names: list[str] = _checked_val_domains(self.domains, val_domains)
@@ -184,8 +185,6 @@ class BAMDataModule(L.LightningDataModule):
                 raise UserError(f"text_fields[{name!r}] = {field!r}: give a known domain "
                                  f"({', '.join(self.domains)}) and a non-empty field name")
         self.text_fields = dict(text_fields) if text_fields else None
-        if isinstance(prepare_workers, bool) or not isinstance(prepare_workers, int) or prepare_workers < 1:
-            raise UserError(f"data.prepare_workers must be a whole number >= 1, got {prepare_workers!r}")
         self.prepare_workers = prepare_workers
 
         # Known after setup() (data_dir after prepare_data(); vocab_size at once for bytes).
@@ -389,6 +388,7 @@ def _check_arguments(
     val_tokens_per_domain: int,
     max_bytes_per_domain: int,
     num_workers: int,
+    prepare_workers: int,
 ) -> None:
     if not domains:
         raise UserError("domains is empty: give at least one domain")
@@ -422,6 +422,8 @@ def _check_arguments(
         raise UserError(f"val_fraction must be between 0 and 1 (exclusive), got {val_fraction}")
     if num_workers < 0:
         raise UserError(f"num_workers must be >= 0, got {num_workers}")
+    if isinstance(prepare_workers, bool) or not isinstance(prepare_workers, int) or prepare_workers < 1:
+        raise UserError(f"data.prepare_workers must be a whole number >= 1, got {prepare_workers!r}")
 
 
 def _normalised_weights(
