@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/bench_train_step.py [--steps 30] [--segments 2] [--precision 32-true]
     .venv/bin/python benchmarks/bench_train_step.py --model paper_590m --accelerator gpu --precision bf16-mixed
     .venv/bin/python benchmarks/bench_train_step.py --against REV   # also BAM with ffn.py as at git REV
+    .venv/bin/python benchmarks/bench_train_step.py --breakdown     # then where each step's time goes
 
 Each model trains under a Lightning Trainer (the project's `DenseLM` / `MoELM`: forward, LM and
 router losses, logging, backward, AdamW and the LR schedule) on random token blocks. A step is
@@ -18,6 +19,9 @@ GPU, and every step is timed between two `torch.cuda.synchronize()` calls. The l
 the summary give the BAM step's MFU over the seed's (issue 23's target: >= 0.85 on CPUs, 0.95 on
 the GPU). `--against REV` adds a third model, the same BAM mixture with the FFN layer's forward
 as `bam_lightning/model/ffn.py` was at git revision REV, in the same alternating segments.
+`--breakdown` then profiles one step of each model (GPT forward, backward and AdamW, no Trainer)
+and splits its time into matmuls, the attention kernel and the rest, beside each part's share of
+the counted FLOPs: a part with a larger share of the time than of the FLOPs holds the MFU down.
 """
 
 from __future__ import annotations
@@ -37,7 +41,12 @@ from harness import CoTenantLoad, base_parser, print_header, print_table  # benc
 from torch.utils.data import DataLoader, Dataset
 
 from bam_lightning import ModelConfig
-from bam_lightning.flops import parameter_counts, training_flops_per_token
+from bam_lightning.flops import (
+    forward_flops_per_token,
+    layer_flops_per_token,
+    parameter_counts,
+    training_flops_per_token,
+)
 from bam_lightning.lit import DenseLM, MoELM
 from bam_lightning.model.ffn import last_ffn_kernel
 
@@ -129,6 +138,55 @@ def train_segment(module_cls, config: ModelConfig, args, old_ffn=None) -> StepTi
     return timer
 
 
+def step_breakdown(config: ModelConfig, args, device: torch.device) -> dict[str, float]:
+    """One profiled forward + backward + AdamW step of `config`'s GPT (no Trainer) after two
+    unprofiled ones: milliseconds of own time in matrix products, in the attention kernel (SDPA,
+    forward and backward) and in everything else."""
+    from bench_ffn import MATMUL_OPS, own_time, profile_step  # benchmarks/bench_ffn.py, beside this script
+
+    from bam_lightning.model import GPT
+
+    torch.manual_seed(0)
+    model = GPT(config).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    batch = torch.randint(0, config.vocab_size, (args.batch, args.seq + 1), device=device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled="bf16" in args.precision)
+
+    def step() -> None:
+        with autocast:
+            logits, _ = model(batch[:, :-1])
+            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten())
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for _ in range(2):
+        step()
+    events, own = profile_step(step, device.type), own_time(device.type)
+    parts = {"matmuls": 0.0, "attention kernel": 0.0, "other": 0.0}
+    for event in events:
+        part = ("matmuls" if event.key in MATMUL_OPS
+                else "attention kernel" if "scaled_dot_product" in event.key else "other")
+        parts[part] += own(event) / 1e3
+    return parts
+
+
+def print_breakdown(models: dict, args, device: torch.device) -> None:
+    """Where each model's step goes, beside the share of its counted FLOPs each part carries: a
+    part that takes more of the time than of the FLOPs is what holds the MFU down."""
+    rows = []
+    for name, (_, config, _) in models.items():
+        parts = step_breakdown(config, args, device)
+        total = sum(parts.values())
+        per_layer = layer_flops_per_token(config, args.seq)
+        flops = forward_flops_per_token(config, args.seq)
+        scores = config.n_layer * per_layer.scores / flops
+        rows.append([name, f"{total:.0f}", *(f"{100 * ms / total:.1f}%" for ms in parts.values()),
+                     f"{100 * scores:.1f}%", f"{100 * (1 - scores):.1f}%"])
+    print_table(["model (profiled step)", "ms", "matmuls", "attention kernel", "other",
+                 "attention scores' share of FLOPs", "matmuls' share of FLOPs"], rows)
+
+
 def parse_overrides(config: ModelConfig, items: list[str]) -> dict[str, object]:
     """`FIELD=VALUE` strings as ModelConfig values, each of its field's current type."""
     fields = {f.name for f in dataclasses.fields(config)}
@@ -170,6 +228,9 @@ def main() -> None:
     parser.add_argument("--override", nargs="+", metavar="FIELD=VALUE", default=[],
                         help="change ModelConfig fields of the model (and so of its seed), e.g. n_layer=1 "
                              "d_model=64: a recipe's model at a size a CPU rehearsal can run")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="after the timing, profile one step of each model: the share of its time in "
+                             "matmuls, in the attention kernel and in the rest, beside their shares of the FLOPs")
     parser.add_argument("--precision", default="32-true", help="Lightning precision, e.g. bf16-mixed")
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="a datasheet peak (dense, no sparsity) for a second MFU column, e.g. 989 "
@@ -257,6 +318,8 @@ def main() -> None:
     print(f"# result: {'; '.join(results)}; BAM/seed step time {ratio:.2f}, MFU {mfu_ratio:.3f}x the seed's; "
           f"FFN kernel {last_ffn_kernel()}")
     print(f"# {load.summary()}")
+    if args.breakdown:
+        print_breakdown(models, args, device)
 
 
 if __name__ == "__main__":

@@ -159,6 +159,46 @@ def test_bam_eval_equals_lm_eval_hf_model_item_by_item(tiny):
         assert ours["results"][task]["n"] == 12
 
 
+def test_mixed_tasks_batch_with_little_padding_and_unchanged_scores(tiny):
+    """Questions with long contexts and one-token answers (ARC-like) mixed with short contexts and
+    long answers (PIQA-like), as lm-eval hands two such tasks over in one list: the adapter must
+    not batch the two kinds together (padding then doubled the tokens run), and batching must not
+    change any score (each pair scored alone is the reference)."""
+    from bam_lightning.eval.adapter import BamLM
+    from bam_lightning.generate import load_for_generation
+
+    _, seed, _ = tiny
+    model, tokenizer = load_for_generation(seed)
+    rng = random.Random(2)
+    vocab = model.config.vocab_size
+
+    def tokens(n: int) -> tuple[int, ...]:
+        return tuple(rng.randrange(vocab) for _ in range(n))
+
+    requests = []
+    for _ in range(12):
+        context = tokens(rng.randint(20, 40))  # long question, four one-token answers
+        requests += [(None, context, tokens(1)) for _ in range(4)]
+        context = tokens(rng.randint(2, 6))  # short goal, two long solutions
+        requests += [(None, context, tokens(rng.randint(18, 38))) for _ in range(2)]
+    run = []
+    forward = model.forward
+
+    def counting_forward(idx, **kwargs):
+        run.append(idx.numel())
+        return forward(idx, **kwargs)
+
+    model.forward = counting_forward
+    batched = BamLM(model, tokenizer, batch_size=16, progress=False)._loglikelihood_tokens(requests)
+    batched_tokens, run[:] = sum(run), []
+    alone = BamLM(model, tokenizer, batch_size=1, progress=False)._loglikelihood_tokens(requests)
+    # one context a forward pads only a context's own answers to its longest; batches of 16 rows
+    # ran 1.40x that, and sorting by context + answer length (which mixes the kinds) 2.16x
+    assert batched_tokens <= 1.5 * sum(run), (batched_tokens, sum(run))
+    assert [g for _, g in batched] == [g for _, g in alone]
+    assert [s for s, _ in batched] == pytest.approx([s for s, _ in alone], abs=1e-4)
+
+
 def test_unknown_task_missing_data_and_bad_limit_are_refused_before_loading(tiny, tmp_path):
     _, seed, _ = tiny
     with pytest.raises(UserError, match="unknown task 'arc_medium'.*arc_easy"):

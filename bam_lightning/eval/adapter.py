@@ -4,14 +4,17 @@ lm-eval owns the tasks, prompts, few-shot sampling, metrics and aggregation; thi
 turns its requests into forwards of our GPT. Any checkpoint `read_checkpoint` reads is scored as
 it is (dense, expert, BAM Expert-KV / Shared-KV, BTX): there is one model class.
 
-Why it is not slower than lm-eval's `hf` model on the same weights: requests are sorted by
-length so a batch pads little, identical (context, continuation) pairs run once, and the
-log-softmax runs over the continuation positions only, never over the whole [B, T, V] logits.
+Why it is faster than lm-eval's `hf` model on the same weights (benchmarks/bench_eval.py): the
+choices of one question share one prefill of their context (ARC's four answers run their question
+once), contexts are batched with others of like context and answer lengths so a batch pads
+little, identical (context, continuation) pairs run once, and the log-softmax runs over the
+continuation positions only, never over the whole [B, T, V] logits.
 Generation is greedy over the KV cache (`bam_lightning.generate.generate`) with stop strings.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -113,10 +116,13 @@ class BamLM(TemplateLM):
                 long.append(i)
         scores: list[tuple[float, bool] | None] = [None] * len(pairs)
         bar = tqdm(total=len(pairs), desc="scoring", disable=disable_tqdm or not self.progress)
-        # longest first, by context + longest continuation: a batch's prefill and its continuation
-        # chunk both pad little (PIQA's short goals have long solutions)
-        contexts = sorted(by_context, key=lambda c: (len(c) + max(len(pairs[i][1]) for i in by_context[c]), len(c)),
-                          reverse=True)
+        # A batch costs (contexts x its longest context) + (continuations x its longest one), so
+        # both must be alike within a batch: contexts are grouped by their longest continuation
+        # (in buckets a factor sqrt(2) wide), then sorted by length inside a bucket. Sorting by
+        # context + continuation length instead mixed ARC's long questions with PIQA's long
+        # solutions: 19.7k tokens run for 10.0k real ones, against 13.9k (ARC-Easy + PIQA, 100 each).
+        contexts = sorted(by_context, key=lambda c: (continuation_bucket(max(len(pairs[i][1]) for i in by_context[c])),
+                                                     len(c)), reverse=True)
         start = 0
         while start < len(contexts):  # up to batch_size continuations a forward, at least one context
             end, rows = start, 0
@@ -229,6 +235,11 @@ class BamLM(TemplateLM):
             text = self.tokenizer.decode(tokens[-32:])  # a stop string is short; the tail is enough
             return any(s in text for s in stops)
         return stop if stops else None
+
+
+def continuation_bucket(length: int) -> int:
+    """Continuation lengths in buckets a factor sqrt(2) wide (1, 2, 3, 4-5, 6-7, 8-11, ...)."""
+    return int(2 * math.log2(length))
 
 
 def cut_at_stops(text: str, stops: Sequence[str]) -> str:
