@@ -8,7 +8,8 @@
 #   bench_ffn        FFN mixture vs dense at paper_590m's layer shapes, bf16 then fp32, with the
 #                    share of each layer's time in matmuls
 #   bench_attention  Expert-KV and Shared-KV attention vs E x dense, bf16 then fp32
-#   bench_train_step Lightning steps of the paper_590m seed and BAM: tokens/s, MFU (BAM/seed), memory
+#   bench_train_step Lightning steps of the paper_590m seed and BAM: tokens/s, MFU (BAM/seed), memory,
+#                    then one profiled step of each: time in matmuls / attention kernel / the rest
 #   bam_fit          `bam fit` of a few paper_590m BAM steps on built-in data (CLI, data, callbacks)
 #   bench_train_2b   the same at paper_2b's shapes (batch 1 x 2048: a 6.2B-parameter mixture
 #                    with AdamW states takes about 100 of the 141 GB), one segment
@@ -163,7 +164,7 @@ step bench_attention 50 "$PY" benchmarks/bench_attention.py --device "$DEVICE" -
 # MFU against the H200's bf16 datasheet peak, dense: 989 TFLOP/s (Lightning's table lists the
 # 2:4-sparse 1979); the table also shows MFU against the measured matmul ceiling.
 TRAIN=("$PY" benchmarks/bench_train_step.py "${TRAIN[@]}" --precision bf16-mixed --peak-tflops 989)
-step bench_train_step 120 "${TRAIN[@]}" --batch "$TRAIN_BATCH"
+step bench_train_step 150 "${TRAIN[@]}" --batch "$TRAIN_BATCH" --breakdown
 if [[ $DEVICE == cuda && ${RESULTS[-1]} == "bench_train_step FAILED"* ]] &&
     grep -q -E "OutOfMemoryError|CUDA out of memory" "$LOG_DIR/bench_train_step.log"; then
     RESULTS[-1]="bench_train_step out of GPU memory at batch 8"
