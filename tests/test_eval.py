@@ -256,8 +256,10 @@ def test_study_evaluations_resume_log_to_tensorboard_and_report_paired_margins(t
     accuracy = sum(i["acc"] for i in results["btx_s0"]["items"]["tiny_mc"]) / 10
     assert (n, margin) == (10, pytest.approx(1 - accuracy)) and low <= margin <= high
     lines = "\n".join(report_lines(records, results))
-    assert "| seed |" in lines and "| bam |" in lines and "bam - BTX: +0.00" in lines
-    assert "seed sd 0.00 over 2 seeds" in lines and "bam vs BTX: the item interval contains 0" in lines
+    # rows are named as in the perplexity table
+    assert "| seed |" in lines and "| BAM DM Expert-KV |" in lines and "BAM DM Expert-KV - BTX: +0.00" in lines
+    assert "seed sd 0.00 over 2 seeds" in lines and "BAM DM Expert-KV vs BTX: the item interval contains 0" in lines
+    assert sum("10 items in " in m for m in messages) == len(records)  # a line as each model is done
     with pytest.raises(UserError, match="eval.tasks: --tasks: unknown task 'arc_medium'"):
         check_eval_section({"tasks": ["arc_medium"]})
     with pytest.raises(UserError, match=r"eval: unknown keys \['shots'\]"):

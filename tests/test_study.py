@@ -314,7 +314,8 @@ metric_list:
     assert (tmp_path / "run" / "routing_bam.png").stat().st_size > 0
     assert (tmp_path / "run" / "sweep_ppl_vs_flops.png").stat().st_size > 0
     # every model scored once on the task, recorded beside the run and summarised in the report
-    assert run.stdout.count("[eval ") == 8 and "[eval 8/8]" in run.stdout, run.stdout[-3000:]
+    assert run.stdout.count("[eval ") == 16 and "[eval 8/8]" in run.stdout, run.stdout[-3000:]
+    assert run.stdout.count(" items in ") == 8  # each model's line when its evaluation is done
     for name in stages:
         scored = json.loads((tmp_path / "run" / "eval" / f"{name}.json").read_text())
         assert scored["results"]["tiny_sums"]["n"] == 4, name

@@ -79,6 +79,10 @@ def run_evaluations(run_dir: Path, records: list[dict[str, Any]], section: dict[
                                       progress=False)
         summary["bam"]["study_key"] = key
         write_json(summary, path)
+        scores = ", ".join(f"{category} {100 * value:.1f}" for category, value in summary["categories"].items())
+        items = sum(len(v) for v in summary["items"].values())
+        log(f"[eval {number}/{len(records)}] {name}: {scores or 'no complete category'}; {items} items in "
+            f"{summary['bam']['seconds']:.0f} s ({summary['bam']['items_per_second']:.1f} items/s)")
         log_to_tensorboard(Path(run_dir) / "tensorboard" / name / "eval", summary, record.get("steps") or 0)
         results[name] = summary
     return results
@@ -136,6 +140,7 @@ def report_lines(records: list[dict[str, Any]], results: dict[str, dict[str, Any
     """The Table-3-shaped section: rows seed, experts, mixtures (mean over mixture seeds); columns
     the categories and their average (accuracy %); then paired margins against BTX."""
     from bam_lightning.eval.tasks import CATEGORIES, NO_OFFLINE_DATA
+    from bam_lightning.report import label  # the perplexity table's row names
 
     rows: dict[str, list[dict[str, Any]]] = {}
     for record in records:
@@ -154,7 +159,7 @@ def report_lines(records: list[dict[str, Any]], results: dict[str, dict[str, Any
         for column in columns:
             values = [s["categories"][column] for s in summaries if column in s.get("categories", {})]
             cells.append(f"{100 * statistics.fmean(values):.2f}" if values else "")
-        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+        lines.append(f"| {label(row)} | " + " | ".join(cells) + " |")
     lines.append("")
     btx = {r["seed"]: results[r["name"]] for r in records if r["row"] == "btx" and r["name"] in results}
     margin_rows = [r for r in records if r.get("role") == "mixture" and r["row"] != "btx" and r["name"] in results]
@@ -172,12 +177,12 @@ def report_lines(records: list[dict[str, Any]], results: dict[str, dict[str, Any
             sd = statistics.stdev(m[0] for m in margins) if len(margins) > 1 else None
             low, high = min(m[1] for m in margins), max(m[2] for m in margins)
             spread = f"seed sd {100 * sd:.2f} over {len(margins)} seeds" if sd is not None else "one seed: no seed spread"
-            lines.append(f"- {row} - BTX: {100 * mean:+.2f} (items interval [{100 * low:+.2f}, {100 * high:+.2f}], "
+            lines.append(f"- {label(row)} - BTX: {100 * mean:+.2f} (items interval [{100 * low:+.2f}, {100 * high:+.2f}], "
                          f"{margins[0][3]} items; {spread})")
             if low <= 0 <= high:
-                unresolved.append(f"{row} vs BTX: the item interval contains 0")
+                unresolved.append(f"{label(row)} vs BTX: the item interval contains 0")
             elif sd is not None and abs(mean) <= sd:
-                unresolved.append(f"{row} vs BTX: the margin is within one seed sd")
+                unresolved.append(f"{label(row)} vs BTX: the margin is within one seed sd")
         lines += ["", "Differences these numbers cannot resolve: " + ("none." if not unresolved else "")]
         lines += [f"- {reason}" for reason in unresolved]
         lines.append("")
