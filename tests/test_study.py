@@ -296,7 +296,7 @@ metric_list:
     path = write(tmp_path / "study.yaml", study)
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     run = subprocess.run([sys.executable, "-m", "bam_lightning.cli", "pipeline", path], capture_output=True, text=True,
-                         env=env)
+                         env=env, timeout=1200)  # a hang fails instead of blocking CI
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "8 stages composed and checked" in run.stdout
     stages = {p.parent.name: json.loads(p.read_text()) for p in (tmp_path / "run" / "stages").glob("*/stage.json")}
