@@ -49,6 +49,7 @@ from bam_lightning.flops import (
 )
 from bam_lightning.lit import DenseLM, MoELM
 from bam_lightning.model.ffn import last_ffn_kernel
+from bam_lightning.model.short_attention import last_attention_kernel, sdpa_only
 
 TINY_BAM = ModelConfig(vocab_size=257, n_layer=4, d_model=128, n_head=4, max_seq_len=128,
                        n_experts=4, ffn_top_k=1, attn_experts=4)
@@ -122,9 +123,12 @@ def ffn_forward_from(module):
             setattr(ffn.MixtureOfFFN, name, method)
 
 
-def train_segment(module_cls, config: ModelConfig, args, old_ffn=None) -> StepTimer:
+def train_segment(module_cls, config: ModelConfig, args, old_ffn=None, sdpa: bool = False) -> StepTimer:
     if old_ffn is not None:
         with ffn_forward_from(old_ffn):
+            return train_segment(module_cls, config, args, sdpa=sdpa)
+    if sdpa:
+        with sdpa_only():
             return train_segment(module_cls, config, args)
     timer = StepTimer(args.warmup, cuda=args.device == "cuda")
     data = RandomBlocks((args.warmup + args.steps) * args.batch, args.seq, config.vocab_size)
@@ -138,13 +142,26 @@ def train_segment(module_cls, config: ModelConfig, args, old_ffn=None) -> StepTi
     return timer
 
 
-def step_breakdown(config: ModelConfig, args, device: torch.device) -> dict[str, float]:
+def step_breakdown(config: ModelConfig, args, device: torch.device,
+                   sdpa: bool = False) -> tuple[dict[str, float], float]:
     """One profiled forward + backward + AdamW step of `config`'s GPT (no Trainer) after two
     unprofiled ones: milliseconds of own time in matrix products, in the attention kernel (SDPA,
-    forward and backward) and in everything else."""
-    from bench_ffn import MATMUL_OPS, own_time, profile_step  # benchmarks/bench_ffn.py, beside this script
+    forward and backward) and in everything else, and the wall milliseconds of an unprofiled step.
+    Where the ops' own times add up to more than that step (the profiler's cost per op: 1.4x for
+    the chunked CPU attention's many small products on the EPYC of benchmarks/README.md), the
+    shares are a profiled step's, not a real one's. The chunked attention's products
+    (bam_lightning/model/short_attention.py) count as matmuls: they run as `bmm`/`baddbmm`."""
+    from bench_ffn import (  # benchmarks/bench_ffn.py, beside this script
+        MATMUL_OPS,
+        own_time,
+        profile_step,
+    )
 
     from bam_lightning.model import GPT
+
+    if sdpa:
+        with sdpa_only():
+            return step_breakdown(config, args, device)
 
     torch.manual_seed(0)
     model = GPT(config).to(device)
@@ -162,29 +179,46 @@ def step_breakdown(config: ModelConfig, args, device: torch.device) -> dict[str,
 
     for _ in range(2):
         step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    plain_ms = 1e3 * (time.perf_counter() - start)
     events, own = profile_step(step, device.type), own_time(device.type)
     parts = {"matmuls": 0.0, "attention kernel": 0.0, "other": 0.0}
     for event in events:
         part = ("matmuls" if event.key in MATMUL_OPS
                 else "attention kernel" if "scaled_dot_product" in event.key else "other")
         parts[part] += own(event) / 1e3
-    return parts
+    return parts, plain_ms
 
 
 def print_breakdown(models: dict, args, device: torch.device) -> None:
     """Where each model's step goes, beside the share of its counted FLOPs each part carries: a
     part that takes more of the time than of the FLOPs is what holds the MFU down."""
     rows = []
-    for name, (_, config, _) in models.items():
-        parts = step_breakdown(config, args, device)
+    for name, (_, config, _, sdpa) in models.items():
+        parts, plain_ms = step_breakdown(config, args, device, sdpa)
         total = sum(parts.values())
         per_layer = layer_flops_per_token(config, args.seq)
         flops = forward_flops_per_token(config, args.seq)
         scores = config.n_layer * per_layer.scores / flops
-        rows.append([name, f"{total:.0f}", *(f"{100 * ms / total:.1f}%" for ms in parts.values()),
+        rows.append([name, f"{plain_ms:.0f}", f"{total:.0f}",
+                     *(f"{100 * ms / total:.1f}%" for ms in parts.values()),
                      f"{100 * scores:.1f}%", f"{100 * (1 - scores):.1f}%"])
-    print_table(["model (profiled step)", "ms", "matmuls", "attention kernel", "other",
+    print_table(["model (profiled step)", "step ms (unprofiled)", "ops' own ms (profiled)", "matmuls",
+                 "attention kernel", "other",
                  "attention scores' share of FLOPs", "matmuls' share of FLOPs"], rows)
+
+
+SDPA_TAG = "(SDPA)"
+
+
+def seed_of(name: str) -> str:
+    """The dense row a row's MFU is compared with: the SDPA seed for the SDPA rows."""
+    return f"dense seed {SDPA_TAG}" if name.endswith(SDPA_TAG) else "dense seed"
 
 
 def parse_overrides(config: ModelConfig, items: list[str]) -> dict[str, object]:
@@ -225,6 +259,9 @@ def main() -> None:
                         "8 for paper_590m, 2 for paper_2b)")
     parser.add_argument("--against", metavar="REV", default=None,
                         help="also train the BAM mixture with MixtureOfFFN's forward as at this git revision")
+    parser.add_argument("--sdpa", action="store_true",
+                        help="also train both models with torch's SDPA as every attention's kernel (what ran "
+                             "before the chunked CPU kernel), in the same alternating segments")
     parser.add_argument("--override", nargs="+", metavar="FIELD=VALUE", default=[],
                         help="change ModelConfig fields of the model (and so of its seed), e.g. n_layer=1 "
                              "d_model=64: a recipe's model at a size a CPU rehearsal can run")
@@ -247,11 +284,15 @@ def main() -> None:
     warnings.filterwarnings("ignore", ".*does not have many workers.*|.*treespec.*")
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     seq = args.seq
-    models = {"dense seed": (DenseLM, bam.dense(), None), "BAM MoE": (MoELM, bam, None)}
+    # name: (module class, config, ffn.py of another revision or None, SDPA forced)
+    models = {"dense seed": (DenseLM, bam.dense(), None, False), "BAM MoE": (MoELM, bam, None, False)}
     if args.against:
         from bench_ffn import ffn_at_revision  # benchmarks/bench_ffn.py, beside this script
 
-        models[f"BAM MoE @{args.against}"] = (MoELM, bam, ffn_at_revision(args.against))
+        models[f"BAM MoE @{args.against}"] = (MoELM, bam, ffn_at_revision(args.against), False)
+    if args.sdpa:
+        models.update({f"dense seed {SDPA_TAG}": (DenseLM, bam.dense(), None, True),
+                       f"BAM MoE {SDPA_TAG}": (MoELM, bam, None, True)})
     dtype = torch.bfloat16 if "bf16" in args.precision else torch.float32
     device = torch.device(args.device)
     size = 8192 if device.type == "cuda" else 1024  # measure_matmul_flops's default for the device
@@ -263,13 +304,15 @@ def main() -> None:
     times: dict[str, list[float]] = {name: [] for name in models}
     segment_medians: dict[str, list[float]] = {name: [] for name in models}  # paired by segment
     peak_memory: dict[str, int] = dict.fromkeys(models, 0)
+    attention_kernels: dict[str, str | None] = {}
     with CoTenantLoad() as load:
         for _ in range(args.segments):
-            for name, (module_cls, config, old_ffn) in models.items():
+            for name, (module_cls, config, old_ffn, sdpa) in models.items():
                 ceilings.append(measure_matmul_flops(dtype, size, device=device))
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(device)
-                timer = train_segment(module_cls, config, args, old_ffn)
+                timer = train_segment(module_cls, config, args, old_ffn, sdpa)
+                attention_kernels[name] = last_attention_kernel()
                 assert timer.threads == args.threads, f"Lightning changed the thread count to {timer.threads}"
                 times[name] += timer.times
                 segment_medians[name].append(statistics.median(timer.times))
@@ -285,7 +328,7 @@ def main() -> None:
               + (f"{datasheet / 1e12:.0f} TFLOP/s" if datasheet else "not in its table")
               + "; MFU below is against the measured ceiling")
     rows, results, mfu = [], [], {}
-    for name, (_, config, _) in models.items():
+    for name, (_, config, _, _) in models.items():
         step = statistics.median(times[name])
         tokens_per_s = args.batch * seq / step
         flops = training_flops_per_token(config, seq)
@@ -296,7 +339,7 @@ def main() -> None:
                      f"{100 * flops * tokens_per_s / ceiling:.1f}%",
                      *([f"{100 * flops * tokens_per_s / (args.peak_tflops * 1e12):.1f}%"] if args.peak_tflops else []),
                      *([f"{peak_memory[name] / 2**30:.1f}"] if device.type == "cuda" else []),
-                     f"{mfu[name] / mfu['dense seed']:.3f}"])
+                     f"{mfu[name] / mfu[seed_of(name)]:.3f}"])
         results.append(f"{name} {tokens_per_s:,.0f} tok/s MFU {rows[-1][6]}"
                        + (f" ({rows[-1][7]} of {args.peak_tflops:g} TFLOP/s)" if args.peak_tflops else "")
                        + (f" peak {rows[-1][-1]} GiB" if device.type == "cuda" else ""))
@@ -307,14 +350,17 @@ def main() -> None:
                  *(["peak GPU GiB"] if device.type == "cuda" else []), "MFU / seed's"], rows)
     mfu_ratio = mfu["BAM MoE"] / mfu["dense seed"]
     flops_ratio = training_flops_per_token(bam, seq) / training_flops_per_token(bam.dense(), seq)
-    for name in list(models)[1:]:
+    for name in models:
+        if name == seed_of(name):
+            continue
         # MFU ratio within each segment (seed and BAM timed minutes apart, not an hour): its spread
         paired = sorted(flops_ratio * seed / step for seed, step
-                        in zip(segment_medians["dense seed"], segment_medians[name], strict=True))
+                        in zip(segment_medians[seed_of(name)], segment_medians[name], strict=True))
         print(f"# {name}: MFU / seed's per segment: median {statistics.median(paired):.3f}, "
               f"range {paired[0]:.3f}-{paired[-1]:.3f} over {len(paired)} segments")
     print(f"# BAM MoE step time / dense seed step time: {ratio:.2f}; BAM MFU / seed MFU: {mfu_ratio:.3f}; "
           f"FFN kernel that ran: {last_ffn_kernel()}")
+    print("# attention kernel that ran: " + "; ".join(f"{name}: {kernel}" for name, kernel in attention_kernels.items()))
     print(f"# result: {'; '.join(results)}; BAM/seed step time {ratio:.2f}, MFU {mfu_ratio:.3f}x the seed's; "
           f"FFN kernel {last_ffn_kernel()}")
     print(f"# {load.summary()}")

@@ -27,6 +27,7 @@ from bam_lightning.model.layers import (
     init_router,
     router_probs,
 )
+from bam_lightning.model.short_attention import causal_attention
 
 
 class MixtureOfAttention(nn.Module):
@@ -137,7 +138,7 @@ class MixtureOfAttention(nn.Module):
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=window_mask(T, cfg.sliding_window, h.device),
                                                enable_gqa=E * H != E_kv * H_kv)
         else:
-            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=E * H != E_kv * H_kv)
+            o = causal_attention(q, k, v)
         gates = self.gates(h)
         stats = RouterStats()
         if gates is None:

@@ -1,0 +1,121 @@
+"""Causal attention for short sequences on CPU, as chunked batched matrix products.
+
+torch's CPU flash-attention kernel tiles the queries in blocks of 32 rows and recomputes the
+scores in its backward. At short sequences and small heads (the tiny study: T 128, head size 32)
+that tiling, not arithmetic, sets its speed, and a BAM layer runs four times the dense layer's
+heads through it (every attention expert, soft-routed). Here the whole score matrix of a few
+heads at a time is one `baddbmm` (scores plus the causal mask), one softmax and one `bmm`, in
+chunks of heads whose scores fit in about 2 MiB (a core's L2), and the probabilities are kept
+for the backward instead of recomputed. That costs T * T * 4 bytes per head and sequence of
+saved activations (512 bytes per token and head at T 128, four times the query's at head size
+32), which is why it runs only up to `MAX_SEQ_LEN`, where it was measured faster
+(benchmarks/README.md, "Where the tiny BAM step's time goes"); beyond, SDPA runs.
+
+`causal_attention` picks the kernel (`attention_kernel`); `last_attention_kernel()` says which
+ran last, for the benchmarks. Grouped-query attention (Shared-KV, or a GQA seed) folds the query
+heads that share a K/V head into one taller product, the layout SDPA's `enable_gqa` assumes
+(query head i reads K/V head i // (query heads / K/V heads)).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+import torch.nn.functional as F
+
+SDPA = "sdpa"
+CHUNKED = "chunked bmm"
+MAX_SEQ_LEN = 128  # measured faster than SDPA's CPU kernel up to here, slower at 256
+CHUNK_BYTES = 2 ** 21  # scores per chunk: about one core's L2
+_DTYPES = (torch.float32, torch.float64)  # bf16 keeps SDPA: its softmax would round the scores
+_last_kernel: str | None = None
+_sdpa_only = False
+
+
+def attention_kernel(q: torch.Tensor, k: torch.Tensor) -> str:
+    """CHUNKED for a training forward on CPU in fp32/fp64 (no autocast) with at most MAX_SEQ_LEN
+    queries and keys each; SDPA otherwise (GPU, bf16, long sequences, and without autograd, where
+    SDPA's forward keeps no scores)."""
+    if (not _sdpa_only and q.device.type == "cpu" and torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")
+            and q.dtype in _DTYPES and q.shape[-2] <= MAX_SEQ_LEN and k.shape[-2] == q.shape[-2]):
+        return CHUNKED
+    return SDPA
+
+
+@contextlib.contextmanager
+def sdpa_only():
+    """Every causal attention inside runs SDPA: the benchmarks' side-by-side rows and the tests'
+    reference."""
+    global _sdpa_only
+    saved, _sdpa_only = _sdpa_only, True
+    try:
+        yield
+    finally:
+        _sdpa_only = saved
+
+
+def last_attention_kernel() -> str | None:
+    """The kernel of the latest causal attention in this process (None before the first)."""
+    return _last_kernel
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(hd) + causal mask) v for q [B, Hq, T, hd], k and v [B, Hkv, T, hd],
+    Hq a multiple of Hkv; the result is [B, Hq, T, hd], as SDPA's."""
+    global _last_kernel
+    _last_kernel = kernel = attention_kernel(q, k)
+    if kernel == SDPA:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
+    B, Hq, T, hd = q.shape
+    Hkv = k.shape[1]
+    group = Hq // Hkv
+    # [B * Hkv, group * T, hd]: the query heads of one K/V head stacked along the rows
+    out = _ChunkedCausal.apply(q.reshape(B * Hkv, group * T, hd), k.reshape(B * Hkv, T, hd),
+                               v.reshape(B * Hkv, T, hd), group)
+    return out.view(B, Hq, T, hd)
+
+
+def _causal_bias(T: int, group: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """[group * T, T]: 0 where row t % T may see column s (s <= t % T), -inf elsewhere."""
+    bias = torch.full((T, T), float("-inf"), dtype=dtype, device=device).triu_(1)
+    return bias.repeat(group, 1) if group > 1 else bias
+
+
+class _ChunkedCausal(torch.autograd.Function):
+    """q [N, R, hd] (R = group * T rows), k, v [N, T, hd]; chunks over N."""
+
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: int) -> torch.Tensor:
+        N, R, hd = q.shape
+        T = k.shape[1]
+        scale = 1 / math.sqrt(hd)
+        step = max(1, CHUNK_BYTES // (R * T * q.element_size()))
+        bias = _causal_bias(T, group, q.dtype, q.device)
+        probs = torch.empty(N, R, T, dtype=q.dtype, device=q.device)
+        out = torch.empty(N, R, hd, dtype=q.dtype, device=q.device)
+        for s in range(0, N, step):
+            e = min(N, s + step)
+            scores = torch.baddbmm(bias, q[s:e], k[s:e].transpose(1, 2), alpha=scale)
+            torch.softmax(scores, dim=-1, out=probs[s:e])
+            torch.bmm(probs[s:e], v[s:e], out=out[s:e])
+        ctx.save_for_backward(q, k, v, probs, out)
+        ctx.scale, ctx.step = scale, step
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        q, k, v, probs, out = ctx.saved_tensors
+        grad = grad.contiguous()
+        N = q.shape[0]
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        for s in range(0, N, ctx.step):
+            e = min(N, s + ctx.step)
+            p, g = probs[s:e], grad[s:e]
+            torch.bmm(p.transpose(1, 2), g, out=dv[s:e])
+            # d scores = P * (dP - rowsum(dO * O)), with dP = dO V^T (softmax's backward)
+            d_scores = torch.bmm(g, v[s:e].transpose(1, 2)).sub_((g * out[s:e]).sum(-1, keepdim=True)).mul_(p)
+            torch.bmm(d_scores, k[s:e], out=dq[s:e]).mul_(ctx.scale)
+            torch.bmm(d_scores.transpose(1, 2), q[s:e], out=dk[s:e]).mul_(ctx.scale)
+        return dq, dk, dv, None
