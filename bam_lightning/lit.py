@@ -122,15 +122,19 @@ class BaseLM(L.LightningModule):
             self.val_sums[domain] = DocumentSums(self.val_documents.get(domain, 1)).to(self.device)
 
     def on_fit_start(self) -> None:
-        """Name the FFN kernel in the training log: a fallback to the per-expert loop (float64,
-        fp32 on a GPU, an older torch) is correct but slower, and must not pass unnoticed."""
+        """Name the FFN and attention kernels in the training log: a fallback to the per-expert
+        loop (float64, fp32 on a GPU, an older torch) is correct but slower, and must not pass
+        unnoticed; which attention kernel runs depends on device, dtype and sequence length."""
         from lightning.pytorch.utilities import rank_zero_info
 
         from bam_lightning.model.ffn import ffn_kernel
+        from bam_lightning.model.short_attention import training_attention_kernel
 
         precision = str(self.trainer.precision)
         dtype = torch.bfloat16 if "bf16" in precision else torch.float16 if precision.startswith("16") else self.dtype
-        rank_zero_info(f"FFN expert matmuls: {ffn_kernel(self.device, dtype)} ({dtype} on {self.device.type})")
+        where = f"({dtype} on {self.device.type})"
+        rank_zero_info(f"FFN expert matmuls: {ffn_kernel(self.device, dtype)} {where}")
+        rank_zero_info(f"Attention in training: {training_attention_kernel(self.device, dtype)} {where}")
 
     def configure_model(self) -> None:
         """FSDP2 under ModelParallelStrategy: shard each block, then the root. Idempotent,

@@ -181,4 +181,6 @@ def test_fit_logs_the_ffn_kernel(precision, expected, caplog):
     with caplog.at_level(logging.INFO):
         trainer.fit(module, DataLoader(blocks, batch_size=2))
     assert f"FFN expert matmuls: {expected}" in caplog.text
+    attention = "sdpa" if precision == "bf16-mixed" else "chunked bmm for sequences up to 128 tokens"
+    assert f"Attention in training: {attention}" in caplog.text
     assert torch.isfinite(trainer.callback_metrics["train/loss"])

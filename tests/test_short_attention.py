@@ -73,6 +73,10 @@ def test_which_kernel_runs():
     with sa.sdpa_only():
         assert kernel_for(q, q) == sa.SDPA
     assert kernel_for(q, q) == sa.CHUNKED  # sdpa_only restores the choice when it ends
+    # what a fit logs says the same
+    assert sa.training_attention_kernel("cpu", torch.float32).startswith(sa.CHUNKED)
+    assert sa.training_attention_kernel("cpu", torch.bfloat16) == sa.SDPA
+    assert sa.training_attention_kernel("cuda", torch.float32) == sa.SDPA
 
 
 TINY_BAM = ModelConfig(vocab_size=61, n_layer=2, d_model=32, n_head=4, max_seq_len=32,

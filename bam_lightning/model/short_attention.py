@@ -38,10 +38,22 @@ def attention_kernel(q: torch.Tensor, k: torch.Tensor) -> str:
     """CHUNKED for a training forward on CPU in fp32/fp64 (no autocast) with at most MAX_SEQ_LEN
     queries and keys each; SDPA otherwise (GPU, bf16, long sequences, and without autograd, where
     SDPA's forward keeps no scores)."""
-    if (not _sdpa_only and q.device.type == "cpu" and torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")
-            and q.dtype in _DTYPES and q.shape[-2] <= MAX_SEQ_LEN and k.shape[-2] == q.shape[-2]):
+    if (_chunked_on(q.device.type, q.dtype) and torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")
+            and q.shape[-2] <= MAX_SEQ_LEN and k.shape[-2] == q.shape[-2]):
         return CHUNKED
     return SDPA
+
+
+def training_attention_kernel(device: torch.device | str, dtype: torch.dtype) -> str:
+    """The kernels a training forward on `device` in `dtype` (the autocast dtype under mixed
+    precision) uses, in words: what a fit logs."""
+    if _chunked_on(torch.device(device).type, dtype):
+        return f"{CHUNKED} for sequences up to {MAX_SEQ_LEN} tokens, {SDPA} beyond and in validation"
+    return SDPA
+
+
+def _chunked_on(device_type: str, dtype: torch.dtype) -> bool:
+    return not _sdpa_only and device_type == "cpu" and dtype in _DTYPES
 
 
 @contextlib.contextmanager
