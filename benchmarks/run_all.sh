@@ -11,6 +11,7 @@ PY=${PY:-.venv/bin/python}
 "$PY" benchmarks/bench_ffn.py
 "$PY" benchmarks/bench_attention.py
 "$PY" benchmarks/bench_attention.py --malloc default   # glibc's own allocator, for comparison
+"$PY" benchmarks/bench_attention_kernel.py
 "$PY" benchmarks/bench_rope.py
 "$PY" benchmarks/bench_train_step.py
 "$PY" benchmarks/bench_upcycle.py --format ckpt

@@ -80,6 +80,12 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
     _last_kernel = kernel = attention_kernel(q, k)
     if kernel == SDPA:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
+    return chunked_causal_attention(q, k, v)
+
+
+def chunked_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """The chunked kernel whatever the sequence length (benchmarks/bench_attention_kernel.py times it
+    beyond MAX_SEQ_LEN); shapes as `causal_attention`'s."""
     B, Hq, T, hd = q.shape
     Hkv = k.shape[1]
     group = Hq // Hkv
