@@ -50,6 +50,8 @@ def main() -> None:
                         help="query heads per layer: 4 is the tiny seed, 16 its BAM mixture (4 experts)")
     parser.add_argument("--head-dim", type=int, default=32)
     parser.add_argument("--tokens", type=int, default=4096, help="tokens per call (batch x seq)")
+    parser.add_argument("--chunk-bytes", type=int, nargs="+", default=[short_attention.CHUNK_BYTES],
+                        help="the chunked kernel's score bytes per chunk; several: one chunked column each")
     args = parser.parse_args()
     print_header(f"Causal attention fwd+bwd, chunked bmm vs SDPA (head_dim {args.head_dim}, "
                  f"{args.tokens} tokens per call; training runs chunked up to T {short_attention.MAX_SEQ_LEN})", args)
@@ -59,15 +61,29 @@ def main() -> None:
     for seq, heads in settings:
         batch = max(1, args.tokens // seq)
         cases[(seq, heads, "sdpa")] = attention_case(sdpa, batch, heads, seq, args.head_dim, args.device)
-        cases[(seq, heads, "chunked")] = attention_case(short_attention.chunked_causal_attention, batch, heads, seq,
-                                                        args.head_dim, args.device)
+        for chunk_bytes in args.chunk_bytes:
+            cases[(seq, heads, chunk_bytes)] = attention_case(with_chunk_bytes(chunk_bytes), batch, heads, seq,
+                                                              args.head_dim, args.device)
     times = time_interleaved(cases, args.rounds, args.warmup)
     rows = []
     for seq, heads in settings:
-        chunked, sdpa_times = times[(seq, heads, "chunked")], times[(seq, heads, "sdpa")]
-        rows.append([seq, heads, f"{median_ms(sdpa_times):.1f}", f"{median_ms(chunked):.1f}",
-                     paired_ratio(chunked, sdpa_times), ratio_quartiles(chunked, sdpa_times)])
-    print_table(["T", "heads", "SDPA ms", "chunked ms", "chunked/SDPA", "quartiles"], rows)
+        sdpa_times = times[(seq, heads, "sdpa")]
+        for chunk_bytes in args.chunk_bytes:
+            chunked = times[(seq, heads, chunk_bytes)]
+            rows.append([seq, heads, f"{chunk_bytes / 2**20:g}", f"{median_ms(sdpa_times):.1f}",
+                         f"{median_ms(chunked):.1f}", paired_ratio(chunked, sdpa_times),
+                         ratio_quartiles(chunked, sdpa_times)])
+    print_table(["T", "heads", "chunk MiB", "SDPA ms", "chunked ms", "chunked/SDPA", "quartiles"], rows)
+
+
+def with_chunk_bytes(chunk_bytes: int):
+    def kernel(q, k, v):
+        saved, short_attention.CHUNK_BYTES = short_attention.CHUNK_BYTES, chunk_bytes
+        try:  # the backward reads the chunk size the forward saved
+            return short_attention.chunked_causal_attention(q, k, v)
+        finally:
+            short_attention.CHUNK_BYTES = saved
+    return kernel
 
 
 if __name__ == "__main__":

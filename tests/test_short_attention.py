@@ -15,6 +15,15 @@ from bam_lightning.model import short_attention as sa
 FP64 = dict(rtol=1e-10, atol=1e-12)
 
 
+@pytest.fixture(autouse=True)
+def two_threads():
+    """The chunked kernel runs from two threads up (at one, SDPA is as fast and keeps no scores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(threads)
+
+
 def attention_and_grads(attend, q, k, v, grad):
     leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
     out = attend(*leaves)
@@ -72,6 +81,10 @@ def test_which_kernel_runs():
         assert kernel_for(q, q) == sa.SDPA
     with sa.sdpa_only():
         assert kernel_for(q, q) == sa.SDPA
+    torch.set_num_threads(1)
+    assert kernel_for(q, q) == sa.SDPA
+    assert sa.training_attention_kernel("cpu", torch.float32) == sa.SDPA
+    torch.set_num_threads(2)
     assert kernel_for(q, q) == sa.CHUNKED  # sdpa_only restores the choice when it ends
     # what a fit logs says the same
     assert sa.training_attention_kernel("cpu", torch.float32).startswith(sa.CHUNKED)
@@ -107,3 +120,23 @@ def test_one_training_step_matches_sdpa(shared_kv):
     assert grads.keys() == ref_grads.keys()
     for name in grads:
         torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_a_fit_at_two_threads_trains_with_the_chunked_kernel_and_says_so(caplog):
+    import logging
+
+    import lightning as L
+    from torch.utils.data import DataLoader
+
+    from bam_lightning.lit import MoELM
+
+    torch.manual_seed(0)
+    blocks = torch.randint(0, TINY_BAM.vocab_size, (4, TINY_BAM.max_seq_len + 1))
+    trainer = L.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    with caplog.at_level(logging.INFO):
+        trainer.fit(MoELM(TINY_BAM, warmup_steps=1), DataLoader(blocks, batch_size=2))
+    assert torch.get_num_threads() == 2  # Lightning left the thread count alone
+    assert sa.last_attention_kernel() == sa.CHUNKED
+    assert "Attention in training: chunked bmm for sequences up to 128 tokens (torch.float32 on cpu)" in caplog.text
+    assert torch.isfinite(trainer.callback_metrics["train/loss"])

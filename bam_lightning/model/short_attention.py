@@ -1,15 +1,19 @@
 """Causal attention for short sequences on CPU, as chunked batched matrix products.
 
 torch's CPU flash-attention kernel tiles the queries in blocks of 32 rows and recomputes the
-scores in its backward. At short sequences and small heads (the tiny study: T 128, head size 32)
-that tiling, not arithmetic, sets its speed, and a BAM layer runs four times the dense layer's
-heads through it (every attention expert, soft-routed). Here the whole score matrix of a few
-heads at a time is one `baddbmm` (scores plus the causal mask), one softmax and one `bmm`, in
-chunks of heads whose scores fit in about 2 MiB (a core's L2), and the probabilities are kept
-for the backward instead of recomputed. That costs T * T * 4 bytes per head and sequence of
-saved activations (512 bytes per token and head at T 128, four times the query's at head size
-32), which is why it runs only up to `MAX_SEQ_LEN`, where it was measured faster
-(benchmarks/README.md, "Where the tiny BAM step's time goes"); beyond, SDPA runs.
+scores in its backward. At short sequences and small heads that kernel gains little from a second
+thread (the tiny study's shapes, T 128, head size 32, 16 heads: 53 ms at one thread, 46 ms at
+two), and a BAM layer sends four times the dense layer's heads through it (every attention expert,
+soft-routed). Here the whole score matrix of a few heads at a time is one `baddbmm` (scores plus
+the causal mask), one softmax and one `bmm`, in chunks of heads whose scores fill about 2 MiB,
+and the probabilities are kept for the backward instead of recomputed. Batched products use both
+threads: at 2 threads this kernel's forward+backward takes 0.63-0.69x SDPA's time at T 64-128,
+head size 32 (0.89x at head size 64); at one thread the two are level (0.97-1.04x), so one thread
+keeps SDPA (`benchmarks/bench_attention_kernel.py`, benchmarks/README.md).
+
+The kept probabilities cost T * 4 bytes per token and head (512 bytes at T 128, four times a
+query of head size 32), which is why the kernel stops at `MAX_SEQ_LEN`: at T 256 it is still
+faster at head size 32 (0.82x) but level at head size 64 (0.97x) for twice the memory.
 
 `causal_attention` picks the kernel (`attention_kernel`); `last_attention_kernel()` says which
 ran last, for the benchmarks. Grouped-query attention (Shared-KV, or a GQA seed) folds the query
@@ -27,17 +31,17 @@ import torch.nn.functional as F
 
 SDPA = "sdpa"
 CHUNKED = "chunked bmm"
-MAX_SEQ_LEN = 128  # measured faster than SDPA's CPU kernel up to here, slower at 256
-CHUNK_BYTES = 2 ** 21  # scores per chunk: about one core's L2
+MAX_SEQ_LEN = 128  # longest sequence the chunked kernel runs (see above)
+CHUNK_BYTES = 2 ** 21  # scores per chunk: 1-2 MiB measured best at 2 threads, 0.25-0.5 MiB slower
 _DTYPES = (torch.float32, torch.float64)  # bf16 keeps SDPA: its softmax would round the scores
 _last_kernel: str | None = None
 _sdpa_only = False
 
 
 def attention_kernel(q: torch.Tensor, k: torch.Tensor) -> str:
-    """CHUNKED for a training forward on CPU in fp32/fp64 (no autocast) with at most MAX_SEQ_LEN
-    queries and keys each; SDPA otherwise (GPU, bf16, long sequences, and without autograd, where
-    SDPA's forward keeps no scores)."""
+    """CHUNKED for a training forward on CPU in fp32/fp64 (no autocast) at two or more threads with
+    at most MAX_SEQ_LEN queries and keys each; SDPA otherwise (GPU, bf16, one thread, long
+    sequences, and without autograd, where SDPA's forward keeps no scores)."""
     if (_chunked_on(q.device.type, q.dtype) and torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")
             and q.shape[-2] <= MAX_SEQ_LEN and k.shape[-2] == q.shape[-2]):
         return CHUNKED
@@ -46,14 +50,14 @@ def attention_kernel(q: torch.Tensor, k: torch.Tensor) -> str:
 
 def training_attention_kernel(device: torch.device | str, dtype: torch.dtype) -> str:
     """The kernels a training forward on `device` in `dtype` (the autocast dtype under mixed
-    precision) uses, in words: what a fit logs."""
+    precision) uses at this process's thread count, in words: what a fit logs."""
     if _chunked_on(torch.device(device).type, dtype):
         return f"{CHUNKED} for sequences up to {MAX_SEQ_LEN} tokens, {SDPA} beyond and in validation"
     return SDPA
 
 
 def _chunked_on(device_type: str, dtype: torch.dtype) -> bool:
-    return not _sdpa_only and device_type == "cpu" and dtype in _DTYPES
+    return not _sdpa_only and device_type == "cpu" and dtype in _DTYPES and torch.get_num_threads() > 1
 
 
 @contextlib.contextmanager
