@@ -138,5 +138,6 @@ def test_a_fit_at_two_threads_trains_with_the_chunked_kernel_and_says_so(caplog)
         trainer.fit(MoELM(TINY_BAM, warmup_steps=1), DataLoader(blocks, batch_size=2))
     assert torch.get_num_threads() == 2  # Lightning left the thread count alone
     assert sa.last_attention_kernel() == sa.CHUNKED
-    assert "Attention in training: chunked bmm for sequences up to 128 tokens (torch.float32 on cpu)" in caplog.text
+    assert ("Attention in training: chunked bmm for sequences up to 128 tokens, sdpa beyond and in validation "
+            "(torch.float32 on cpu)") in caplog.text
     assert torch.isfinite(trainer.callback_metrics["train/loss"])
