@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/bench_train_step.py [--steps 30] [--segments 2] [--precision 32-true]
     .venv/bin/python benchmarks/bench_train_step.py --model paper_590m --accelerator gpu --precision bf16-mixed
     .venv/bin/python benchmarks/bench_train_step.py --against REV   # also BAM with ffn.py as at git REV
+    .venv/bin/python benchmarks/bench_train_step.py --sdpa          # also both with SDPA as the attention kernel
     .venv/bin/python benchmarks/bench_train_step.py --breakdown     # then where each step's time goes
 
 Each model trains under a Lightning Trainer (the project's `DenseLM` / `MoELM`: forward, LM and
@@ -19,6 +20,8 @@ GPU, and every step is timed between two `torch.cuda.synchronize()` calls. The l
 the summary give the BAM step's MFU over the seed's (issue 23's target: >= 0.85 on CPUs, 0.95 on
 the GPU). `--against REV` adds a third model, the same BAM mixture with the FFN layer's forward
 as `bam_lightning/model/ffn.py` was at git revision REV, in the same alternating segments.
+`--sdpa` adds the seed and the mixture with torch's SDPA for every attention (no chunked CPU
+kernel, bam_lightning/model/short_attention.py), each compared with the SDPA seed.
 `--breakdown` then profiles one step of each model (GPT forward, backward and AdamW, no Trainer)
 and splits its time into matmuls, the attention kernel and the rest, beside each part's share of
 the counted FLOPs: a part with a larger share of the time than of the FLOPs holds the MFU down.
