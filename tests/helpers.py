@@ -3,6 +3,7 @@ domains, and a reader of prepared data that does not use litdata."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -16,6 +17,17 @@ import torch
 
 from bam_lightning.config import ModelConfig
 from bam_lightning.model import GPT
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """torch's intra-op thread count set to `n` inside, restored after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def tiny_config(**overrides) -> ModelConfig:

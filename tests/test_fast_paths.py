@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import reference_rope
+from helpers import reference_rope, torch_threads
 
 import bam_lightning.model.ffn as ffn_module
 from bam_lightning import ModelConfig
@@ -24,10 +24,8 @@ BF16_REL = 2e-2  # relative error, normwise: bf16 keeps 8 bits of mantissa
 def one_thread():
     """Tiny tensors gain nothing from threads, and on a busy shared CPU their barrier waits turned
     these 4 s of tests into 30 s."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with torch_threads(1):
+        yield
 
 
 def large_weights(module: torch.nn.Module) -> None:

@@ -7,6 +7,7 @@ import dataclasses
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import torch_threads
 
 from bam_lightning import ModelConfig
 from bam_lightning.model import GPT
@@ -18,10 +19,8 @@ FP64 = dict(rtol=1e-10, atol=1e-12)
 @pytest.fixture(autouse=True)
 def two_threads():
     """The chunked kernel runs from two threads up (at one, SDPA is as fast and keeps no scores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(threads)
+    with torch_threads(2):
+        yield
 
 
 def attention_and_grads(attend, q, k, v, grad):
@@ -81,10 +80,9 @@ def test_which_kernel_runs():
         assert kernel_for(q, q) == sa.SDPA
     with sa.sdpa_only():
         assert kernel_for(q, q) == sa.SDPA
-    torch.set_num_threads(1)
-    assert kernel_for(q, q) == sa.SDPA
-    assert sa.training_attention_kernel("cpu", torch.float32) == sa.SDPA
-    torch.set_num_threads(2)
+    with torch_threads(1):
+        assert kernel_for(q, q) == sa.SDPA
+        assert sa.training_attention_kernel("cpu", torch.float32) == sa.SDPA
     assert kernel_for(q, q) == sa.CHUNKED  # sdpa_only restores the choice when it ends
     # what a fit logs says the same
     assert sa.training_attention_kernel("cpu", torch.float32).startswith(sa.CHUNKED)
