@@ -139,3 +139,23 @@ def test_a_fit_at_two_threads_trains_with_the_chunked_kernel_and_says_so(caplog)
     assert ("Attention in training: chunked bmm for sequences up to 128 tokens, sdpa beyond and in validation "
             "(torch.float32 on cpu)") in caplog.text
     assert torch.isfinite(trainer.callback_metrics["train/loss"])
+
+
+def test_bam_fit_at_two_threads_runs_the_chunked_kernel_and_one_thread_sdpa(tmp_path):
+    """What users run: `bam fit` in a subprocess (with a timeout), at the thread counts
+    OMP_NUM_THREADS gives it. Both train; their first step's loss (same weights, same batch) agrees
+    to float rounding."""
+    import json
+
+    from test_launch import BAM, MAX_STEPS, run, write_recipe
+
+    recipe = write_recipe(tmp_path)
+    first_losses = {}
+    for threads, kernel in (("2", "chunked bmm for sequences up to 128 tokens"), ("1", "sdpa")):
+        run_dir = tmp_path / f"threads_{threads}"
+        output = run([BAM, "fit", "--config", str(recipe)], run_dir, recipe, OMP_NUM_THREADS=threads)
+        assert f"Attention in training: {kernel}" in output, output[-4000:]
+        steps = [json.loads(line) for line in (run_dir / "steps.jsonl").read_text().splitlines()]
+        assert [s["step"] for s in steps] == list(range(1, MAX_STEPS + 1))
+        first_losses[threads] = steps[0]["loss"]
+    assert first_losses["2"] == pytest.approx(first_losses["1"], rel=1e-5)
