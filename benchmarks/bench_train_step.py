@@ -150,9 +150,9 @@ def step_breakdown(config: ModelConfig, args, device: torch.device,
     """One profiled forward + backward + AdamW step of `config`'s GPT (no Trainer) after two
     unprofiled ones: milliseconds of own time in matrix products, in the attention kernel (SDPA,
     forward and backward) and in everything else, and the wall milliseconds of an unprofiled step.
-    Where the ops' own times add up to more than that step (the profiler's cost per op: 1.4x for
-    the chunked CPU attention's many small products on the EPYC of benchmarks/README.md), the
-    shares are a profiled step's, not a real one's. The chunked attention's products
+    Where the ops' own times add up to clearly more than that step, the profiler's own cost per op
+    has distorted the shares (one run here read 1.4x for the chunked CPU attention's many small
+    products, the next 1.0x; single steps vary). The chunked attention's products
     (bam_lightning/model/short_attention.py) count as matmuls: they run as `bmm`/`baddbmm`."""
     from bench_ffn import (  # benchmarks/bench_ffn.py, beside this script
         MATMUL_OPS,
