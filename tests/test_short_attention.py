@@ -144,7 +144,7 @@ def test_a_fit_at_two_threads_trains_with_the_chunked_kernel_and_says_so(caplog)
 def test_bam_fit_at_two_threads_runs_the_chunked_kernel_and_one_thread_sdpa(tmp_path):
     """What users run: `bam fit` in a subprocess (with a timeout), at the thread counts
     OMP_NUM_THREADS gives it. Both train; their first step's loss (same weights, same batch) agrees
-    to float rounding."""
+    to float rounding. Then two DDP ranks at two threads each."""
     import json
 
     from test_launch import BAM, MAX_STEPS, run, write_recipe
@@ -159,3 +159,10 @@ def test_bam_fit_at_two_threads_runs_the_chunked_kernel_and_one_thread_sdpa(tmp_
         assert [s["step"] for s in steps] == list(range(1, MAX_STEPS + 1))
         first_losses[threads] = steps[0]["loss"]
     assert first_losses["2"] == pytest.approx(first_losses["1"], rel=1e-5)
+    # two DDP ranks of two threads each (Lightning's launcher): both ranks train with the kernel
+    run_dir = tmp_path / "ddp_threads_2"
+    output = run([BAM, "fit", "--config", str(recipe), "--trainer.devices", "2", "--trainer.strategy", "ddp"],
+                 run_dir, recipe, OMP_NUM_THREADS="2")
+    assert "Starting with 2 processes" in output and "Attention in training: chunked bmm" in output, output[-4000:]
+    steps = [json.loads(line) for line in (run_dir / "steps.jsonl").read_text().splitlines()]
+    assert sorted((s["rank"], s["step"]) for s in steps) == [(r, i) for r in (0, 1) for i in range(1, MAX_STEPS + 1)]
