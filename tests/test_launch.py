@@ -279,3 +279,18 @@ def test_shipped_fsdp2_recipes_shard_over_every_process():
             assert sizes["data_parallel_size"] * sizes["tensor_parallel_size"] == processes, path
             checked += 1
     assert checked >= 16  # paper_590m and paper_2b: every stage recipe and both studies
+
+
+def test_gpu_check_fit_overlay_shards_over_its_one_gpu(tmp_path):
+    """benchmarks/gpu_check.sh runs `bam fit` with benchmarks/gpu_fit.yaml laid over the paper_590m
+    BAM recipe on one GPU: the merged strategy must shard over that one process (the recipe's 8
+    failed at start-up there). Read from the CLI's own merge, as the check runs it."""
+    root = Path(__file__).parents[1]
+    result = subprocess.run([BAM, "fit", "--config", str(root / "recipes/paper_590m/bam.yaml"),
+                             "--config", str(root / "benchmarks/gpu_fit.yaml"), "--print_config"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    trainer = yaml.safe_load(result.stdout)["trainer"]
+    sizes = trainer["strategy"]["init_args"]
+    assert trainer["devices"] == 1
+    assert sizes["data_parallel_size"] * sizes["tensor_parallel_size"] == trainer["devices"] * trainer["num_nodes"]
