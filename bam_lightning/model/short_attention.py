@@ -7,13 +7,15 @@ two), and a BAM layer sends four times the dense layer's heads through it (every
 soft-routed). Here the whole score matrix of a few heads at a time is one `baddbmm` (scores plus
 the causal mask), one softmax and one `bmm`, in chunks of heads whose scores fill about 2 MiB,
 and the probabilities are kept for the backward instead of recomputed. Batched products use both
-threads: at 2 threads this kernel's forward+backward takes 0.63-0.69x SDPA's time at T 64-128,
-head size 32 (0.89x at head size 64); at one thread the two are level (0.97-1.05x), so one thread
-keeps SDPA (`benchmarks/bench_attention_kernel.py`, benchmarks/README.md).
+threads: at 2 threads this kernel's forward+backward takes 0.63-0.80x SDPA's time at T 64-128,
+head size 32, over two days' runs (0.89x at head size 64); at one thread the two are level
+(0.97-1.05x), so one thread keeps SDPA (`benchmarks/bench_attention_kernel.py`,
+benchmarks/README.md).
 
 The kept probabilities cost T * 4 bytes per token and head (512 bytes at T 128, four times a
-query of head size 32), which is why the kernel stops at `MAX_SEQ_LEN`: at T 256 it is still
-faster at head size 32 (0.82-0.85x) but level at head size 64 (0.97-0.99x), for twice the memory.
+query of head size 32), which is why the kernel stops at `MAX_SEQ_LEN`: at T 256 it was
+faster at head size 32 in one run (0.82-0.85x; level in the next) and level at head size 64
+(0.97-0.99x), for twice the memory.
 
 `causal_attention` picks the kernel (`attention_kernel`); `last_attention_kernel()` says which
 ran last, for the benchmarks. Grouped-query attention (Shared-KV, or a GQA seed) folds the query
