@@ -147,9 +147,11 @@ def train_segment(module_cls, config: ModelConfig, args, old_ffn=None, sdpa: boo
 
 def step_breakdown(config: ModelConfig, args, device: torch.device,
                    sdpa: bool = False) -> tuple[dict[str, float], float]:
-    """One profiled forward + backward + AdamW step of `config`'s GPT (no Trainer) after two
-    unprofiled ones: milliseconds of own time in matrix products, in the attention kernel (SDPA,
-    forward and backward) and in everything else, and the wall milliseconds of an unprofiled step.
+    """The quickest of three profiled forward + backward + AdamW steps of `config`'s GPT (no
+    Trainer) after two unprofiled ones: milliseconds of own time in matrix products, in the
+    attention kernel (SDPA, forward and backward) and in everything else, and the wall milliseconds
+    of an unprofiled step. The quickest, because on a 2-core CPU the profiler's own thread stalls
+    elementwise ops in about half the profiled calls (benchmarks/bench_ffn.py).
     Where the ops' own times add up to clearly more than that step, the profiler's own cost per op
     has distorted the shares (one run here read 1.4x for the chunked CPU attention's many small
     products, the next 1.0x; single steps vary). The chunked attention's products
@@ -157,7 +159,7 @@ def step_breakdown(config: ModelConfig, args, device: torch.device,
     from bench_ffn import (  # benchmarks/bench_ffn.py, beside this script
         MATMUL_OPS,
         own_time,
-        profile_step,
+        quickest_profile,
     )
 
     from bam_lightning.model import GPT
@@ -189,7 +191,7 @@ def step_breakdown(config: ModelConfig, args, device: torch.device,
     if device.type == "cuda":
         torch.cuda.synchronize()
     plain_ms = 1e3 * (time.perf_counter() - start)
-    events, own = profile_step(step, device.type), own_time(device.type)
+    events, own = quickest_profile(step, device.type, calls=3), own_time(device.type)
     parts = {"matmuls": 0.0, "attention kernel": 0.0, "other": 0.0}
     for event in events:
         part = ("matmuls" if event.key in MATMUL_OPS
