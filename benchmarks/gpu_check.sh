@@ -9,7 +9,7 @@
 #                    share of each layer's time in matmuls
 #   bench_attention  Expert-KV and Shared-KV attention vs E x dense, bf16 then fp32
 #   bench_train_step Lightning steps of the paper_590m seed and BAM: tokens/s, MFU (BAM/seed), memory,
-#                    then one profiled step of each: time in matmuls / attention kernel / the rest
+#                    then the quickest of three profiled steps of each: time in matmuls / attention kernel / the rest
 #   bam_fit          `bam fit` of a few paper_590m BAM steps on built-in data (CLI, data, callbacks)
 #   bench_train_2b   the same at paper_2b's shapes (batch 1 x 2048: a 6.2B-parameter mixture
 #                    with AdamW states takes about 100 of the 141 GB), one segment
