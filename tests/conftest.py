@@ -62,7 +62,8 @@ def smollm2_transformers():
 # start with the files holding the most tests), so starting these first keeps both processes busy
 # to the end (measured with `--durations`; a file left off this list only starts later).
 LONGEST_FIRST = ("test_eval_real.py", "test_pipeline_ranks.py", "test_validation_processes.py", "test_pipeline.py",
-                 "test_launch.py", "test_training_processes.py", "test_resume.py", "test_study.py")
+                 "test_launch.py", "test_training_processes.py", "test_resume.py", "test_study.py",
+                 "test_gpu_check.py")
 
 
 def pytest_collection_modifyitems(config, items):
