@@ -281,3 +281,19 @@ def test_a_study_files_eval_section_is_checked_with_the_study(tmp_path):
     (tmp_path / "study.yaml").write_text(yaml.safe_dump(study))
     with pytest.raises(UserError, match=f"^{tmp_path / 'study.yaml'}: eval.limit: an integer >= 1"):
         load_pipeline_config(str(tmp_path / "study.yaml"))
+
+
+def test_importing_our_adapter_first_keeps_lm_evals_own_models():
+    """lm-eval fills its model registry on the first lookup only while the registry is empty, so
+    registering `bam` into an empty one hid `hf` for the rest of the process (the item-by-item test
+    above failed whenever its worker had imported the adapter first). A fresh interpreter imports
+    the adapter before anything else of lm-eval and must still get both models."""
+    code = ("import bam_lightning.eval.adapter as adapter\n"
+            "from lm_eval.api.registry import get_model\n"
+            "bam, hf = get_model('bam'), get_model('hf')\n"  # before lm_eval.models is imported by hand
+            "from lm_eval.models.huggingface import HFLM\n"
+            "assert bam is adapter.BamLM and hf is HFLM, (bam, hf)\n"
+            "print('both models')\n")
+    done = subprocess.run([sys.executable, "-c", code], timeout=120, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "both models"

@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import lm_eval.models  # noqa: F401  (fills lm-eval's model registry: see `register_model("bam")` below)
 import torch
 from lm_eval import utils as lm_utils
 from lm_eval.api.model import TemplateLM
@@ -42,6 +43,10 @@ def bos_id(tokenizer: TextTokenizer) -> int | None:
     return ids[0] if ids else None
 
 
+# lm-eval 0.4.13 fills its model registry ("hf", "vllm", ...) on the first lookup only if the
+# registry is still empty. Registering "bam" into an empty registry would hide every other model
+# for the rest of the process (`simple_evaluate(model="hf")` then fails), so `lm_eval.models` (lazy
+# placeholders, no heavy imports) is imported above first.
 @register_model("bam")
 class BamLM(TemplateLM):
     """lm-eval's view of a `GPT` and its tokenizer (both as `load_for_generation` returns them)."""
